@@ -1,0 +1,329 @@
+"""Typed, validated run configuration: YAML files plus dotted command-line overrides.
+
+Every rule raises :class:`ConfigError` with a one-line message naming the values and the rule.
+Rules that need the world size live in :func:`validate_for_world` and run before any process group.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported to the user as one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PositiveInt = Field(gt=0)
+
+
+class ModelConfig(_Section):
+    """Llama-family decoder shape."""
+
+    name: str = "custom"
+    vocab_size: int = Field(4096, gt=0)
+    dim: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(4, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0)
+    ffn_hidden: int = Field(704, gt=0)
+    seq_len: int = Field(256, gt=0)
+    max_seq_len: int = Field(4096, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> "ModelConfig":
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(
+                f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.kv_heads})"
+            )
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim (model.dim / model.n_heads = {self.dim // self.n_heads}) must be even for rotary embeddings")
+        if self.seq_len > self.max_seq_len:
+            raise ValueError(f"model.seq_len ({self.seq_len}) exceeds model.max_seq_len ({self.max_seq_len})")
+        return self
+
+
+class ParallelConfig(_Section):
+    """Layout: pp x dp_replicate x dp_shard x tp ranks (tp innermost). dp_shard=-1 fills the world."""
+
+    tp: int = Field(1, gt=0)
+    pp: int = Field(1, gt=0)
+    dp_replicate: int = Field(1, gt=0)
+    dp_shard: int = Field(-1, ge=-1)
+    sequence_parallel: bool = True
+    virtual_stages: int = Field(1, gt=0)
+    schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"] = "1f1b"
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        if self.dp_shard == 0:
+            raise ValueError("parallel.dp_shard (0) must be positive, or -1 to fill the world")
+        if self.virtual_stages > 1 and self.schedule in ("1f1b", "gpipe"):
+            raise ValueError(
+                f"parallel.virtual_stages ({self.virtual_stages}) needs parallel.schedule "
+                f"interleaved_1f1b or zero_bubble, not {self.schedule}"
+            )
+        return self
+
+
+class TrainConfig(_Section):
+    """Optimisation and step loop."""
+
+    steps: int = Field(100, gt=0)
+    micro_batch_size: int = Field(4, gt=0)
+    global_batch_size: int = Field(8, gt=0)
+    precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    seed: int = 1234
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_steps: int | None = Field(None, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_interval: int = Field(0, ge=0)
+    eval_batches: int = Field(4, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be divisible by "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+        decay = self.decay_steps if self.decay_steps is not None else max(self.steps - self.warmup_steps, 0)
+        if self.warmup_steps + decay > self.steps:
+            raise ValueError(
+                f"learning-rate schedule (train.warmup_steps {self.warmup_steps} + train.decay_steps {decay}) "
+                f"is longer than the run (train.steps {self.steps})"
+            )
+        return self
+
+    @property
+    def resolved_decay_steps(self) -> int:
+        return self.decay_steps if self.decay_steps is not None else self.steps - self.warmup_steps
+
+
+class DataConfig(_Section):
+    """Where the prepared token shards live."""
+
+    path: str = "data/pydocs"
+    train_split: str = "train"
+    eval_split: str = "validation"
+
+
+class CheckpointConfig(_Section):
+    """Checkpoint cadence (0 disables periodic saves)."""
+
+    interval: int = Field(0, ge=0)
+    keep: int = Field(2, ge=2)
+
+
+class LoggingConfig(_Section):
+    """Metrics outputs."""
+
+    log_interval: int = Field(1, gt=0)
+    tensorboard: bool = True
+    progress: Literal["auto", "on", "off"] = "auto"
+
+
+class TriarchConfig(_Section):
+    """The whole resolved configuration of one run."""
+
+    name: str = "run"
+    model: ModelConfig = ModelConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    train: TrainConfig = TrainConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _section_fields(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """Names of the fields valid at ``loc`` (the parent of an offending key)."""
+    cls: Any = model_cls
+    for part in loc:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+def _one_line(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = tuple(first["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    if first["type"] == "extra_forbidden":
+        valid = _section_fields(TriarchConfig, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        parent = ".".join(str(p) for p in loc[:-1])
+        hint = f" (did you mean '{parent + '.' if parent else ''}{close[0]}'?)" if close else ""
+        return f"unknown config key '{dotted}'{hint}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        return msg
+    return f"{dotted} = {first.get('input')!r}: {msg}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-typed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each dotted override into the nested dict ``data`` (in place) and return it."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict[str, Any]) -> TriarchConfig:
+    """Validate a nested dict into a config, turning pydantic errors into one ConfigError line."""
+    try:
+        return TriarchConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TriarchConfig:
+    """Read a YAML config (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+        data = loaded or {}
+        data.setdefault("name", p.stem)
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def dump_config(cfg: TriarchConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (temp file + rename)."""
+    p = Path(path)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules that need the world size
+
+
+def resolve_dp_shard(cfg: TriarchConfig, world_size: int) -> int:
+    """The data-parallel shard degree, filling the world when ``parallel.dp_shard`` is -1."""
+    par = cfg.parallel
+    fixed = par.tp * par.pp * par.dp_replicate
+    if par.dp_shard != -1:
+        return par.dp_shard
+    if world_size % fixed:
+        raise ConfigError(
+            f"world size ({world_size}) is not divisible by parallel.tp*pp*dp_replicate "
+            f"({par.tp}*{par.pp}*{par.dp_replicate} = {fixed})"
+        )
+    return world_size // fixed
+
+
+def validate_for_world(cfg: TriarchConfig, world_size: int) -> TriarchConfig:
+    """Check every rule that involves the layout; return a copy with dp_shard resolved."""
+    if world_size <= 0:
+        raise ConfigError(f"world size ({world_size}) must be positive")
+    par, mdl, trn = cfg.parallel, cfg.model, cfg.train
+    dp_shard = resolve_dp_shard(cfg, world_size)
+    product = par.tp * par.pp * par.dp_replicate * dp_shard
+    if product != world_size:
+        raise ConfigError(
+            f"parallel.tp*pp*dp_replicate*dp_shard ({par.tp}*{par.pp}*{par.dp_replicate}*{dp_shard} = {product}) "
+            f"must equal the world size ({world_size})"
+        )
+    if mdl.n_heads % par.tp:
+        raise ConfigError(f"model.n_heads ({mdl.n_heads}) must be divisible by parallel.tp ({par.tp})")
+    if mdl.kv_heads % par.tp:
+        raise ConfigError(
+            f"model.n_kv_heads ({mdl.kv_heads}) must be a multiple of parallel.tp ({par.tp}); "
+            "replicating KV heads across TP ranks is not supported yet"
+        )
+    if mdl.ffn_hidden % par.tp:
+        raise ConfigError(f"model.ffn_hidden ({mdl.ffn_hidden}) must be divisible by parallel.tp ({par.tp})")
+    if mdl.vocab_size % par.tp:
+        raise ConfigError(f"model.vocab_size ({mdl.vocab_size}) must be divisible by parallel.tp ({par.tp})")
+    if par.tp > 1 and par.sequence_parallel and mdl.seq_len % par.tp:
+        raise ConfigError(
+            f"model.seq_len ({mdl.seq_len}) must be divisible by parallel.tp ({par.tp}) with sequence parallel"
+        )
+    chunks = par.pp * par.virtual_stages
+    if mdl.n_layers % chunks:
+        raise ConfigError(
+            f"model.n_layers ({mdl.n_layers}) must be divisible by parallel.pp*virtual_stages "
+            f"({par.pp}*{par.virtual_stages} = {chunks})"
+        )
+    dp = par.dp_replicate * dp_shard
+    if trn.global_batch_size % (trn.micro_batch_size * dp):
+        raise ConfigError(
+            f"train.global_batch_size ({trn.global_batch_size}) must be divisible by "
+            f"train.micro_batch_size*dp ({trn.micro_batch_size}*{dp} = {trn.micro_batch_size * dp})"
+        )
+    n_micro = trn.global_batch_size // (trn.micro_batch_size * dp)
+    if par.pp > 1 and n_micro < par.pp:
+        raise ConfigError(
+            f"micro-batches per step ({n_micro}) must be at least the pipeline stages (parallel.pp {par.pp}) "
+            f"for {par.schedule}; raise train.global_batch_size or lower train.micro_batch_size"
+        )
+    if par.pp > 1 and par.virtual_stages > 1 and n_micro % par.pp:
+        raise ConfigError(
+            f"micro-batches per step ({n_micro}) must be a multiple of parallel.pp ({par.pp}) "
+            f"for interleaved schedules"
+        )
+    if trn.precision == "fp8":
+        raise ConfigError("train.precision 'fp8' needs a Hopper GPU and the fp8 path, which is not built yet")
+    return cfg.model_copy(update={"parallel": par.model_copy(update={"dp_shard": dp_shard})})

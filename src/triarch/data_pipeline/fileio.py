@@ -1,0 +1,48 @@
+"""Small file helpers shared by the writers: atomic replace and content hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+_HASH_CHUNK_BYTES = 1 << 22
+
+
+def temp_path(path: Path) -> Path:
+    """A sibling temporary name for ``path``, unique per process; ``is_temp`` recognises it."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def is_temp(path: Path) -> bool:
+    """Whether ``path`` is a leftover from ``temp_path`` (an interrupted write)."""
+    return ".tmp-" in path.name
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames inside directory ``path`` durable (skipped where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_atomically(tmp: Path, path: Path) -> None:
+    """fsync the finished ``tmp`` file, rename it onto ``path``, fsync the directory."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()

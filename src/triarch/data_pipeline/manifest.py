@@ -1,0 +1,101 @@
+"""The manifest of a prepared corpus: written last, its presence means the folder is complete.
+
+Layout (``format_version`` 1)::
+
+    {"format": "triarch.tokens", "format_version": 1, "dtype": "uint32", "shard_tokens": int,
+     "tokenizer": {"file", "sha256", "vocab_size", "eos_id"},
+     "source": {...free-form description...},
+     "splits": {name: {"documents", "tokens", "source_sha256", "shards": [ShardInfo...]}},
+     "totals": {"documents", "tokens"}}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from triarch.data_pipeline.errors import DataError
+from triarch.data_pipeline.fileio import file_sha256, replace_atomically, temp_path
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "triarch.tokens"
+FORMAT_VERSION = 1
+_TOKENIZER_KEYS = {"file": str, "sha256": str, "vocab_size": int, "eos_id": int}
+_SPLIT_KEYS = {"documents": int, "tokens": int, "source_sha256": str, "shards": list}
+_SHARD_KEYS = {"file": str, "documents": int, "tokens": int, "max_token_id": int, "bytes": int, "sha256": str}
+
+
+def manifest_path(data_dir: Path) -> Path:
+    """Where the manifest of ``data_dir`` lives."""
+    return Path(data_dir) / MANIFEST_NAME
+
+
+def _require(mapping: Any, keys: dict[str, type], where: str, path: Path) -> None:
+    """Check that ``mapping`` is a dict holding ``keys`` with the given types."""
+    if not isinstance(mapping, dict):
+        raise DataError(f"invalid manifest {path}: {where} is not an object")
+    for key, kind in keys.items():
+        value = mapping.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DataError(f"invalid manifest {path}: {where}.{key} missing or not {kind.__name__}")
+
+
+def validate_manifest(manifest: Any, path: Path) -> dict[str, Any]:
+    """Check the manifest's structure and internal sums; return it, or raise a one-line DataError."""
+    _require(manifest, {"format": str, "format_version": int, "tokenizer": dict, "splits": dict}, "manifest", path)
+    if manifest["format"] != FORMAT_NAME or manifest["format_version"] != FORMAT_VERSION:
+        raise DataError(f"invalid manifest {path}: format {manifest['format']!r} version "
+                        f"{manifest['format_version']}, expected {FORMAT_NAME!r} version {FORMAT_VERSION}")
+    _require(manifest["tokenizer"], _TOKENIZER_KEYS, "tokenizer", path)
+    for name, split in manifest["splits"].items():
+        _require(split, _SPLIT_KEYS, f"splits.{name}", path)
+        for i, shard in enumerate(split["shards"]):
+            _require(shard, _SHARD_KEYS, f"splits.{name}.shards[{i}]", path)
+        for key in ("documents", "tokens"):
+            total = sum(shard[key] for shard in split["shards"])
+            if total != split[key]:
+                raise DataError(f"invalid manifest {path}: splits.{name}.{key} is {split[key]} "
+                                f"but its shards sum to {total}")
+    return manifest
+
+
+def read_manifest(data_dir: Path) -> dict[str, Any]:
+    """Read and validate ``data_dir/manifest.json``; a missing or invalid one is a one-line DataError."""
+    path = manifest_path(data_dir)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"no manifest at {path} (run prepare first)") from None
+    except OSError as exc:
+        raise DataError(f"cannot read manifest {path}: {exc.strerror}") from exc
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid manifest {path}: {exc}") from exc
+    return validate_manifest(manifest, path)
+
+
+def write_manifest(data_dir: Path, manifest: dict[str, Any]) -> Path:
+    """Write the manifest atomically (temp file + fsync + rename); this marks the folder complete."""
+    path = manifest_path(data_dir)
+    validate_manifest(manifest, path)
+    tmp = temp_path(path)
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    replace_atomically(tmp, path)
+    return path
+
+
+def verify_files(data_dir: Path) -> dict[str, Any]:
+    """Hash the tokenizer and every shard and compare with the manifest (reads everything once)."""
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    entries = [manifest["tokenizer"]] + [s for split in manifest["splits"].values() for s in split["shards"]]
+    for entry in entries:
+        file = data_dir / entry["file"]
+        if not file.is_file():
+            raise DataError(f"{file} listed in {manifest_path(data_dir)} is missing")
+        actual = file_sha256(file)
+        if actual != entry["sha256"]:
+            raise DataError(f"{file} has sha256 {actual}, manifest says {entry['sha256']}")
+    return manifest

@@ -1,0 +1,216 @@
+"""The native engine: torch.distributed TP/SP (DTensor), PP (pipelining), DP (FSDP2), on CPU or GPU.
+
+Parallelism is applied from outside in a fixed order: build each pipeline chunk on the meta device,
+tensor parallel, activation checkpointing, compile, data-parallel wrapping, then materialize with
+layout-independent initial weights.
+
+A training step takes this data-parallel rank's rows and a caller-supplied token loss that returns the
+sum over counted tokens; the engine normalizes by the global token count, so pretraining, SFT (masked
+labels) and later alignment losses share one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
+
+from triarch.config import TriarchConfig
+from triarch.models.llama import Llama, LlamaArgs
+from triarch.parallel.activation_checkpoint import apply_activation_checkpointing
+from triarch.parallel.data_parallel import apply_data_parallel
+from triarch.parallel.init import full_parameters, materialize
+from triarch.parallel.pipeline import build_chunk, build_schedule, chunk_specs
+from triarch.parallel.tensor_parallel import apply_tensor_parallel
+from triarch.parallel.topology import Topology
+from triarch.training.grad_norm import clip_gradients, global_grad_norm, settle_partial_grads
+from triarch.training.loss import IGNORE_INDEX, TokenLossFn, cross_entropy_sum
+from triarch.training.optimizer import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a step was NaN or infinite; raised before the optimizer step."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step reports (identical on every rank)."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+
+
+def llama_args(cfg: TriarchConfig) -> LlamaArgs:
+    """Model shape from the config."""
+    m = cfg.model
+    return LlamaArgs(
+        vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.kv_heads,
+        ffn_hidden=m.ffn_hidden, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
+        tie_embeddings=m.tie_embeddings,
+    )
+
+
+def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology) -> Llama:
+    """Apply TP/SP, activation checkpointing, compile and DP to one meta-device chunk (in place)."""
+    if topo.tp > 1:
+        apply_tensor_parallel(chunk, topo.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
+    apply_activation_checkpointing(chunk, cfg.train.activation_checkpoint)
+    if cfg.train.compile:
+        for key, block in list(chunk.layers.items()):
+            chunk.layers[key] = torch.compile(block)
+    param_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    apply_data_parallel(chunk, topo, param_dtype=param_dtype, reshard_after_forward=topo.pp == 1)
+    return chunk
+
+
+class NativeEngine:
+    """Owns the model chunks of this rank, the optimizer, the LR schedule and the step."""
+
+    def __init__(self, cfg: TriarchConfig, topo: Topology, *, materialize_weights: bool = True) -> None:
+        self.cfg, self.topo = cfg, topo
+        args = llama_args(cfg)
+        self.specs = chunk_specs(args.n_layers, topo.pp, cfg.parallel.virtual_stages, topo.pp_rank)
+        with torch.device("meta"):
+            chunks = [build_chunk(args, spec) for spec in self.specs]
+        self.chunks: list[Llama] = [parallelize_chunk(c, cfg, topo) for c in chunks]
+        if not materialize_weights:
+            return
+        for chunk in self.chunks:
+            materialize(chunk, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
+        self.optimizer = build_optimizer(self.chunks, cfg.train, topo.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self._loss_fn: TokenLossFn = cross_entropy_sum
+        self._loss_scale = 1.0
+        self._schedule = None
+        if topo.pp > 1:
+            self._schedule = build_schedule(
+                cfg.parallel.schedule, self.chunks, self.specs, device=topo.device,
+                pp_group=topo.mesh["pp"].get_group(), n_microbatches=self.n_microbatches,
+                loss_fn=self._pipeline_loss,
+            )
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def n_microbatches(self) -> int:
+        t = self.cfg.train
+        return t.global_batch_size // (t.micro_batch_size * self.topo.dp)
+
+    def local_parameter_count(self) -> int:
+        """Elements of parameters stored on this rank (shards only)."""
+        seen, total = set(), 0
+        for chunk in self.chunks:
+            for p in chunk.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += (p.to_local() if isinstance(p, DTensor) else p).numel()
+        return total
+
+    def _precision_context(self) -> contextlib.AbstractContextManager:
+        if self.cfg.train.precision == "bf16":
+            return torch.autocast(self.topo.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loss_context(self) -> contextlib.AbstractContextManager:
+        return loss_parallel() if self.topo.tp > 1 else contextlib.nullcontext()
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._loss_fn(output, target) * self._loss_scale
+
+    def _global_tokens(self, labels: torch.Tensor) -> int:
+        count = torch.tensor(int((labels != IGNORE_INDEX).sum()), dtype=torch.int64, device=self.topo.device)
+        dist.all_reduce(count, group=self.topo.dp_mesh.get_group())
+        return int(count)
+
+    def _reduce_loss(self, local_sum: float, global_tokens: int) -> float:
+        """Sum of the loss over the global batch / global tokens, counted once per (dp, last stage, tp0)."""
+        counts = self.topo.is_last_stage and self.topo.tp_rank == 0
+        value = torch.tensor(local_sum if counts else 0.0, dtype=torch.float64, device=self.topo.device)
+        dist.all_reduce(value)
+        return float(value) / max(global_tokens, 1)
+
+    # ------------------------------------------------------------------------------------------
+    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, *, backward: bool) -> float:
+        """Run every micro-batch of this rank; returns the unnormalized local loss sum (last stage)."""
+        if self._schedule is not None:
+            losses: list[torch.Tensor] = []
+            kwargs = {"target": labels, "losses": losses} if self.topo.is_last_stage else {}
+            args = (inputs,) if self.topo.is_first_stage else ()
+            with self._loss_context(), self._precision_context():
+                if backward:
+                    self._schedule.step(*args, **kwargs)
+                else:
+                    self._schedule.eval(*args, **kwargs)
+            return sum(_scalar(l) for l in losses) / self._loss_scale if losses else 0.0
+
+        model = self.chunks[0]
+        total = 0.0
+        n = self.n_microbatches
+        for i, (x, y) in enumerate(zip(inputs.chunk(n), labels.chunk(n))):
+            if backward and hasattr(model, "set_requires_gradient_sync"):
+                model.set_requires_gradient_sync(i == n - 1)
+            with self._loss_context():
+                with self._precision_context():
+                    logits = model(x)
+                loss_sum = self._loss_fn(logits, y)
+                if backward:
+                    (loss_sum * self._loss_scale).backward()
+            total += _scalar(loss_sum)
+        return total
+
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum,
+                   *, step: int) -> StepResult:
+        """One optimizer step over this DP rank's rows (``inputs``/``labels``: micro-batches stacked)."""
+        for chunk in self.chunks:
+            chunk.train()
+        inputs, labels = inputs.to(self.topo.device), labels.to(self.topo.device)
+        global_tokens = self._global_tokens(labels)
+        self._loss_fn = loss_fn
+        self._loss_scale = self.topo.dp / max(global_tokens, 1)
+        local_sum = self._forward_backward(inputs, labels, backward=True)
+        loss = self._reduce_loss(local_sum, global_tokens)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping before the optimizer step")
+        settle_partial_grads(self.chunks)
+        norm = global_grad_norm(self.chunks, self.topo)
+        clip_gradients(self.chunks, norm, self.cfg.train.grad_clip)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=loss, grad_norm=norm, lr=lr, tokens=global_tokens)
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum) -> float:
+        """Mean token loss over the global batch whose DP slice is given (forward only)."""
+        for chunk in self.chunks:
+            chunk.eval()
+        inputs, labels = inputs.to(self.topo.device), labels.to(self.topo.device)
+        global_tokens = self._global_tokens(labels)
+        self._loss_fn = loss_fn
+        self._loss_scale = 1.0
+        local_sum = self._forward_backward(inputs, labels, backward=False)
+        return self._reduce_loss(local_sum, global_tokens)
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) parameters of this rank's chunks keyed by canonical name (collective)."""
+        return full_parameters(list(self.chunks))
+
+
+def _scalar(value: torch.Tensor) -> float:
+    if isinstance(value, DTensor):
+        value = value.full_tensor()
+    return float(value.detach())
+
+
+def modules_of(engine: NativeEngine) -> list[nn.Module]:
+    """The model chunks, for callers that only need nn.Module access."""
+    return list(engine.chunks)

@@ -1,0 +1,42 @@
+"""Process-group setup for one rank, from the environment torch's launchers (or SLURM glue) provide."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def pick_device(requested: str) -> torch.device:
+    """``auto`` means the local CUDA device when there is one, else the CPU."""
+    use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
+    """Join the default process group (NCCL on CUDA, gloo on CPU); a lone process gets a world of one."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        from triarch.launcher.local import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def shutdown_distributed() -> None:
+    """Destroy the default process group if one exists."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

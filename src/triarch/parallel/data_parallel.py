@@ -1,0 +1,28 @@
+"""Data parallelism through FSDP2: sharded (dp_shard), hybrid (dp_replicate x dp_shard) or replicated.
+
+One code path covers all three: ``fully_shard`` over a 1-D mesh shards, over a 2-D
+(dp_replicate, dp_shard) mesh it shards within a group and all-reduces across groups (HSDP), and with
+dp_shard = 1 that is plain replication with DDP's gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from triarch.models.llama import Llama
+from triarch.parallel.topology import Topology
+
+
+def apply_data_parallel(model: Llama, topo: Topology, *, param_dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
+    """Wrap each block, then the chunk root, with FSDP2 on the data-parallel mesh (in place)."""
+    if topo.dp == 1:
+        return
+    if topo.dp_replicate > 1:
+        mesh = topo.mesh["dp_replicate", "dp_shard"]
+    else:
+        mesh = topo.mesh["dp_shard"]
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers.values():
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

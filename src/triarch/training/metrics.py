@@ -1,0 +1,126 @@
+"""Step timing, peak memory, and a windowed throughput / MFU meter."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from triarch.training.mfu import PeakFlops, mfu
+
+RSS_UNITS_PER_BYTE_LINUX = 1024  # ru_maxrss is in KiB on Linux, in bytes on macOS
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued device work, so wall-clock times cover it (no-op on CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StepTimer:
+    """Wall-clock time of one region, synchronizing the device at both ends.
+
+    ``with StepTimer(device) as t: ...`` then read ``t.elapsed_s``; or ``start()`` / ``stop()``.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.elapsed_s = 0.0
+        self._start: float | None = None
+
+    def start(self) -> "StepTimer":
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def stop(self) -> float:
+        if self._start is None:
+            raise RuntimeError("StepTimer.stop() called before start()")
+        synchronize(self.device)
+        self.elapsed_s = time.perf_counter() - self._start
+        self._start = None
+        return self.elapsed_s
+
+    def __enter__(self) -> "StepTimer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def peak_memory_bytes(device: torch.device | str) -> int:
+    """Peak memory: CUDA max allocated by the caching allocator; on CPU the process's peak RSS."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(maxrss if sys.platform == "darwin" else maxrss * RSS_UNITS_PER_BYTE_LINUX)
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new CUDA peak-memory window; the CPU peak RSS cannot be reset (no-op)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Averages over one logging window."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    step_time_s: float
+    mfu: float
+    mfu_source: str
+
+    def as_metrics(self) -> dict[str, Any]:
+        """The keys the metrics log expects."""
+        return {
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "step_time_s": self.step_time_s,
+            "mfu_source": self.mfu_source,
+        }
+
+
+class ThroughputMeter:
+    """Accumulates (tokens, seconds) per step; ``window()`` returns the averages and starts a new window.
+
+    ``tokens`` are the tokens of the whole step across all data-parallel ranks (global batch x seq_len);
+    ``n_devices`` is the number of devices doing that work (the world size).
+    """
+
+    def __init__(self, flops_per_token: float, peak: PeakFlops, n_devices: int) -> None:
+        self.flops_per_token = flops_per_token
+        self.peak = peak
+        self.n_devices = n_devices
+        self._steps = 0
+        self._tokens = 0
+        self._seconds = 0.0
+
+    def update(self, tokens: int, seconds: float) -> None:
+        self._steps += 1
+        self._tokens += int(tokens)
+        self._seconds += float(seconds)
+
+    def window(self) -> Throughput:
+        steps, tokens, seconds = self._steps, self._tokens, self._seconds
+        self._steps, self._tokens, self._seconds = 0, 0, 0.0
+        tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        return Throughput(
+            steps=steps,
+            tokens=tokens,
+            seconds=seconds,
+            tokens_per_s=tokens_per_s,
+            step_time_s=seconds / steps if steps else 0.0,
+            mfu=mfu(tokens_per_s, self.flops_per_token, self.peak, self.n_devices),
+            mfu_source=self.peak.source,
+        )

@@ -1,0 +1,225 @@
+"""Model FLOPs, device peak FLOP/s, and model FLOPs utilisation (MFU).
+
+MFU = achieved model FLOP/s / (peak dense FLOP/s of one device x devices), with model FLOPs per token
+6*N + 12*L*d*T (PaLM / MosaicML form). GPU peaks come from a table of datasheet dense figures; on CPU the
+peak is measured once by a float32 matmul probe, cached on disk per (CPU model, thread count), and every
+figure carries a ``source`` label saying which of the two it is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CPU_PEAK_ENV = "TRIARCH_CPU_PEAK_FLOPS"
+PROBE_BUDGET_S = 1.0  # timed part of a matmul probe; warm-up adds a little on top
+CPU_PROBE_SIZES = (1024, 2048)  # square fp32 matmul sizes, the larger one used when the machine is fast
+PROBE_LARGER_IF_BELOW_S = 0.03  # switch to the larger size when one small matmul takes less than this
+PROBE_WARMUP = 2
+PROBE_MAX_REPEATS = 10
+GPU_PROBE_SIZE = 8192
+
+# Dense (no sparsity) datasheet peaks in FLOP/s, per precision. fp32 means TF32 tensor-core matmul.
+# Order matters: the first name that is a substring of the device name wins, so specific names go first.
+GPU_PEAK_TABLE: tuple[tuple[str, dict[str, float]], ...] = (
+    ("H100 PCIe", {"bf16": 756e12, "fp8": 1513e12, "fp32": 378e12}),
+    ("H100", {"bf16": 989e12, "fp8": 1979e12, "fp32": 494.5e12}),
+    ("H200", {"bf16": 989e12, "fp8": 1979e12, "fp32": 494.5e12}),
+    ("A100", {"bf16": 312e12, "fp32": 156e12}),  # no fp8 units: fp8 runs fall back to the bf16 figure
+)
+PRECISION_ALIASES = {"bf16": "bf16", "fp16": "bf16", "fp8": "fp8", "fp32": "fp32", "tf32": "fp32"}
+
+
+@dataclass(frozen=True)
+class PeakFlops:
+    """Peak dense FLOP/s of one device and where the figure came from."""
+
+    flops: float
+    source: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Model FLOPs
+
+
+def parameter_count(model_cfg: Any) -> int:
+    """Exact parameter count of the Llama-family model described by ``model_cfg``.
+
+    Accepts :class:`triarch.config.ModelConfig` or anything with the same fields (``LlamaArgs`` too).
+    Tied embeddings are counted once.
+    """
+    vocab, dim, ffn = model_cfg.vocab_size, model_cfg.dim, model_cfg.ffn_hidden
+    kv_heads = getattr(model_cfg, "kv_heads", None) or model_cfg.n_kv_heads or model_cfg.n_heads
+    head_dim = dim // model_cfg.n_heads
+    attention = 2 * dim * dim + 2 * dim * kv_heads * head_dim  # wq, wo + wk, wv
+    mlp = 3 * dim * ffn  # w1, w3, w2
+    norms = 2 * dim
+    per_layer = attention + mlp + norms
+    embedding = vocab * dim
+    output = 0 if model_cfg.tie_embeddings else vocab * dim
+    return embedding + model_cfg.n_layers * per_layer + dim + output
+
+
+def flops_per_token(model_cfg: Any, n_params: int | None = None) -> float:
+    """Training FLOPs per token: 6*N + 12*L*d*T (forward + backward, attention included)."""
+    n = parameter_count(model_cfg) if n_params is None else n_params
+    return float(6 * n + 12 * model_cfg.n_layers * model_cfg.dim * model_cfg.seq_len)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | PeakFlops, n_devices: int) -> float:
+    """Model FLOPs utilisation as a fraction (0.41 means 41%); ``tokens_per_s`` is across all devices."""
+    peak = peak_flops.flops if isinstance(peak_flops, PeakFlops) else float(peak_flops)
+    if peak <= 0 or n_devices <= 0:
+        raise ValueError(f"peak FLOP/s ({peak}) and device count ({n_devices}) must be positive")
+    return tokens_per_s * flops_per_token / (peak * n_devices)
+
+
+# ----------------------------------------------------------------------------------------------
+# Device peak
+
+
+_process_cache: dict[Any, PeakFlops] = {}
+
+
+def device_peak_flops(device: torch.device | str, precision: str = "bf16") -> PeakFlops:
+    """Peak dense FLOP/s of one ``device`` at ``precision`` (fp32 | bf16 | fp8).
+
+    On CPU the precision is ignored: the figure is the measured fp32 matmul peak.
+    """
+    device = torch.device(device)
+    if precision not in PRECISION_ALIASES:
+        raise ValueError(f"precision '{precision}' is not one of {sorted(PRECISION_ALIASES)}")
+    if device.type == "cuda":
+        return _cuda_peak(device, PRECISION_ALIASES[precision])
+    if device.type == "cpu":
+        return cpu_peak_flops()
+    raise ValueError(f"no peak FLOP/s known for device type '{device.type}'")
+
+
+def _cuda_peak(device: torch.device, precision: str) -> PeakFlops:
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAK_TABLE:
+        if key in name:
+            used = precision if precision in peaks else "bf16"
+            note = "" if used == precision else f" (no {precision})"
+            return PeakFlops(peaks[used], f"table:{key} {used}{note}")
+    cache_key = ("cuda", name)
+    if cache_key not in _process_cache:
+        log.warning("GPU '%s' is not in the peak table; MFU uses a measured bf16 matmul peak", name)
+        flops = _probe_matmul(device, torch.bfloat16, (GPU_PROBE_SIZE,), PROBE_BUDGET_S)
+        _process_cache[cache_key] = PeakFlops(flops, f"cuda-matmul-probe:{name} bf16")
+    return _process_cache[cache_key]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def cpu_cache_path() -> Path:
+    """Where measured CPU peaks are kept: ``~/.cache/triarch/cpu_peak.json``."""
+    return Path.home() / ".cache" / "triarch" / "cpu_peak.json"
+
+
+def _cpu_key() -> str:
+    return f"{_cpu_model()} | threads={torch.get_num_threads()}"
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cpu_peak_flops() -> PeakFlops:
+    """The CPU peak: env override, else this process's memo, else the disk cache, else a probe."""
+    override = os.environ.get(CPU_PEAK_ENV)
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            raise ValueError(f"{CPU_PEAK_ENV} ({override!r}) must be a number of FLOP/s") from None
+        if value <= 0:
+            raise ValueError(f"{CPU_PEAK_ENV} ({override!r}) must be positive")
+        return PeakFlops(value, f"env:{CPU_PEAK_ENV}")
+    key = _cpu_key()
+    path = cpu_cache_path()
+    memo_key = ("cpu", key, str(path))
+    if memo_key in _process_cache:
+        return _process_cache[memo_key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # One prober at a time: local ranks starting together wait here and then read the cached figure.
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entry = _read_cache(path).get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("flops"), (int, float)) and entry["flops"] > 0:
+            flops = float(entry["flops"])
+        else:
+            flops = _probe_matmul(torch.device("cpu"), torch.float32, CPU_PROBE_SIZES, PROBE_BUDGET_S)
+            _write_cache(path, key, {"flops": flops, "torch": torch.__version__, "measured_at": time.time()})
+            log.info("measured CPU matmul peak %.3g FLOP/s for '%s' (cached in %s)", flops, key, path)
+    _process_cache[memo_key] = PeakFlops(flops, "cpu-matmul-probe")
+    return _process_cache[memo_key]
+
+
+def _write_cache(path: Path, key: str, entry: dict[str, Any]) -> None:
+    data = _read_cache(path)
+    data[key] = entry
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _probe_matmul(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], budget_s: float) -> float:
+    """Best-of FLOP/s of square matmuls; moves to the next size while one matmul is quicker than the cut."""
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        return _time_matmuls(device, dtype, sizes, budget_s)
+
+
+def _time_matmuls(device: torch.device, dtype: torch.dtype, sizes: tuple[int, ...], budget_s: float) -> float:
+    size = sizes[0]
+    for size in sizes:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        out = torch.empty(size, size, device=device, dtype=dtype)
+        for _ in range(PROBE_WARMUP):
+            torch.mm(a, b, out=out)
+        _sync(device)
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        if time.perf_counter() - start >= PROBE_LARGER_IF_BELOW_S:
+            break
+    best = float("inf")
+    deadline = time.perf_counter() + budget_s
+    for _ in range(PROBE_MAX_REPEATS):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return 2.0 * size**3 / best
