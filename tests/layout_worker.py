@@ -39,6 +39,7 @@ def main() -> None:
     p = cfg.parallel
     topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
     engine = NativeEngine(cfg, topo)
+    init_norm = sum(float(v.norm()) for v in engine.full_parameters().values())
     losses, norms = [], []
     for step in range(cfg.train.steps):
         batch = fixed_batch(step, cfg)
@@ -51,7 +52,7 @@ def main() -> None:
     if topo.dp_rank == 0 and topo.tp_rank == 0:
         torch.save(params, out / f"params_pp{topo.pp_rank}.pt")
     if dist.get_rank() == 0:
-        (out / "losses.json").write_text(json.dumps({"loss": losses, "grad_norm": norms}))
+        (out / "losses.json").write_text(json.dumps({"loss": losses, "grad_norm": norms, "init_norm": init_norm}))
     shutdown_distributed()
 
 

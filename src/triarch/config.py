@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -149,6 +149,12 @@ class LoggingConfig(_Section):
     log_interval: int = Field(1, gt=0)
     tensorboard: bool = True
     progress: Literal["auto", "on", "off"] = "auto"
+
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML reads bare on/off as booleans
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class TriarchConfig(_Section):
@@ -300,6 +306,11 @@ def validate_for_world(cfg: TriarchConfig, world_size: int) -> TriarchConfig:
     if par.tp > 1 and par.sequence_parallel and mdl.seq_len % par.tp:
         raise ConfigError(
             f"model.seq_len ({mdl.seq_len}) must be divisible by parallel.tp ({par.tp}) with sequence parallel"
+        )
+    if mdl.tie_embeddings and par.pp > 1:
+        raise ConfigError(
+            f"model.tie_embeddings needs the embedding and the head on one stage; it cannot be used with "
+            f"parallel.pp ({par.pp})"
         )
     chunks = par.pp * par.virtual_stages
     if mdl.n_layers % chunks:

@@ -1,0 +1,148 @@
+"""The ``triarch`` command: each subcommand parses, loads the config and calls one library function.
+
+Bad input (config, flags, data) ends with one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from triarch.config import ConfigError, TriarchConfig, dump_config, load_config, validate_for_world
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing problem reported as one line."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="triarch", description="Hybrid TP/PP/DP training of Llama-family models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train (or resume) a run")
+    train.add_argument("config", help="YAML config file")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.tp=2")
+    train.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
+    train.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<config name>)")
+
+    prep = sub.add_parser("prepare", help="tokenize text into Arrow shards plus a manifest")
+    prep.add_argument("inputs", nargs="*", help=".txt / .jsonl files or folders (default: the stdlib docstrings)")
+    prep.add_argument("--out", type=Path, required=True, help="output folder")
+    prep.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json (default: train a BPE)")
+    prep.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE size when training one")
+    prep.add_argument("--validation-fraction", type=float, default=0.05)
+    prep.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def check_data(cfg: TriarchConfig) -> None:
+    """The prepared data must exist and fit the model's vocabulary."""
+    from triarch.data_pipeline import read_manifest
+
+    path = Path(cfg.data.path)
+    if not (path / "manifest.json").is_file():
+        raise CliError(f"no prepared data at {path} (data.path); prepare it with: triarch prepare --out {path}")
+    manifest = read_manifest(path)
+    vocab = int(manifest["tokenizer"]["vocab_size"])
+    if vocab > cfg.model.vocab_size:
+        raise CliError(f"data.path '{cfg.data.path}' uses a tokenizer of {vocab} tokens, more than "
+                       f"model.vocab_size ({cfg.model.vocab_size})")
+    for split in (cfg.data.train_split, cfg.data.eval_split if cfg.train.eval_interval else None):
+        if split is not None and split not in manifest["splits"]:
+            raise CliError(f"data.path '{cfg.data.path}' has no split '{split}' (has {sorted(manifest['splits'])})")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    cfg = validate_for_world(cfg, args.nproc)
+    check_data(cfg)
+    run_dir = args.run_dir or Path("runs") / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, run_dir / "config.yaml")
+    if args.nproc == 1:
+        from triarch.launcher.rank_main import run_rank
+
+        return run_rank(run_dir)
+    from triarch.launcher.local import LaunchError, launch_local
+
+    try:
+        launch_local(args.nproc, ["-m", "triarch.launcher.rank_main", str(run_dir)])
+    except LaunchError as err:
+        print(f"error: {err}; see the rank logs above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from triarch.data_pipeline import prepare_corpus, prepare_pydocs, split_train_validation, train_byte_level_bpe
+    from triarch.data_pipeline.sources import expand_inputs, read_documents
+
+    if not 0 < args.validation_fraction < 1:
+        raise CliError(f"--validation-fraction ({args.validation_fraction}) must be between 0 and 1")
+    if not args.inputs:
+        if args.tokenizer is not None:
+            raise CliError("--tokenizer needs input files; the default corpus trains its own BPE")
+        out = prepare_pydocs(args.out, args.vocab_size, validation_fraction=args.validation_fraction)
+    else:
+        docs = [d for f in expand_inputs(args.inputs) for d in read_documents(f, args.text_field)]
+        if not docs:
+            raise CliError(f"no documents found in {args.inputs}")
+        splits = split_train_validation(docs, args.validation_fraction)
+        tokenizer = args.tokenizer
+        if tokenizer is None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            tokenizer = args.out / "tokenizer.train.json"
+            train_byte_level_bpe(splits["train"], args.vocab_size, tokenizer)
+        elif not tokenizer.is_file():
+            raise CliError(f"--tokenizer '{tokenizer}' does not exist")
+        out = prepare_corpus(splits, tokenizer, args.out)
+    print(f"prepared data in {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    from triarch.data_pipeline.errors import DataError
+
+    handlers = {"train": cmd_train, "prepare": cmd_prepare}
+    try:
+        code = handlers[args.command](args)
+    except (ConfigError, CliError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = EXIT_USAGE
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

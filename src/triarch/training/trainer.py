@@ -1,0 +1,100 @@
+"""The step loop one rank runs: data -> engine step -> metrics, with periodic held-out evaluation."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from triarch.config import TriarchConfig, validate_for_world
+from triarch.data_pipeline import PackedTokenDataset, dp_slice
+from triarch.engine.native import NativeEngine
+from triarch.parallel.topology import Topology
+from triarch.training.loggers import MetricsLogger
+from triarch.training.metrics import ThroughputMeter, peak_memory_bytes, synchronize
+from triarch.training.mfu import device_peak_flops, flops_per_token
+
+log = logging.getLogger("triarch.train")
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    """What a finished run reports (rank 0 prints it)."""
+
+    steps: int
+    first_loss: float
+    final_loss: float
+    first_eval_loss: float | None
+    final_eval_loss: float | None
+    run_dir: Path
+
+
+def build_topology(cfg: TriarchConfig, device: torch.device) -> Topology:
+    """The run's Topology over the already-initialized default process group."""
+    p = cfg.parallel
+    return Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
+
+
+class Evaluator:
+    """Mean token loss over a fixed set of held-out global batches (the same ones every time)."""
+
+    def __init__(self, cfg: TriarchConfig, topo: Topology) -> None:
+        self.cfg, self.topo = cfg, topo
+        self.data = PackedTokenDataset(Path(cfg.data.path), cfg.data.eval_split, cfg.model.seq_len, cfg.train.seed)
+        size = cfg.train.global_batch_size
+        self.n_batches = max(1, min(cfg.train.eval_batches, self.data.num_sequences // size))
+        if self.data.num_sequences < size:
+            log.warning("eval split has %d sequences, fewer than one global batch (%d); repeating",
+                        self.data.num_sequences, size)
+
+    def __call__(self, engine: NativeEngine) -> float:
+        size = self.cfg.train.global_batch_size
+        losses = []
+        for i in range(self.n_batches):
+            batch = dp_slice(self.data.sequences(i * size, size), self.topo.dp_rank, self.topo.dp)
+            losses.append(engine.eval_loss(batch[:, :-1], batch[:, 1:]))
+        return sum(losses) / len(losses)
+
+
+def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSummary:
+    """Train ``cfg.train.steps`` steps on this rank (the process group must exist)."""
+    cfg = validate_for_world(cfg, dist.get_world_size())
+    topo = build_topology(cfg, device)
+    rank0 = dist.get_rank() == 0
+    trn = cfg.train
+    data = PackedTokenDataset(Path(cfg.data.path), cfg.data.train_split, cfg.model.seq_len, trn.seed)
+    evaluator = Evaluator(cfg, topo) if trn.eval_interval > 0 else None
+    engine = NativeEngine(cfg, topo)
+    if rank0:
+        log.info("layout %s, %d parameters on rank 0, %d micro-batches per step",
+                 topo.describe(), engine.local_parameter_count(), engine.n_microbatches)
+    meter = ThroughputMeter(flops_per_token(cfg.model), device_peak_flops(device, trn.precision), topo.world_size)
+    tokens_per_step = trn.global_batch_size * cfg.model.seq_len
+    first_loss = final_loss = float("nan")
+    first_eval = final_eval = None
+    with MetricsLogger(run_dir, enabled=rank0, total_steps=trn.steps, tensorboard=cfg.logging.tensorboard,
+                       progress=cfg.logging.progress) as logger:
+        if evaluator is not None:
+            first_eval = final_eval = evaluator(engine)
+            logger.log_eval(0, {"eval_loss": first_eval})
+        for step in range(1, trn.steps + 1):
+            start = time.perf_counter()
+            batch = dp_slice(data.global_batch(step - 1, trn.global_batch_size), topo.dp_rank, topo.dp)
+            result = engine.train_step(batch[:, :-1], batch[:, 1:], step=step)
+            synchronize(device)
+            meter.update(tokens_per_step, time.perf_counter() - start)
+            if step == 1:
+                first_loss = result.loss
+            final_loss = result.loss
+            if step % cfg.logging.log_interval == 0 or step == trn.steps:
+                logger.log(step, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                                  **meter.window().as_metrics(), "peak_mem_bytes": peak_memory_bytes(device),
+                                  "consumed_tokens": step * tokens_per_step})
+            if evaluator is not None and (step % trn.eval_interval == 0 or step == trn.steps):
+                final_eval = evaluator(engine)
+                logger.log_eval(step, {"eval_loss": final_eval})
+    return TrainSummary(trn.steps, first_loss, final_loss, first_eval, final_eval, run_dir)

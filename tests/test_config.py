@@ -1,0 +1,99 @@
+"""Every config validation rule, checked by its message; and the CLI's one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from triarch.config import ConfigError, load_config, validate_for_world
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _cfg(*overrides: str):
+    return load_config(None, list(overrides))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "message"),
+    [
+        (["train.stepz=3"], 1, "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+        (["parallell.tp=2"], 1, "unknown config key 'parallell' (did you mean 'parallel'?)"),
+        (["parallel.tp=2", "parallel.dp_shard=1"], 4, "parallel.tp*pp*dp_replicate*dp_shard (2*1*1*1 = 2) must equal the world size (4)"),
+        (["parallel.tp=3"], 4, "world size (4) is not divisible by parallel.tp*pp*dp_replicate (3*1*1 = 3)"),
+        (["model.n_heads=6", "model.dim=192", "model.n_kv_heads=2", "parallel.tp=4"], 4, "model.n_heads (6) must be divisible by parallel.tp (4)"),
+        (["model.n_heads=8", "model.n_kv_heads=2", "parallel.tp=4"], 4, "model.n_kv_heads (2) must be a multiple of parallel.tp (4); replicating KV heads across TP ranks is not supported yet"),
+        (["model.n_layers=6", "parallel.pp=4", "train.global_batch_size=16"], 4, "model.n_layers (6) must be divisible by parallel.pp*virtual_stages (4*1 = 4)"),
+        (["model.n_layers=4", "parallel.pp=2", "parallel.virtual_stages=4", "parallel.schedule=interleaved_1f1b", "train.global_batch_size=16"], 2, "model.n_layers (4) must be divisible by parallel.pp*virtual_stages (2*4 = 8)"),
+        (["train.global_batch_size=12", "train.micro_batch_size=4"], 2, "train.global_batch_size (12) must be divisible by train.micro_batch_size*dp (4*2 = 8)"),
+        (["parallel.pp=4", "model.n_layers=4", "train.global_batch_size=8", "train.micro_batch_size=4"], 4, "micro-batches per step (2) must be at least the pipeline stages (parallel.pp 4) for 1f1b"),
+        (["model.seq_len=8192"], 1, "model.seq_len (8192) exceeds model.max_seq_len (4096)"),
+        (["train.steps=0"], 1, "train.steps = 0: Input should be greater than 0"),
+        (["model.dim=-64"], 1, "model.dim = -64: Input should be greater than 0"),
+        (["train.micro_batch_size=0"], 1, "train.micro_batch_size = 0: Input should be greater than 0"),
+        (["train.steps=10", "train.warmup_steps=5", "train.decay_steps=20"], 1, "learning-rate schedule (train.warmup_steps 5 + train.decay_steps 20) is longer than the run (train.steps 10)"),
+        (["train.global_batch_size=10", "train.micro_batch_size=4"], 1, "train.global_batch_size (10) must be divisible by train.micro_batch_size (4)"),
+        (["train.precision=fp16"], 1, "train.precision = 'fp16': Input should be 'fp32', 'bf16' or 'fp8'"),
+        (["checkpoint.keep=1"], 1, "checkpoint.keep = 1: Input should be greater than or equal to 2"),
+        (["parallel.virtual_stages=2"], 1, "parallel.virtual_stages (2) needs parallel.schedule interleaved_1f1b or zero_bubble, not 1f1b"),
+        (["model.tie_embeddings=true", "parallel.pp=2"], 2, "model.tie_embeddings needs the embedding and the head on one stage; it cannot be used with parallel.pp (2)"),
+    ],
+)
+def test_rule_message(overrides: list[str], world: int, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_for_world(_cfg(*overrides), world)
+    assert str(info.value).startswith(message), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_valid_layout_resolves_dp_shard() -> None:
+    cfg = validate_for_world(_cfg("parallel.tp=2", "train.global_batch_size=16"), 8)
+    assert cfg.parallel.dp_shard == 4
+
+
+def test_override_typing_and_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 7}}))
+    cfg = load_config(path, ["train.warmup_steps=2", "train.lr=1e-3", "parallel.sequence_parallel=false"])
+    assert (cfg.name, cfg.train.steps, cfg.train.lr, cfg.parallel.sequence_parallel) == ("c", 7, 1e-3, False)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("- a\n- b\n", "must hold a mapping at the top level"), ("a: [1,\n", "is not valid YAML")],
+)
+def test_bad_yaml_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
+
+
+def test_missing_config_file() -> None:
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "triarch.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", str(EXAMPLES / "tiny.yaml"), "--nproc", "3", "parallel.tp=2"], "error: world size (3) is not divisible by parallel.tp*pp*dp_replicate (2*1*1 = 2)"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "train.lr"], "error: override 'train.lr' must look like section.key=value"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "--nproc", "0"], "error: argument --nproc: 0 must be positive"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "--bogus"], "error: unrecognized arguments: --bogus"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "data.path=/nonexistent/data"], "error: no prepared data at /nonexistent/data"),
+    ],
+)
+def test_cli_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
+    result = _cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
