@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/triarch prepare --out $(DEMO_DATA) --vocab-size 4096
+	$(BIN)/triarch prepare --out $(DEMO_DATA) --vocab-size 2048
 	$(BIN)/triarch train examples/tiny.yaml --nproc 2 --run-dir runs/tiny-demo
 
 test: $(STAMP)

@@ -53,7 +53,7 @@ def main() -> None:
         torch.save(params, out / f"params_pp{topo.pp_rank}.pt")
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps({"loss": losses, "grad_norm": norms, "init_norm": init_norm}))
-    shutdown_distributed()
+    shutdown_distributed(sync=True)
 
 
 if __name__ == "__main__":

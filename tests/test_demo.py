@@ -22,7 +22,7 @@ def triarch(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "pydocs"
-    result = triarch("prepare", "--out", str(out), "--vocab-size", "4096", cwd=out.parent)
+    result = triarch("prepare", "--out", str(out), "--vocab-size", "2048", cwd=out.parent)
     assert result.returncode == 0, result.stderr
     return out
 
@@ -59,7 +59,7 @@ def test_tensor_parallel_demo_matches_data_parallel_loss(data_dir: Path, tmp_pat
     for name, layout in {"dp": "parallel.dp_shard=2", "tp": "parallel.tp=2"}.items():
         run_dir = tmp_path / name
         result = triarch("train", str(EXAMPLES / "tiny.yaml"), "--nproc", "2", "--run-dir", str(run_dir), layout,
-                         f"data.path={data_dir}", "train.steps=4", "train.warmup_steps=1", "train.eval_interval=0",
+                         f"data.path={data_dir}", "train.steps=4", "train.warmup_steps=1", "train.eval_interval=0", "logging.log_interval=1",
                          "logging.progress=off", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         losses[name] = [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -57,3 +57,21 @@ def test_loss_masks_change_the_counted_tokens(engine: NativeEngine) -> None:
     result = engine.train_step(batch[:, :-1], labels, step=1)
     assert result.tokens == int((labels != -100).sum()) == 16
     assert dist.get_world_size() == 1
+
+
+def test_bf16_autocast_trains_close_to_fp32() -> None:
+    device = torch.device("cpu")
+    init_distributed(device)
+    try:
+        losses = {}
+        for precision in ("fp32", "bf16"):
+            cfg = validate_for_world(load_config(None, [*SMALL, f"train.precision={precision}", "train.lr=1e-2"]), 1)
+            topo = Topology.build(device, pp=1, dp_replicate=1, dp_shard=1, tp=1)
+            engine = NativeEngine(cfg, topo)
+            batch = _batch(3)
+            losses[precision] = [engine.train_step(batch[:, :-1], batch[:, 1:], step=s).loss for s in range(1, 5)]
+        assert losses["bf16"][-1] < losses["bf16"][0]
+        assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+        assert losses["bf16"] != losses["fp32"]  # autocast really ran in bf16
+    finally:
+        shutdown_distributed()

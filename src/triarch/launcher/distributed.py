@@ -36,7 +36,10 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
-def shutdown_distributed() -> None:
-    """Destroy the default process group if one exists."""
+def shutdown_distributed(*, sync: bool = False) -> None:
+    """Destroy the default process group if one exists; ``sync`` first waits for every rank (success path),
+    so no rank tears down its connections while another still talks to it."""
     if dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()

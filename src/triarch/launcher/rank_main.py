@@ -50,9 +50,12 @@ def run_rank(run_dir: Path) -> int:
     except NonFiniteLossError as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
+        shutdown_distributed(sync=True)
         return EXIT_NON_FINITE
-    finally:
+    except BaseException:
         shutdown_distributed()
+        raise
+    shutdown_distributed(sync=True)
     if rank == 0:
         report(summary)
     return 0

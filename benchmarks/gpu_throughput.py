@@ -1,0 +1,106 @@
+"""GPU throughput and MFU: triarch's native engine (1 rank, bf16, compiled blocks) against a plain
+torch.compile training loop of the same Llama shape, measured in the same process.
+
+Default shape: the 886M model (d 2048, 16 layers, 16 heads / 8 KV heads, SwiGLU 5632, vocab 32000,
+seq 2048, micro batch 4). ``--small`` runs a tiny shape (for a CPU smoke run). Last line: JSON with
+``triarch_tokens_per_s``, ``baseline_tokens_per_s``, ``triarch_mfu``, ``baseline_mfu``, ``ratio``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from triarch.config import load_config, validate_for_world
+from triarch.engine.native import NativeEngine, llama_args
+from triarch.launcher.distributed import init_distributed, shutdown_distributed
+from triarch.models.llama import Llama
+from triarch.parallel.topology import Topology
+from triarch.training.mfu import device_peak_flops, flops_per_token, mfu
+
+SHAPE_886M = ["model.vocab_size=32000", "model.dim=2048", "model.n_layers=16", "model.n_heads=16",
+              "model.n_kv_heads=8", "model.ffn_hidden=5632", "model.seq_len=2048", "model.max_seq_len=2048",
+              "train.micro_batch_size=4", "train.global_batch_size=4"]
+SHAPE_SMALL = ["model.vocab_size=512", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+               "model.ffn_hidden=128", "model.seq_len=64", "model.max_seq_len=64", "train.micro_batch_size=2",
+               "train.global_batch_size=2"]
+
+
+def _time(step, batches: list[torch.Tensor], warmup: int, device: torch.device) -> float:
+    for b in batches[:warmup]:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in batches[warmup:]:
+        step(b)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (len(batches) - warmup)
+
+
+def baseline_step_time(cfg, batches, warmup, device) -> float:
+    model = Llama(llama_args(cfg)).to(device)
+    compiled = torch.compile(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=device.type == "cuda")
+
+    def step(b):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = compiled(b[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten()).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = _time(step, batches, warmup, device)
+    del model, compiled, opt
+    return t
+
+
+def triarch_step_time(cfg, batches, warmup, device) -> float:
+    cfg = validate_for_world(cfg, 1)
+    topo = Topology.build(device, pp=1, dp_replicate=1, dp_shard=1, tp=1)
+    engine = NativeEngine(cfg, topo)
+    counter = iter(range(1, 10**9))
+    t = _time(lambda b: engine.train_step(b[:, :-1], b[:, 1:], step=next(counter)), batches, warmup, device)
+    del engine
+    return t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=8)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = SHAPE_SMALL if args.small else SHAPE_886M
+    cfg = load_config(None, [*shape, "train.precision=bf16", "train.compile=true", "train.warmup_steps=0",
+                             f"train.steps={args.steps}"])
+    init_distributed(device)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len + 1),
+                             generator=gen).to(device) for _ in range(args.steps)]
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_len
+    peak = device_peak_flops(device, "bf16")
+    fpt = flops_per_token(cfg.model)
+    base = tokens / baseline_step_time(cfg, batches, args.warmup, device)
+    tri = tokens / triarch_step_time(cfg, batches, args.warmup, device)
+    shutdown_distributed()
+    base_mfu, tri_mfu = mfu(base, fpt, peak, 1), mfu(tri, fpt, peak, 1)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"device {name}, peak {peak.flops:.3g} FLOP/s ({peak.source})")
+    print(f"plain torch.compile baseline: {base:,.0f} tokens/s, MFU {base_mfu:.1%}")
+    print(f"triarch native engine:        {tri:,.0f} tokens/s, MFU {tri_mfu:.1%}")
+    print(f"ratio triarch / baseline: {tri / base:.3f}")
+    print(json.dumps({"triarch_tokens_per_s": round(tri, 1), "baseline_tokens_per_s": round(base, 1),
+                      "triarch_mfu": round(tri_mfu, 4), "baseline_mfu": round(base_mfu, 4),
+                      "ratio": round(tri / base, 4)}))
+
+
+if __name__ == "__main__":
+    main()
