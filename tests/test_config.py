@@ -26,7 +26,7 @@ def _cfg(*overrides: str):
         (["parallel.tp=2", "parallel.dp_shard=1"], 4, "parallel.tp*pp*dp_replicate*dp_shard (2*1*1*1 = 2) must equal the world size (4)"),
         (["parallel.tp=3"], 4, "world size (4) is not divisible by parallel.tp*pp*dp_replicate (3*1*1 = 3)"),
         (["model.n_heads=6", "model.dim=192", "model.n_kv_heads=2", "parallel.tp=4"], 4, "model.n_heads (6) must be divisible by parallel.tp (4)"),
-        (["model.n_heads=8", "model.n_kv_heads=2", "parallel.tp=4"], 4, "model.n_kv_heads (2) must be a multiple of parallel.tp (4); replicating KV heads across TP ranks is not supported yet"),
+        (["model.dim=192", "model.n_heads=12", "model.n_kv_heads=3", "parallel.tp=2"], 2, "model.n_kv_heads (3) and parallel.tp (2) must divide one another"),
         (["model.n_layers=6", "parallel.pp=4", "train.global_batch_size=16"], 4, "model.n_layers (6) must be divisible by parallel.pp*virtual_stages (4*1 = 4)"),
         (["model.n_layers=4", "parallel.pp=2", "parallel.virtual_stages=4", "parallel.schedule=interleaved_1f1b", "train.global_batch_size=16"], 2, "model.n_layers (4) must be divisible by parallel.pp*virtual_stages (2*4 = 8)"),
         (["train.global_batch_size=12", "train.micro_batch_size=4"], 2, "train.global_batch_size (12) must be divisible by train.micro_batch_size*dp (4*2 = 8)"),

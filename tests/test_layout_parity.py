@@ -35,6 +35,7 @@ LAYOUTS = {
     "pp2_gpipe": (2, ["parallel.pp=2", "parallel.schedule=gpipe"]),
     "pp2_zero_bubble": (2, ["parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=zero_bubble"]),
     "hsdp_2x2": (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
+    "tp4_kv_heads_replicated": (4, ["parallel.tp=4"]),
     "ac_full": (1, ["train.activation_checkpoint=full"]),
     "tp2_ac_selective": (2, ["parallel.tp=2", "train.activation_checkpoint=selective"]),
 }

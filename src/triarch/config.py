@@ -294,10 +294,10 @@ def validate_for_world(cfg: TriarchConfig, world_size: int) -> TriarchConfig:
         )
     if mdl.n_heads % par.tp:
         raise ConfigError(f"model.n_heads ({mdl.n_heads}) must be divisible by parallel.tp ({par.tp})")
-    if mdl.kv_heads % par.tp:
+    if mdl.kv_heads % par.tp and par.tp % mdl.kv_heads:
         raise ConfigError(
-            f"model.n_kv_heads ({mdl.kv_heads}) must be a multiple of parallel.tp ({par.tp}); "
-            "replicating KV heads across TP ranks is not supported yet"
+            f"model.n_kv_heads ({mdl.kv_heads}) and parallel.tp ({par.tp}) must divide one another "
+            "(KV heads split across TP ranks, or each KV head replicated on tp / n_kv_heads ranks)"
         )
     if mdl.ffn_hidden % par.tp:
         raise ConfigError(f"model.ffn_hidden ({mdl.ffn_hidden}) must be divisible by parallel.tp ({par.tp})")

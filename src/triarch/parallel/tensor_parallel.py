@@ -20,6 +20,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from triarch.models.llama import Llama
+from triarch.parallel.kv_replication import replicate_kv_projections
 
 
 def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
@@ -35,14 +36,13 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_paralle
     if top:
         parallelize_module(model, tp_mesh, top)
 
+    replicate_kv = model.args.n_kv_heads < tp_mesh.size()
     for block in model.layers.values():
         plan: dict[str, object] = {
             "attention": PrepareModuleInput(
                 input_layouts=(between, None), desired_input_layouts=(Replicate(), None), use_local_output=True
             ),
             "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=between),
             "feed_forward": PrepareModuleInput(
                 input_layouts=(between,), desired_input_layouts=(Replicate(),), use_local_output=True
@@ -51,6 +51,11 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_paralle
             "feed_forward.w3": ColwiseParallel(),
             "feed_forward.w2": RowwiseParallel(output_layouts=between),
         }
+        if replicate_kv:
+            replicate_kv_projections(block.attention, tp_mesh, model.args.n_kv_heads, model.args.head_dim)
+        else:
+            plan["attention.wk"] = ColwiseParallel()
+            plan["attention.wv"] = ColwiseParallel()
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
