@@ -85,7 +85,8 @@ class ParallelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Optimisation and step loop."""
+    """Optimisation and step loop. ``exit_at_step`` ends this process after that step (saving a checkpoint
+    when checkpointing is on); starting the run again continues it, as after a time limit."""
 
     steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(4, gt=0)
@@ -107,6 +108,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_interval: int = Field(0, ge=0)
     eval_batches: int = Field(4, gt=0)
+    exit_at_step: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":
@@ -137,10 +139,11 @@ class DataConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    """Checkpoint cadence (0 disables periodic saves)."""
+    """Checkpoint cadence (interval 0 disables saving); keep the last ``keep`` plus every ``keep_every``-th."""
 
     interval: int = Field(0, ge=0)
     keep: int = Field(2, ge=2)
+    keep_every: int = Field(0, ge=0)
 
 
 class LoggingConfig(_Section):

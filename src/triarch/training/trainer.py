@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import TriarchConfig, validate_for_world
 from triarch.data_pipeline import PackedTokenDataset, dp_slice
 from triarch.engine.native import NativeEngine
@@ -72,16 +73,26 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
     if rank0:
         log.info("layout %s, %d parameters on rank 0, %d micro-batches per step",
                  topo.describe(), engine.local_parameter_count(), engine.n_microbatches)
+    manager = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every)
+    start_step, first_eval, first_loss = 0, None, float("nan")
+    resume_from = manager.newest_usable()
+    if resume_from is not None:
+        saved = manager.load(resume_from, engine)
+        data.load_state_dict(saved["data"])
+        start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)
+        if rank0:
+            log.info("resumed from %s (step %d, saved with layout %s)", resume_from.path, start_step, saved.get("layout"))
     meter = ThroughputMeter(flops_per_token(cfg.model), device_peak_flops(device, trn.precision), topo.world_size)
     tokens_per_step = trn.global_batch_size * cfg.model.seq_len
-    first_loss = final_loss = float("nan")
-    first_eval = final_eval = None
+    final_loss = first_loss
+    final_eval = first_eval
+    last_step = start_step
     with MetricsLogger(run_dir, enabled=rank0, total_steps=trn.steps, tensorboard=cfg.logging.tensorboard,
-                       progress=cfg.logging.progress) as logger:
-        if evaluator is not None:
+                       progress=cfg.logging.progress, start_step=start_step) as logger:
+        if evaluator is not None and start_step == 0:
             first_eval = final_eval = evaluator(engine)
             logger.log_eval(0, {"eval_loss": first_eval})
-        for step in range(1, trn.steps + 1):
+        for step in range(start_step + 1, trn.steps + 1):
             start = time.perf_counter()
             batch = dp_slice(data.global_batch(step - 1, trn.global_batch_size), topo.dp_rank, topo.dp)
             result = engine.train_step(batch[:, :-1], batch[:, 1:], step=step)
@@ -89,7 +100,7 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
             meter.update(tokens_per_step, time.perf_counter() - start)
             if step == 1:
                 first_loss = result.loss
-            final_loss = result.loss
+            final_loss, last_step = result.loss, step
             if step % cfg.logging.log_interval == 0 or step == trn.steps:
                 logger.log(step, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                                   **meter.window().as_metrics(), "peak_mem_bytes": peak_memory_bytes(device),
@@ -97,4 +108,14 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
             if evaluator is not None and (step % trn.eval_interval == 0 or step == trn.steps):
                 final_eval = evaluator(engine)
                 logger.log_eval(step, {"eval_loss": final_eval})
-    return TrainSummary(trn.steps, first_loss, final_loss, first_eval, final_eval, run_dir)
+            interval = cfg.checkpoint.interval
+            exiting = step == trn.exit_at_step
+            if interval and (step % interval == 0 or step == trn.steps or exiting):
+                manager.save(step, engine, {
+                    "world_size": topo.world_size, "layout": topo.describe(), "data": data.state_dict(),
+                    "consumed_tokens": step * tokens_per_step, "first_loss": first_loss,
+                    "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json")})
+            if exiting:
+                log.info("stopping after step %d (train.exit_at_step)", step)
+                break
+    return TrainSummary(last_step, first_loss, final_loss, first_eval, final_eval, run_dir)

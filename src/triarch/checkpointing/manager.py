@@ -1,0 +1,143 @@
+"""Checkpoint manager: save (shards first, commit last), find the newest usable step, load, retention.
+
+Layout of one step: ``RUN_DIR/checkpoints/step_<N>/`` with DCP shard files and ``.metadata``,
+``trainer_state.pt`` (rank 0: step, LR schedule, data position, config, layout), ``rng/rank_<r>.pt``
+(every RNG state of each rank), and ``COMMITTED.json`` written last by rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from triarch.checkpointing.commit import CheckpointError, read_commit, verify, write_commit
+from triarch.checkpointing.state import engine_state, load_scheduler_state, scheduler_state
+from triarch.engine.native import NativeEngine
+
+log = logging.getLogger("triarch.checkpoint")
+
+STEP_PATTERN = re.compile(r"^step_(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One step folder and whether it counts."""
+
+    step: int
+    path: Path
+    committed: bool
+
+
+def list_steps(ckpt_dir: Path) -> list[StepInfo]:
+    """Every ``step_<N>`` folder, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    steps = []
+    for path in ckpt_dir.iterdir():
+        match = STEP_PATTERN.match(path.name)
+        if match and path.is_dir():
+            steps.append(StepInfo(int(match.group(1)), path, read_commit(path) is not None))
+    return sorted(steps, key=lambda s: s.step)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves and restores the whole training state of a run directory, on every rank (collective)."""
+
+    def __init__(self, run_dir: Path, *, keep: int, keep_every: int = 0) -> None:
+        if keep < 2:
+            raise ValueError(f"checkpoint.keep ({keep}) must be at least 2")
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep, self.keep_every = keep, keep_every
+
+    # ------------------------------------------------------------------------------------------ save
+    def save(self, step: int, engine: NativeEngine, trainer_state: dict[str, Any]) -> Path:
+        """Write step ``step`` and commit it; returns its folder."""
+        rank = dist.get_rank()
+        step_dir = self.dir / f"step_{step}"
+        if rank == 0:
+            if step_dir.exists():  # an uncommitted leftover of a killed save of the same step
+                shutil.rmtree(step_dir)
+            (step_dir / "rng").mkdir(parents=True)
+        dist.barrier()
+        try:
+            dcp.save(engine_state(engine), checkpoint_id=str(step_dir))
+            torch.save(rng_state(), step_dir / "rng" / f"rank_{rank}.pt")
+            if rank == 0:
+                full = {**trainer_state, "step": step, "scheduler": scheduler_state(engine)}
+                torch.save(full, step_dir / TRAINER_STATE)
+        except OSError as err:
+            raise CheckpointError(f"saving {step_dir} failed: {err.strerror or err}") from err
+        dist.barrier()  # every rank's shards are on disk
+        if rank == 0:
+            write_commit(step_dir, {"step": step, "world_size": dist.get_world_size(),
+                                    "layout": trainer_state.get("layout")})
+            self._apply_retention()
+        dist.barrier()
+        return step_dir
+
+    def _apply_retention(self) -> None:
+        committed = [s for s in list_steps(self.dir) if s.committed]
+        for info in committed[: -self.keep]:
+            if self.keep_every and info.step % self.keep_every == 0:
+                continue
+            shutil.rmtree(info.path, ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ load
+    def newest_usable(self) -> StepInfo | None:
+        """Newest committed step that passes verification (rank 0 decides, every rank learns)."""
+        choice: list[Any] = [None]
+        if dist.get_rank() == 0:
+            for info in reversed(list_steps(self.dir)):
+                if not info.committed:
+                    log.warning("checkpoint %s is not committed (no commit file); skipping it", info.path)
+                    continue
+                try:
+                    verify(info.path)
+                except CheckpointError as err:
+                    log.warning("checkpoint %s is unusable (%s); falling back to an older one", info.path, err)
+                    continue
+                choice[0] = (info.step, str(info.path))
+                break
+        dist.broadcast_object_list(choice, src=0)
+        if choice[0] is None:
+            return None
+        return StepInfo(choice[0][0], Path(choice[0][1]), True)
+
+    def load(self, info: StepInfo, engine: NativeEngine) -> dict[str, Any]:
+        """Load step ``info`` into ``engine`` (any layout); returns the trainer state saved with it."""
+        state = engine_state(engine)
+        dcp.load(state, checkpoint_id=str(info.path))
+        trainer_state = torch.load(info.path / TRAINER_STATE, weights_only=False)
+        load_scheduler_state(engine, trainer_state["scheduler"])
+        rng_file = info.path / "rng" / f"rank_{dist.get_rank()}.pt"
+        if trainer_state.get("world_size") == dist.get_world_size() and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return trainer_state
