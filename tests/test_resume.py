@@ -84,3 +84,17 @@ def test_reshard_on_load_and_fallback(data: Path, tmp_path: Path) -> None:
     shard.write_bytes(bytes(raw))
     result = train(corrupt, data, 1, "checkpoint.interval=3")
     assert "does not match its sha256" in result.stderr and sorted(losses(corrupt)) == [4, 5, 6]
+
+
+def test_second_run_on_same_directory_is_refused(data: Path, tmp_path: Path) -> None:
+    from triarch.launcher.run_lock import run_dir_lock
+
+    run_dir = tmp_path / "busy"
+    run_dir.mkdir()
+    with run_dir_lock(run_dir):  # as a live run would hold it
+        cmd = [sys.executable, "-m", "triarch.cli", "train", str(EXAMPLES / "tiny.yaml"), "--run-dir", str(run_dir),
+               f"data.path={data}", *SMALL]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(f"error: run directory {run_dir} is in use by another triarch run (pid ")
+    assert not (run_dir / "metrics.jsonl").exists()

@@ -45,6 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
     train.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<config name>)")
 
+    ckpt = sub.add_parser("ckpt", help="list, verify, inspect, export or import checkpoints")
+    ck = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
+    for name, text in [("list", "steps, committed or not, size, layout"), ("verify", "check every file's hash"),
+                       ("inspect", "tensor names, shapes, dtypes")]:
+        p = ck.add_parser(name, help=text)
+        p.add_argument("run_dir", type=Path)
+        if name != "list":
+            p.add_argument("--step", type=int, default=None)
+    exp = ck.add_parser("export", help="write a Hugging Face Llama folder (safetensors + config + tokenizer)")
+    exp.add_argument("run_dir", type=Path)
+    exp.add_argument("--hf", type=Path, required=True, help="output folder")
+    exp.add_argument("--step", type=int, default=None)
+    exp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    imp = ck.add_parser("import", help="start a run directory from a Hugging Face Llama folder")
+    imp.add_argument("--hf", type=Path, required=True, help="folder with config.json and *.safetensors")
+    imp.add_argument("--run-dir", type=Path, required=True)
+
     prep = sub.add_parser("prepare", help="tokenize text into Arrow shards plus a manifest")
     prep.add_argument("inputs", nargs="*", help=".txt / .jsonl files or folders (default: the stdlib docstrings)")
     prep.add_argument("--out", type=Path, required=True, help="output folder")
@@ -81,15 +98,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_data(cfg)
     run_dir = args.run_dir or Path("runs") / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, run_dir / "config.yaml")
-    if args.nproc == 1:
+    from triarch.launcher.run_lock import RunDirBusy, run_dir_lock
+
+    try:
+        with run_dir_lock(run_dir):
+            dump_config(cfg, run_dir / "config.yaml")
+            return _launch(args.nproc, run_dir)
+    except RunDirBusy as err:
+        raise CliError(str(err)) from None
+
+
+def _launch(nproc: int, run_dir: Path) -> int:
+    if nproc == 1:
         from triarch.launcher.rank_main import run_rank
 
         return run_rank(run_dir)
     from triarch.launcher.local import LaunchError, launch_local
 
     try:
-        launch_local(args.nproc, ["-m", "triarch.launcher.rank_main", str(run_dir)])
+        launch_local(nproc, ["-m", "triarch.launcher.rank_main", str(run_dir)])
     except LaunchError as err:
         print(f"error: {err}; see the rank logs above", file=sys.stderr)
         return 1
@@ -123,6 +150,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ckpt(args: argparse.Namespace) -> int:
+    from triarch.checkpointing import ops
+
+    return ops.run(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -135,10 +168,12 @@ def main(argv: list[str] | None = None) -> None:
         args.overrides = [*args.overrides, *extra]
     from triarch.data_pipeline.errors import DataError
 
-    handlers = {"train": cmd_train, "prepare": cmd_prepare}
+    from triarch.checkpointing.commit import CheckpointError
+
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "ckpt": cmd_ckpt}
     try:
         code = handlers[args.command](args)
-    except (ConfigError, CliError, DataError) as err:
+    except (ConfigError, CliError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_USAGE
     sys.exit(code)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from triarch.checkpointing.commit import CheckpointError, read_commit, verify, write_commit
+from triarch.checkpointing.offline import tensor_metadata
 from triarch.checkpointing.state import engine_state, load_scheduler_state, scheduler_state
 from triarch.engine.native import NativeEngine
 
@@ -134,9 +135,25 @@ class CheckpointManager:
     def load(self, info: StepInfo, engine: NativeEngine) -> dict[str, Any]:
         """Load step ``info`` into ``engine`` (any layout); returns the trainer state saved with it."""
         state = engine_state(engine)
-        dcp.load(state, checkpoint_id=str(info.path))
+        saved_keys = set(tensor_metadata(info.path))
+        missing_model = [k for k in state if k.startswith("model.") and k not in saved_keys]
+        if missing_model:
+            raise CheckpointError(f"{info.path} does not fit this model: no tensor {missing_model[0]}")
+        metas = tensor_metadata(info.path)
+        for key, value in state.items():
+            if key.startswith("model.") and tuple(metas[key].size) != tuple(value.shape):
+                raise CheckpointError(f"{info.path} does not fit this model: {key} is {tuple(metas[key].size)} "
+                                      f"there, {tuple(value.shape)} here")
+        if not any(k.startswith("optim.") for k in saved_keys):  # weights only (e.g. imported): fresh optimizer
+            state = {k: v for k, v in state.items() if k.startswith("model.")}
+        try:
+            dcp.load(state, checkpoint_id=str(info.path))
+        except Exception as err:  # DCP wraps per-rank failures (shape mismatch, unreadable shard) in one error
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"loading {info.path} failed: {first}") from None
         trainer_state = torch.load(info.path / TRAINER_STATE, weights_only=False)
-        load_scheduler_state(engine, trainer_state["scheduler"])
+        if "scheduler" in trainer_state:
+            load_scheduler_state(engine, trainer_state["scheduler"])
         rng_file = info.path / "rng" / f"rank_{dist.get_rank()}.pt"
         if trainer_state.get("world_size") == dist.get_world_size() and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))

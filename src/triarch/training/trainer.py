@@ -78,7 +78,8 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
     resume_from = manager.newest_usable()
     if resume_from is not None:
         saved = manager.load(resume_from, engine)
-        data.load_state_dict(saved["data"])
+        if "data" in saved:
+            data.load_state_dict(saved["data"])
         start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)
         if rank0:
             log.info("resumed from %s (step %d, saved with layout %s)", resume_from.path, start_step, saved.get("layout"))

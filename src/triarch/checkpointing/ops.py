@@ -1,0 +1,59 @@
+"""``triarch ckpt`` subcommands: list, verify, inspect, export, import (no process group needed)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from triarch.checkpointing.commit import CheckpointError, read_commit, verify
+from triarch.checkpointing.hf_io import export_hf, import_hf, pick_step
+from triarch.checkpointing.manager import list_steps
+from triarch.checkpointing.offline import tensor_metadata
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def list_run(run_dir: Path) -> int:
+    steps = list_steps(run_dir / "checkpoints")
+    if not steps:
+        raise CheckpointError(f"{run_dir} has no checkpoints folder with steps")
+    print(f"{'step':>8}  {'state':<12} {'size':>10}  layout")
+    for info in steps:
+        commit = read_commit(info.path) or {}
+        state = "committed" if info.committed else "UNCOMMITTED"
+        print(f"{info.step:>8}  {state:<12} {_size(info.path) / 2**20:>8.1f} MB  {commit.get('layout', '-')}")
+    return 0
+
+
+def verify_run(run_dir: Path, step: int | None) -> int:
+    info = pick_step(run_dir, step)
+    verify(info.path)
+    print(f"{info.path}: every file matches its size and sha256")
+    return 0
+
+
+def inspect_run(run_dir: Path, step: int | None) -> int:
+    info = pick_step(run_dir, step)
+    for name, meta in sorted(tensor_metadata(info.path).items()):
+        print(f"{name:<60} {str(tuple(meta.size)):<20} {str(meta.properties.dtype).removeprefix('torch.')}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch one ``triarch ckpt`` subcommand."""
+    if args.ckpt_command == "list":
+        return list_run(args.run_dir)
+    if args.ckpt_command == "verify":
+        return verify_run(args.run_dir, args.step)
+    if args.ckpt_command == "inspect":
+        return inspect_run(args.run_dir, args.step)
+    if args.ckpt_command == "export":
+        out = export_hf(args.run_dir, args.hf, step=args.step, dtype=args.dtype)
+        print(f"exported to {out}")
+        return 0
+    step_dir = import_hf(args.hf, args.run_dir)
+    print(f"imported into {step_dir}; continue with: triarch train {args.run_dir / 'config.yaml'} "
+          f"--run-dir {args.run_dir} data.path=...")
+    return 0
