@@ -144,6 +144,7 @@ class CheckpointConfig(_Section):
     interval: int = Field(0, ge=0)
     keep: int = Field(2, ge=2)
     keep_every: int = Field(0, ge=0)
+    async_save: bool = True
 
 
 class LoggingConfig(_Section):

@@ -11,6 +11,8 @@ import logging
 import random
 import re
 import shutil
+import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,17 @@ class StepInfo:
     step: int
     path: Path
     committed: bool
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost useful message of a (possibly wrapped) save error, on one line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    text = str(err).strip()
+    for marker in ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system"):
+        if marker in text:
+            return marker
+    return text.splitlines()[-1] if text else type(err).__name__
 
 
 def list_steps(ckpt_dir: Path) -> list[StepInfo]:
@@ -70,17 +83,27 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 class CheckpointManager:
-    """Saves and restores the whole training state of a run directory, on every rank (collective)."""
+    """Saves and restores the whole training state of a run directory, on every rank (collective).
 
-    def __init__(self, run_dir: Path, *, keep: int, keep_every: int = 0) -> None:
+    With ``async_save`` the loop is blocked only while the state is staged (copied); DCP writes in a
+    background thread over a dedicated gloo group, and the step is committed at the first step boundary
+    where every rank's write has finished (``poll``). A new save first waits for the previous one.
+    """
+
+    def __init__(self, run_dir: Path, *, keep: int, keep_every: int = 0, async_save: bool = False) -> None:
         if keep < 2:
             raise ValueError(f"checkpoint.keep ({keep}) must be at least 2")
         self.dir = Path(run_dir) / "checkpoints"
-        self.keep, self.keep_every = keep, keep_every
+        self.keep, self.keep_every, self.async_save = keep, keep_every, async_save
+        self._group = dist.new_group(backend="gloo") if async_save else None
+        self._pending: tuple[int, Path, dict[str, Any], Future] | None = None
+        self.last_stall_s = 0.0
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, step: int, engine: NativeEngine, trainer_state: dict[str, Any]) -> Path:
-        """Write step ``step`` and commit it; returns its folder."""
+        """Write step ``step`` (in the background when async) and commit it once every rank is done."""
+        self.wait()
+        started = time.perf_counter()
         rank = dist.get_rank()
         step_dir = self.dir / f"step_{step}"
         if rank == 0:
@@ -88,21 +111,65 @@ class CheckpointManager:
                 shutil.rmtree(step_dir)
             (step_dir / "rng").mkdir(parents=True)
         dist.barrier()
+        commit_info = {"step": step, "world_size": dist.get_world_size(), "layout": trainer_state.get("layout")}
+        error = None
         try:
-            dcp.save(engine_state(engine), checkpoint_id=str(step_dir))
             torch.save(rng_state(), step_dir / "rng" / f"rank_{rank}.pt")
             if rank == 0:
                 full = {**trainer_state, "step": step, "scheduler": scheduler_state(engine)}
                 torch.save(full, step_dir / TRAINER_STATE)
-        except OSError as err:
-            raise CheckpointError(f"saving {step_dir} failed: {err.strerror or err}") from err
-        dist.barrier()  # every rank's shards are on disk
-        if rank == 0:
-            write_commit(step_dir, {"step": step, "world_size": dist.get_world_size(),
-                                    "layout": trainer_state.get("layout")})
+            if self.async_save:
+                # DCP stages a CPU copy before returning; only the write runs in the background
+                future = dcp.async_save(engine_state(engine), checkpoint_id=str(step_dir), process_group=self._group)
+                self._pending = (step, step_dir, commit_info, future)
+            else:
+                dcp.save(engine_state(engine), checkpoint_id=str(step_dir))
+        except Exception as err:  # OSError from our files; DCP reports any rank's write failure on all ranks
+            error = f"saving {step_dir} failed: {_reason(err)}"
+        self._agree_or_raise(error)
+        self.last_stall_s = time.perf_counter() - started
+        if not self.async_save:
+            self._commit(step_dir, commit_info)
+        return step_dir
+
+    def poll(self) -> None:
+        """At a step boundary: commit the background save if every rank finished writing it."""
+        if self._pending is None:
+            return
+        done = torch.tensor(int(self._pending[3].done()))
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        if int(done):
+            self._finish_pending()
+
+    def wait(self) -> None:
+        """Block until the background save (if any) is written, then commit it."""
+        if self._pending is not None:
+            self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        step, step_dir, info, future = self._pending
+        self._pending = None
+        error = None
+        try:
+            future.result()
+        except Exception as err:
+            error = f"saving {step_dir} failed: {_reason(err)}"
+        self._agree_or_raise(error)
+        self._commit(step_dir, info)
+
+    def _agree_or_raise(self, error: str | None) -> None:
+        """Every rank raises when any rank failed (so none waits forever at a barrier)."""
+        flag = torch.tensor(int(error is not None))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag):
+            raise CheckpointError(error or "a checkpoint save failed on another rank; see its log")
+
+    def _commit(self, step_dir: Path, info: dict[str, Any]) -> None:
+        dist.barrier()  # every rank's files are on disk
+        if dist.get_rank() == 0:
+            write_commit(step_dir, info)
             self._apply_retention()
         dist.barrier()
-        return step_dir
 
     def _apply_retention(self) -> None:
         committed = [s for s in list_steps(self.dir) if s.committed]

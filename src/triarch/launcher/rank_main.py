@@ -10,12 +10,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from triarch.checkpointing.commit import CheckpointError
 from triarch.config import load_config
 from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.training.trainer import TrainSummary, train
 
 EXIT_NON_FINITE = 3
+EXIT_CHECKPOINT = 4
 
 log = logging.getLogger("triarch.train")
 
@@ -52,6 +54,11 @@ def run_rank(run_dir: Path) -> int:
             print(f"error: {err}", file=sys.stderr)
         shutdown_distributed(sync=True)
         return EXIT_NON_FINITE
+    except CheckpointError as err:  # every rank raises together (the manager agrees first)
+        if rank == 0:
+            print(f"error: {err}; committed checkpoints are untouched", file=sys.stderr)
+        shutdown_distributed(sync=True)
+        return EXIT_CHECKPOINT
     except BaseException:
         shutdown_distributed()
         raise

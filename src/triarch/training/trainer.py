@@ -73,7 +73,8 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
     if rank0:
         log.info("layout %s, %d parameters on rank 0, %d micro-batches per step",
                  topo.describe(), engine.local_parameter_count(), engine.n_microbatches)
-    manager = CheckpointManager(run_dir, keep=cfg.checkpoint.keep, keep_every=cfg.checkpoint.keep_every)
+    ck = cfg.checkpoint
+    manager = CheckpointManager(run_dir, keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save and ck.interval > 0)
     start_step, first_eval, first_loss = 0, None, float("nan")
     resume_from = manager.newest_usable()
     if resume_from is not None:
@@ -94,6 +95,7 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
             first_eval = final_eval = evaluator(engine)
             logger.log_eval(0, {"eval_loss": first_eval})
         for step in range(start_step + 1, trn.steps + 1):
+            manager.poll()
             start = time.perf_counter()
             batch = dp_slice(data.global_batch(step - 1, trn.global_batch_size), topo.dp_rank, topo.dp)
             result = engine.train_step(batch[:, :-1], batch[:, 1:], step=step)
@@ -119,4 +121,5 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
             if exiting:
                 log.info("stopping after step %d (train.exit_at_step)", step)
                 break
+        manager.wait()
     return TrainSummary(last_step, first_loss, final_loss, first_eval, final_eval, run_dir)
