@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from triarch.checkpointing.commit import CheckpointError, read_commit, verify, write_commit
 from triarch.checkpointing.offline import tensor_metadata
@@ -42,14 +43,27 @@ class StepInfo:
     committed: bool
 
 
-def _reason(err: BaseException) -> str:
-    """The innermost useful message of a (possibly wrapped) save error, on one line."""
+LOW_SPACE_BYTES = 64 << 20
+
+
+def _reason(err: BaseException, where: Path) -> str:
+    """The innermost useful message of a (possibly wrapped) save error, on one line.
+
+    A full disk does not always surface as ENOSPC (torch's zip writer reports a position mismatch), so
+    the free space of the target file system is checked too.
+    """
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
     text = str(err).strip()
     for marker in ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system"):
         if marker in text:
             return marker
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    if free is not None and free < LOW_SPACE_BYTES:
+        return f"No space left on device ({free / 2**20:.1f} MiB free)"
     return text.splitlines()[-1] if text else type(err).__name__
 
 
@@ -124,8 +138,8 @@ class CheckpointManager:
                 self._pending = (step, step_dir, commit_info, future)
             else:
                 dcp.save(engine_state(engine), checkpoint_id=str(step_dir))
-        except Exception as err:  # OSError from our files; DCP reports any rank's write failure on all ranks
-            error = f"saving {step_dir} failed: {_reason(err)}"
+        except (Exception, CheckpointException) as err:  # OSError from our files; DCP: any rank's failure
+            error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
         self._agree_or_raise(error)
         self.last_stall_s = time.perf_counter() - started
         if not self.async_save:
@@ -152,8 +166,8 @@ class CheckpointManager:
         error = None
         try:
             future.result()
-        except Exception as err:
-            error = f"saving {step_dir} failed: {_reason(err)}"
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
+            error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
         self._agree_or_raise(error)
         self._commit(step_dir, info)
 

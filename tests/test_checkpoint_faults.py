@@ -1,0 +1,116 @@
+"""Checkpoint faults done for real: a rank killed mid-save, and a disk that fills up while saving."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from triarch.checkpointing.commit import verify
+from triarch.checkpointing.manager import list_steps
+from triarch.data_pipeline import prepare_pydocs
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SMALL = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+         "model.seq_len=32", "train.global_batch_size=8", "train.micro_batch_size=2", "train.warmup_steps=2",
+         "train.eval_interval=0", "logging.log_interval=1", "logging.progress=off", "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return prepare_pydocs(tmp_path_factory.mktemp("data") / "pydocs", 2048, max_documents=800)
+
+
+def command(run_dir: Path, data: Path, nproc: int, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "triarch.cli", "train", str(EXAMPLES / "tiny.yaml"), "--nproc", str(nproc),
+            "--run-dir", str(run_dir), f"data.path={data}", *SMALL, *overrides]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def rank_pids(rank: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"triarch.launcher.rank_main" in cmdline and f"RANK={rank}".encode() in environ:
+            pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+def test_rank_killed_during_async_save(data: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    subprocess.run(command(reference, data, 2, "train.steps=8"), check=True, capture_output=True, timeout=300)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(command(run_dir, data, 2, "train.steps=8", "checkpoint.interval=3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    target = run_dir / "checkpoints" / "step_6"
+    deadline = time.time() + 240
+    while not target.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    victims = rank_pids(1)
+    assert target.exists() and victims, "the run never reached the step-6 save"
+    for pid in victims:
+        os.kill(pid, signal.SIGSTOP)  # freeze rank 1 inside the save, then kill it for real
+    committed_before_kill = (target / "COMMITTED.json").exists()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    steps = {s.step: s for s in list_steps(run_dir / "checkpoints")}
+    verify(steps[3].path)  # the previous checkpoint is intact
+    if not committed_before_kill:
+        assert not steps[6].committed
+        listing = subprocess.run([sys.executable, "-m", "triarch.cli", "ckpt", "list", str(run_dir)],
+                                 capture_output=True, text=True, timeout=60)
+        assert "UNCOMMITTED" in listing.stdout
+    resumed = subprocess.run(command(run_dir, data, 2, "train.steps=8", "checkpoint.interval=3"),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected_from = 6 if committed_before_kill else 3
+    assert f"step {expected_from}, saved with layout" in resumed.stderr + resumed.stdout
+    assert losses(run_dir) == losses(reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=7m", "tmpfs", str(mount)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("async_save", [True, False], ids=["async", "sync"])
+def test_disk_full_while_saving(data: Path, small_disk: Path, async_save: bool) -> None:
+    """~5 MB per checkpoint on a 7 MB disk: step 3 commits, step 6 runs out of space."""
+    run_dir = small_disk / "run"
+    result = subprocess.run(command(run_dir, data, 1, "train.steps=8", "checkpoint.interval=3",
+                                    f"checkpoint.async_save={str(async_save).lower()}"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: saving ") and "No space left on device" in last, last
+    steps = {s.step: s for s in list_steps(run_dir / "checkpoints")}
+    assert steps[3].committed and not steps[6].committed
+    verify(steps[3].path)
