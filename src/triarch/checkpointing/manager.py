@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from triarch.checkpointing.commit import CheckpointError, read_commit, verify, write_commit
 from triarch.checkpointing.offline import tensor_metadata
@@ -67,6 +68,16 @@ def _reason(err: BaseException, where: Path) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
+def _persistent_stager() -> DefaultStager:
+    """One stager per run: its CPU (pinned, on CUDA) copies are allocated once and reused by every save.
+
+    Staging stays synchronous, so the copy is complete before the optimizer touches the weights again.
+    """
+    cuda = torch.cuda.is_available()
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=cuda))
+
+
 def list_steps(ckpt_dir: Path) -> list[StepInfo]:
     """Every ``step_<N>`` folder, oldest first."""
     if not ckpt_dir.is_dir():
@@ -110,14 +121,17 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep, self.keep_every, self.async_save = keep, keep_every, async_save
         self._group = dist.new_group(backend="gloo") if async_save else None
+        self._stager = _persistent_stager() if async_save else None
         self._pending: tuple[int, Path, dict[str, Any], Future] | None = None
         self.last_stall_s = 0.0
+        self.last_wait_s = 0.0
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, step: int, engine: NativeEngine, trainer_state: dict[str, Any]) -> Path:
         """Write step ``step`` (in the background when async) and commit it once every rank is done."""
-        self.wait()
         started = time.perf_counter()
+        self.wait()
+        self.last_wait_s = time.perf_counter() - started
         rank = dist.get_rank()
         step_dir = self.dir / f"step_{step}"
         if rank == 0:
@@ -134,7 +148,8 @@ class CheckpointManager:
                 torch.save(full, step_dir / TRAINER_STATE)
             if self.async_save:
                 # DCP stages a CPU copy before returning; only the write runs in the background
-                future = dcp.async_save(engine_state(engine), checkpoint_id=str(step_dir), process_group=self._group)
+                future = dcp.async_save(engine_state(engine), checkpoint_id=str(step_dir), process_group=self._group,
+                                        async_stager=self._stager)
                 self._pending = (step, step_dir, commit_info, future)
             else:
                 dcp.save(engine_state(engine), checkpoint_id=str(step_dir))
