@@ -99,3 +99,24 @@ def test_second_run_on_same_directory_is_refused(data: Path, tmp_path: Path) -> 
     assert result.returncode == 2
     assert result.stderr.strip().startswith(f"error: run directory {run_dir} is in use by another triarch run (pid ")
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+def test_foreign_or_mismatched_checkpoints_are_one_line_errors(data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(run_dir, data, 1, "checkpoint.interval=3", "train.exit_at_step=3")
+    # the same run directory with a wider model: the saved weights do not fit
+    cmd = [sys.executable, "-m", "triarch.cli", "train", str(EXAMPLES / "tiny.yaml"), "--run-dir", str(run_dir),
+           f"data.path={data}", *SMALL, "model.dim=128"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "does not fit this model" in last, last
+    # a folder that is not a checkpoint
+    junk = tmp_path / "junk" / "checkpoints" / "step_1"
+    junk.mkdir(parents=True)
+    (junk / "COMMITTED.json").write_text('{"files": {}}')
+    (junk / "trainer_state.pt").write_text("not a checkpoint")
+    inspect = subprocess.run([sys.executable, "-m", "triarch.cli", "ckpt", "inspect", str(tmp_path / "junk")],
+                             capture_output=True, text=True, timeout=120)
+    assert inspect.returncode == 2 and len(inspect.stderr.strip().splitlines()) == 1
+    assert "is not a readable distributed checkpoint" in inspect.stderr
