@@ -90,10 +90,10 @@ def test_save_pretrained_model_imports_and_trains(trained, tmp_path: Path) -> No
     assert "resumed from" in train.stdout + train.stderr
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     # the first step's loss is the imported model's loss on that batch, as transformers computes it
-    from triarch.data_pipeline import PackedTokenDataset
+    from triarch.data_pipeline.stream import TokenStream
 
     seed = yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"]
-    batch = PackedTokenDataset(data, "train", 32, seed).global_batch(0, 4)
+    batch = torch.from_numpy(TokenStream(data, "train", 32, global_batch_size=4, seed=seed).sequences(0, 4))
     with torch.no_grad():
         hf_loss = torch.nn.functional.cross_entropy(hf(batch[:, :-1]).logits.flatten(0, 1), batch[:, 1:].flatten())
     assert first["step"] == 1 and first["loss"] == pytest.approx(float(hf_loss), rel=1e-5)

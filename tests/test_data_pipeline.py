@@ -23,12 +23,12 @@ from triarch.data_pipeline import (
     prepare_corpus,
     prepare_pydocs,
     read_manifest,
+    shard_writer,
     split_train_validation,
     stdlib_docstrings,
     train_byte_level_bpe,
     verify_files,
 )
-from triarch.data_pipeline import prepare as prepare_module
 from triarch.data_pipeline.pydocs import MIN_DOCSTRING_CHARS, docstrings_under, stdlib_root
 
 N_DOCS = 2000
@@ -170,7 +170,8 @@ def test_folder_without_manifest_is_completed(prepared: Path, corpus: list[str],
     (out / "train" / "shard_00002.arrow.tmp-123").write_bytes(b"interrupted")
     before = _mtimes(out)
     splits = split_train_validation(corpus[:N_DOCS])
-    prepare_corpus(splits, out / "tokenizer.json", out, SHARD_TOKENS, source=original["source"])
+    prepare_corpus(splits, out / "tokenizer.json", out, SHARD_TOKENS, source=original["source"],
+                   split=original["split"])
     assert read_manifest(out) == original
     verify_files(out)
     after = _mtimes(out)
@@ -183,24 +184,38 @@ def test_interrupted_prepare_leaves_no_manifest(prepared: Path, corpus: list[str
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "crash"
     calls = {"n": 0}
-    real = prepare_module.write_shard
+    real = shard_writer.write_shard
 
-    def crash_on_second(path: Path, shard) -> None:
+    def crash_on_second(path: Path, data) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError("disk full")
-        real(path, shard)
+        real(path, data)
 
-    monkeypatch.setattr(prepare_module, "write_shard", crash_on_second)
+    monkeypatch.setattr(shard_writer, "write_shard", crash_on_second)
     splits = split_train_validation(corpus[:N_DOCS])
     with pytest.raises(OSError):
         prepare_corpus(splits, prepared / "tokenizer.json", out, SHARD_TOKENS)
     assert (out / "train" / "shard_00000.arrow").exists() and not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no manifest"):
         PackedTokenDataset(out, "train", SEQ_LEN, 0)
-    monkeypatch.setattr(prepare_module, "write_shard", real)
+    monkeypatch.setattr(shard_writer, "write_shard", real)
     prepare_corpus(splits, prepared / "tokenizer.json", out, SHARD_TOKENS)
     assert read_manifest(out)["splits"] == read_manifest(prepared)["splits"]
+
+
+def test_older_format_folder_is_prepared_again(prepared: Path, tmp_path: Path) -> None:
+    original = read_manifest(prepared)
+    out = _copy_dir(prepared, tmp_path / "v1")
+    old = {**json.loads(json.dumps(original)), "format_version": 1}
+    for split in old["splits"].values():
+        for shard in split["shards"]:
+            del shard["batch_tokens"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(DataError, match="version 1, expected 'triarch.tokens' version 2"):
+        read_manifest(out)
+    prepare_pydocs(out, VOCAB, max_documents=N_DOCS, shard_tokens=SHARD_TOKENS)
+    assert read_manifest(out) == original
 
 
 def test_read_manifest_errors_name_the_path(tmp_path: Path) -> None:

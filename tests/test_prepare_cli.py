@@ -44,6 +44,8 @@ def test_prepare_user_files_with_given_tokenizer_then_train(tmp_path: Path) -> N
     total_docs = sum(s["documents"] for s in manifest["splits"].values())
     total_tokens = sum(s["tokens"] for s in manifest["splits"].values())
     assert total_docs == 80 and total_tokens == 80 * 151  # 150 words + EOS each
+    assert manifest["bad_documents"]["invalid_json"] == 1 and manifest["bad_documents"]["missing_field"] == 1
+    assert "bad documents skipped: 2" in result.stdout
     run = _cli("train", str(EXAMPLES / "tiny.yaml"), f"data.path={out}", "--run-dir", str(tmp_path / "run"),
                "model.vocab_size=64", "model.seq_len=32", "train.steps=3", "train.warmup_steps=1",
                "train.eval_interval=3", "train.eval_batches=1", "logging.log_interval=1", "logging.progress=off",
@@ -53,12 +55,16 @@ def test_prepare_user_files_with_given_tokenizer_then_train(tmp_path: Path) -> N
 
 
 def test_prepare_errors_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "broken.parquet").write_bytes(b"not a parquet file")
     for args, message in [
+        (["prepare", "broken.parquet", "--out", "o"], f"error: cannot read '{tmp_path / 'broken.parquet'}'"),
         (["prepare", "missing_dir", "--out", "o"], "error: input 'missing_dir' does not exist"),
         (["prepare", "--out", "o", "--validation-fraction", "1.5"], "error: --validation-fraction (1.5) must be between 0 and 1"),
         (["prepare", ".", "--out", "o", "--tokenizer", "nope.json"], "error: "),
     ]:
         result = _cli(*args, cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+        lines = result.stderr.strip().splitlines()  # progress log lines may come before the error
+        errors = [line for line in lines if line.startswith("error:")]
+        assert errors == [lines[-1]] and lines[-1].startswith(message), result.stderr
+        assert "Traceback" not in result.stderr

@@ -63,12 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--run-dir", type=Path, required=True)
 
     prep = sub.add_parser("prepare", help="tokenize text into Arrow shards plus a manifest")
-    prep.add_argument("inputs", nargs="*", help=".txt / .jsonl files or folders (default: the stdlib docstrings)")
+    prep.add_argument("inputs", nargs="*",
+                      help="files, folders, globs or fsspec URLs: .txt, .jsonl[.gz|.zst], .parquet, .arrow, "
+                           "datasets save_to_disk folders (default: the stdlib docstrings)")
     prep.add_argument("--out", type=Path, required=True, help="output folder")
     prep.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json (default: train a BPE)")
     prep.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE size when training one")
     prep.add_argument("--validation-fraction", type=float, default=0.05)
-    prep.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    prep.add_argument("--text-field", default="text", help="JSONL field / Parquet or Arrow column holding the text")
+    prep.add_argument("--workers", type=_positive_int, default=None,
+                      help="tokenizer processes (default min(cores, 8))")
+    prep.add_argument("--shard-tokens", type=_positive_int, default=None, help="tokens per shard (default 1Mi)")
+    prep.add_argument("--batch-tokens", type=_positive_int, default=None,
+                      help="tokens per Arrow record batch inside a shard (default 64Ki)")
+    prep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="show progress (default: a bar on a terminal, a log line every 10 s otherwise)")
     return parser
 
 
@@ -124,36 +133,40 @@ def _launch(nproc: int, run_dir: Path) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from triarch.data_pipeline import prepare_corpus, prepare_pydocs, split_train_validation, train_byte_level_bpe
-    from triarch.data_pipeline.sources import expand_inputs, read_documents
+    from triarch.data_pipeline.prepare import (
+        DEFAULT_BATCH_TOKENS,
+        DEFAULT_SHARD_TOKENS,
+        prepare_files,
+        prepare_pydocs,
+        read_manifest,
+    )
 
     if not 0 < args.validation_fraction < 1:
         raise CliError(f"--validation-fraction ({args.validation_fraction}) must be between 0 and 1")
+    common = {"validation_fraction": args.validation_fraction, "workers": args.workers, "progress": args.progress,
+              "shard_tokens": args.shard_tokens or DEFAULT_SHARD_TOKENS,
+              "batch_tokens": args.batch_tokens or DEFAULT_BATCH_TOKENS}
     if not args.inputs:
         if args.tokenizer is not None:
             raise CliError("--tokenizer needs input files; the default corpus trains its own BPE")
-        out = prepare_pydocs(args.out, args.vocab_size, validation_fraction=args.validation_fraction)
+        out = prepare_pydocs(args.out, args.vocab_size, **common)
     else:
-        docs = [d for f in expand_inputs(args.inputs) for d in read_documents(f, args.text_field)]
-        if not docs:
-            raise CliError(f"no documents found in {args.inputs}")
-        splits = split_train_validation(docs, args.validation_fraction)
-        tokenizer = args.tokenizer
-        if tokenizer is None:
-            args.out.mkdir(parents=True, exist_ok=True)
-            tokenizer = args.out / "tokenizer.train.json"
-            train_byte_level_bpe(splits["train"], args.vocab_size, tokenizer)
-        elif not tokenizer.is_file():
-            raise CliError(f"--tokenizer '{tokenizer}' does not exist")
-        out = prepare_corpus(splits, tokenizer, args.out)
-    print(f"prepared data in {out}")
+        if args.tokenizer is not None and not args.tokenizer.is_file():
+            raise CliError(f"--tokenizer '{args.tokenizer}' does not exist")
+        out = prepare_files(args.inputs, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                            text_field=args.text_field, **common)
+    manifest = read_manifest(out)
+    totals = manifest["totals"]
+    bad = ", ".join(f"{k}={v}" for k, v in sorted(manifest["bad_documents"].items()) if v) or "none"
+    print(f"prepared data in {out}: {totals['documents']} documents, {totals['tokens']} tokens; "
+          f"bad documents skipped: {totals['bad_documents']} ({bad})")
     return 0
 
 
 def cmd_ckpt(args: argparse.Namespace) -> int:
-    from triarch.checkpointing import ops
+    from triarch.checkpointing.ops import run
 
-    return ops.run(args)
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -130,12 +130,31 @@ class TrainConfig(_Section):
         return self.decay_steps if self.decay_steps is not None else self.steps - self.warmup_steps
 
 
+class BlendEntry(_Section):
+    """One prepared dataset of a weighted blend."""
+
+    path: str
+    weight: float = Field(1.0, gt=0)
+
+
 class DataConfig(_Section):
-    """Where the prepared token shards live."""
+    """Where the prepared token shards live and how the stream reads them.
+
+    ``blend`` (optional) lists several prepared folders with weights for training; ``path`` is then only
+    used for evaluation. Paths may be local or fsspec URLs (``s3://bucket/prefix``).
+    """
 
     path: str = "data/pydocs"
+    blend: list[BlendEntry] = []
     train_split: str = "train"
     eval_split: str = "validation"
+    num_workers: int = Field(0, ge=0)
+    shuffle_block: int | None = Field(None, gt=0)
+    loader: Literal["default", "dali"] = "default"
+
+    def train_datasets(self) -> list[tuple[str, float]]:
+        """(path, weight) pairs the training stream blends."""
+        return [(b.path, b.weight) for b in self.blend] or [(self.path, 1.0)]
 
 
 class CheckpointConfig(_Section):

@@ -1,17 +1,20 @@
-"""Packed, deterministic, resumable token sequences over memory-mapped Arrow shards.
+"""The trainer's current reader (legacy order), now reading lazily through ``stream_source.TokenSource``.
 
-A split is read as one stream of tokens (every document already ends with EOS), cut into
-``num_sequences = (total_tokens - 1) // seq_len`` windows of ``seq_len + 1`` tokens; window ``i`` starts at
-``i * seq_len``, so input ``window[:-1]`` and labels ``window[1:]`` cover the stream once. Global sequence
-index ``g`` (counted across epochs) is window ``permutation(epoch)[g % num_sequences]`` of epoch
+Superseded by ``stream.TokenStream``, which adds the shard shuffle, bounded shuffle, blending, workers and
+reshard-safe state; this class stays until the trainer moves over, with its order unchanged:
+
+A split is read as one stream of tokens in manifest shard order (every document already ends with EOS),
+cut into ``num_sequences = (total_tokens - 1) // seq_len`` windows of ``seq_len + 1`` tokens; window ``i``
+starts at ``i * seq_len``, so input ``window[:-1]`` and labels ``window[1:]`` cover the stream once. Global
+sequence index ``g`` (counted across epochs) is window ``permutation(epoch)[g % num_sequences]`` of epoch
 ``g // num_sequences``, with ``permutation(e) = default_rng([seed, e]).permutation(num_sequences)``.
 Batches are therefore a pure function of (data, seed, seq_len, step, global batch size), independent of
-the data-parallel layout; each DP rank takes its contiguous rows with ``dp_slice``.
+the data-parallel layout; each DP rank takes its contiguous rows with ``dp_slice``. Shards may hold any
+number of record batches; only the record batches a window touches are read (small LRU cache).
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,7 @@ import numpy as np
 import torch
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.manifest import manifest_path, read_manifest
-from triarch.data_pipeline.shards import map_shard
+from triarch.data_pipeline.stream_source import TokenSource
 
 _CACHED_EPOCHS = 2  # a batch spans at most two epochs unless it is larger than an epoch
 
@@ -28,42 +30,26 @@ _CACHED_EPOCHS = 2  # a batch spans at most two epochs unless it is larger than 
 class PackedTokenDataset:
     """Fixed-length training windows of one split of a prepared folder (see the module docstring)."""
 
-    def __init__(self, path: Path, split: str, seq_len: int, seed: int) -> None:
-        self.path = Path(path)
+    def __init__(self, path: Path | str, split: str, seq_len: int, seed: int) -> None:
+        self.path = Path(path) if "://" not in str(path) else path
         self.split = split
         self.seq_len = seq_len
         self.seed = seed
-        manifest = read_manifest(self.path)
-        if split not in manifest["splits"]:
-            raise DataError(f"unknown split {split!r} in {manifest_path(self.path)} "
-                            f"(available: {', '.join(sorted(manifest['splits']))})")
         if seq_len < 1:
             raise DataError(f"seq_len ({seq_len}) must be at least 1")
-        self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
-        self.eos_id: int = manifest["tokenizer"]["eos_id"]
-        entries = manifest["splits"][split]["shards"]
-        self._shards = [self._map(entry) for entry in entries]
-        self._starts = np.cumsum([0] + [len(s) for s in self._shards], dtype=np.int64)
-        self.total_tokens = int(self._starts[-1])
+        self._source = TokenSource(path, split)
+        self.vocab_size: int = self._source.vocab_size
+        self.eos_id: int = self._source.eos_id
+        self._order = list(range(len(self._source.shard_tokens)))
+        self._starts = [0, *np.cumsum(self._source.shard_tokens).tolist()]
+        self.total_tokens = self._source.total_tokens
         if self.total_tokens < seq_len + 1:
             raise DataError(f"split {split!r} of {self.path} has {self.total_tokens} tokens, fewer than "
                             f"seq_len + 1 ({seq_len + 1})")
         self.num_sequences = (self.total_tokens - 1) // seq_len
-        self.data_sha256 = hashlib.sha256("".join(e["sha256"] for e in entries).encode()).hexdigest()
+        self.data_sha256 = self._source.data_sha256
         self.consumed_sequences = 0
         self._permutations: dict[int, np.ndarray] = {}
-
-    def _map(self, entry: dict[str, Any]) -> np.ndarray:
-        """Memory-map one shard and check it against its manifest entry and the vocabulary."""
-        file = self.path / entry["file"]
-        if entry["max_token_id"] >= self.vocab_size:
-            raise DataError(f"{file} holds token id {entry['max_token_id']} >= vocab_size {self.vocab_size}")
-        if not file.is_file():
-            raise DataError(f"shard {file} listed in {manifest_path(self.path)} is missing")
-        values = map_shard(file).values
-        if len(values) != entry["tokens"]:
-            raise DataError(f"{file} holds {len(values)} tokens, manifest says {entry['tokens']}")
-        return values
 
     def __len__(self) -> int:
         """Windows per epoch."""
@@ -80,20 +66,12 @@ class PackedTokenDataset:
         return perm
 
     def window(self, index: int) -> np.ndarray:
-        """Tokens ``[index * seq_len, index * seq_len + seq_len + 1)`` of the stream (may cross shards)."""
+        """Tokens ``[index * seq_len, index * seq_len + seq_len + 1)`` of the stream as int64 (may cross shards)."""
         if not 0 <= index < self.num_sequences:
             raise DataError(f"window index {index} out of range [0, {self.num_sequences})")
-        start, stop = index * self.seq_len, index * self.seq_len + self.seq_len + 1
-        first = int(np.searchsorted(self._starts, start, side="right")) - 1
-        pieces = []
-        shard = first
-        while start < stop:
-            offset = start - int(self._starts[shard])
-            piece = self._shards[shard][offset:offset + (stop - start)]
-            pieces.append(piece)
-            start += len(piece)
-            shard += 1
-        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+        out = np.empty(self.seq_len + 1, dtype=np.int64)
+        self._source.copy_stream_range(self._order, self._starts, index * self.seq_len, out)
+        return out
 
     def sequences(self, start: int, count: int) -> torch.Tensor:
         """Rows for global sequence indices ``[start, start + count)``: int64 of shape (count, seq_len + 1)."""
@@ -102,10 +80,8 @@ class PackedTokenDataset:
         out = np.empty((count, self.seq_len + 1), dtype=np.int64)
         for row, g in enumerate(range(start, start + count)):
             epoch, position = divmod(g, self.num_sequences)
-            out[row] = self.window(int(self.permutation(epoch)[position]))
-        if count and int(out.max()) >= self.vocab_size:
-            raise DataError(f"{self.path} split {self.split!r} holds token id {int(out.max())} "
-                            f">= vocab_size {self.vocab_size}")
+            window = int(self.permutation(epoch)[position])
+            self._source.copy_stream_range(self._order, self._starts, window * self.seq_len, out[row])
         return torch.from_numpy(out)
 
     def global_batch(self, step: int, global_batch_size: int) -> torch.Tensor:

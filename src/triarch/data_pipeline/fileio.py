@@ -31,12 +31,16 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def replace_atomically(tmp: Path, path: Path) -> None:
-    """fsync the finished ``tmp`` file, rename it onto ``path``, fsync the directory."""
+def replace_atomically(tmp: Path, path: Path, *, sync_dir: bool = True) -> None:
+    """fsync the finished ``tmp`` file, rename it onto ``path``, fsync the directory.
+
+    ``sync_dir=False`` leaves the directory fsync to the caller (one for many files).
+    """
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 def file_sha256(path: Path) -> str:

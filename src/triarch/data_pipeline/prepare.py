@@ -1,138 +1,103 @@
-"""Prepare a corpus: tokenize, append EOS, write Arrow shards per split, then the manifest last.
+"""Prepare a corpus: tokenize in worker processes, append EOS, write Arrow shards per split, manifest last.
 
-A folder whose manifest exists is complete and never rewritten; a folder without one is (re)completed,
-reusing shard files whose content is already right.
+The parent process reads the documents in order, assigns each to a split, and sends batches of texts to
+tokenizer workers; results come back in submission order, so every split's token stream, and therefore
+every shard (see ``shard_writer``), is a deterministic function of the inputs, whatever the worker count.
+
+A folder whose manifest exists is complete and never rewritten (a rerun with the same inputs returns at
+once; other inputs are a DataError). A folder without one is completed: shards recorded in the journal
+(``journal``) whose files still hash right are kept and their documents are not tokenized again; other
+shard files are kept only if their bytes come out identical.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import platform
 import re
 import shutil
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import Tokenizer
 
+from triarch.data_pipeline.documents import DocumentStream, FileDocuments, TextDocuments
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.fileio import file_sha256, is_temp, replace_atomically, temp_path
-from triarch.data_pipeline.manifest import (
-    FORMAT_NAME,
-    FORMAT_VERSION,
-    manifest_path,
-    read_manifest,
-    write_manifest,
-)
+from triarch.data_pipeline.fileio import file_sha256, replace_atomically, temp_path
+from triarch.data_pipeline.journal import Journal
+from triarch.data_pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, manifest_path, read_manifest, write_manifest
+from triarch.data_pipeline.progress import Counters, Progress
 from triarch.data_pipeline.pydocs import TRAIN, split_train_validation, stdlib_docstrings
-from triarch.data_pipeline.shards import (
-    MAX_SHARD_TOKENS,
-    ShardInfo,
-    TOKEN_DTYPE,
-    describe_shard,
-    pack_documents,
-    shard_matches,
-    write_shard,
-)
+from triarch.data_pipeline.readers import BAD_REASONS, BadDocument, document_bytes
+from triarch.data_pipeline.shard_writer import SplitWriter
+from triarch.data_pipeline.shards import MAX_SHARD_TOKENS
+from triarch.data_pipeline.sources import expand_inputs
+from triarch.data_pipeline.tokenize_pool import TokenizerPool, default_workers
 from triarch.data_pipeline.tokenizer import eos_id, load_tokenizer, train_byte_level_bpe
 
-__all__ = ["prepare_corpus", "prepare_pydocs", "read_manifest"]
+__all__ = ["prepare_corpus", "prepare_files", "prepare_pydocs", "read_manifest"]
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_NAME = "tokenizer.json"
-ENCODE_BATCH_DOCS = 1024
+DEFAULT_SHARD_TOKENS = 1 << 20
+DEFAULT_BATCH_TOKENS = 1 << 16
+TASK_DOCUMENTS = 256  # documents per tokenizer task ...
+TASK_BYTES = 1 << 20  # ... or this much text, whichever comes first
 PYDOCS_SOURCE_NAME = "python-stdlib-docstrings"
+FILES_SOURCE_NAME = "files"
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
-def texts_sha256(texts: list[str]) -> str:
-    """A fingerprint of an ordered list of documents (length-prefixed, so boundaries count)."""
+def _fingerprint_update(digest: Any, data: bytes) -> None:
+    """Add one document to an ordered-documents fingerprint (length-prefixed, so boundaries count)."""
+    digest.update(len(data).to_bytes(8, "little"))
+    digest.update(data)
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+    """The fingerprint of the accepted documents among ``texts``: the manifest's ``source_sha256``."""
     digest = hashlib.sha256()
     for text in texts:
-        data = text.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))
-        digest.update(data)
+        data = document_bytes(text)
+        if not isinstance(data, BadDocument):
+            _fingerprint_update(digest, data)
     return digest.hexdigest()
 
 
-def shard_name(index: int) -> str:
-    """File name of the ``index``-th shard of a split."""
-    return f"shard_{index:05d}.arrow"
+def _existing_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a completed folder; None if there is none, or if it is of an older format version.
+
+    A folder of an older format is prepared again in place (its manifest is removed first, so it reads as
+    unfinished until the new one is written); one that is unreadable or newer is a DataError.
+    """
+    path = manifest_path(out_dir)
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict):
+        return read_manifest(out_dir)  # raises, naming the file
+    version = recorded.get("format_version")
+    if recorded.get("format") == FORMAT_NAME and isinstance(version, int) and version < FORMAT_VERSION:
+        log.warning("%s is of format version %d; preparing %s again in version %d", path, version, out_dir,
+                    FORMAT_VERSION)
+        path.unlink()
+        return None
+    return read_manifest(out_dir)
 
 
-def _encoded_documents(tokenizer: Tokenizer, texts: list[str], eos: int) -> Iterator[np.ndarray]:
-    """Token ids of each text with EOS appended, encoded in batches (no BOS or other specials)."""
-    for start in range(0, len(texts), ENCODE_BATCH_DOCS):
-        batch = tokenizer.encode_batch(texts[start:start + ENCODE_BATCH_DOCS], add_special_tokens=False)
-        for encoding in batch:
-            ids = encoding.ids
-            ids.append(eos)
-            yield np.asarray(ids, dtype=TOKEN_DTYPE)
-
-
-def _emit_shard(docs: list[np.ndarray], path: Path, root: Path) -> ShardInfo:
-    """Write one shard unless an identical file is already there; return its manifest entry."""
-    packed = pack_documents(docs)
-    if shard_matches(path, packed):
-        log.debug("reusing %s", path)
-    else:
-        write_shard(path, packed)
-    return describe_shard(path, root, packed)
-
-
-def _remove_stale(split_dir: Path, keep: set[str]) -> None:
-    """Delete interrupted temp files and shards beyond this preparation's last one."""
-    for path in split_dir.iterdir():
-        if is_temp(path) or (path.suffix == ".arrow" and path.name not in keep):
-            path.unlink()
-
-
-def _write_split(tokenizer: Tokenizer, eos: int, texts: list[str], root: Path, split: str,
-                 shard_tokens: int) -> dict[str, Any]:
-    """Tokenize one split into shards of about ``shard_tokens`` tokens (closed at document ends)."""
-    split_dir = root / split
-    split_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[ShardInfo] = []
-    pending: list[np.ndarray] = []
-    pending_tokens = 0
-    for doc in _encoded_documents(tokenizer, texts, eos):
-        pending.append(doc)
-        pending_tokens += len(doc)
-        if pending_tokens >= shard_tokens:
-            shards.append(_emit_shard(pending, split_dir / shard_name(len(shards)), root))
-            pending, pending_tokens = [], 0
-    if pending:
-        shards.append(_emit_shard(pending, split_dir / shard_name(len(shards)), root))
-    _remove_stale(split_dir, {shard_name(i) for i in range(len(shards))})
-    return {
-        "documents": sum(s.documents for s in shards),
-        "tokens": sum(s.tokens for s in shards),
-        "source_sha256": texts_sha256(texts),
-        "shards": [s.to_json() for s in shards],
-    }
-
-
-def _check_same_inputs(manifest: dict[str, Any], out_dir: Path, tokenizer_sha: str,
-                       texts_by_split: Mapping[str, list[str]], shard_tokens: int) -> None:
-    """Raise if a completed folder was prepared from other inputs than the ones now given."""
-    where = manifest_path(out_dir)
-    if manifest["tokenizer"]["sha256"] != tokenizer_sha:
-        raise DataError(f"{where} was prepared with another tokenizer (sha256 {manifest['tokenizer']['sha256']}, "
-                        f"given {tokenizer_sha}); use a new folder or delete this one")
-    if manifest.get("shard_tokens") != shard_tokens:
-        raise DataError(f"{where} was prepared with shard_tokens={manifest.get('shard_tokens')}, "
-                        f"given {shard_tokens}; use a new folder or delete this one")
-    if sorted(manifest["splits"]) != sorted(texts_by_split):
-        raise DataError(f"{where} holds splits {sorted(manifest['splits'])}, given {sorted(texts_by_split)}")
-    for name, texts in texts_by_split.items():
-        if manifest["splits"][name]["source_sha256"] != texts_sha256(texts):
-            raise DataError(f"{where} split {name!r} was prepared from other documents; "
-                            f"use a new folder or delete this one")
+def _check_budgets(shard_tokens: int, batch_tokens: int) -> None:
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+        raise DataError(f"shard_tokens ({shard_tokens}) must be in [1, {MAX_SHARD_TOKENS}]")
+    if batch_tokens < 1:
+        raise DataError(f"batch_tokens ({batch_tokens}) must be at least 1")
 
 
 def _install_tokenizer(tokenizer_path: Path, out_dir: Path) -> Path:
@@ -146,46 +111,260 @@ def _install_tokenizer(tokenizer_path: Path, out_dir: Path) -> Path:
     return target
 
 
-def prepare_corpus(texts_by_split: dict[str, list[str]], tokenizer_path: Path, out_dir: Path,
-                   shard_tokens: int = 1 << 20, *, source: Mapping[str, Any] | None = None) -> Path:
-    """Tokenize ``texts_by_split`` into ``out_dir/<split>/shard_*.arrow`` and write the manifest last.
+def _tokenizer_entry(tokenizer: Tokenizer, eos: int, sha256: str) -> dict[str, Any]:
+    model = json.loads(tokenizer.to_str()).get("model", {}).get("type") or "unknown"
+    return {"file": TOKENIZER_NAME, "sha256": sha256, "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+            "eos_id": eos, "model": model}
 
-    Each document becomes one row of token ids ending with EOS; a shard is closed at the first document
-    end at or past ``shard_tokens`` tokens. ``source`` is a JSON-able description stored in the manifest.
-    Returns ``out_dir``. If its manifest exists and matches these inputs, returns at once.
+
+def _task_batches(documents: DocumentStream, writers: Mapping[str, SplitWriter], fingerprints: Mapping[str, Any],
+                  seen: dict[str, int], counters: Counters) -> Iterator[tuple[tuple[str, int], list[str]]]:
+    """Per-split batches of texts to tokenize, tagged ``(split, text bytes)``; resumed documents are skipped.
+
+    Every document still feeds its split's fingerprint and count, so the manifest is the same as for an
+    uninterrupted run.
     """
-    out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
-    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
-        raise DataError(f"shard_tokens ({shard_tokens}) must be in [1, {MAX_SHARD_TOKENS}]")
-    for name in texts_by_split:
-        if not _SPLIT_NAME.match(name):
-            raise DataError(f"split name {name!r} must be letters, digits, '_', '.', '-'")
+    pending: dict[str, tuple[list[str], int]] = {split: ([], 0) for split in writers}
+    for split, text, data in documents:
+        _fingerprint_update(fingerprints[split], data)
+        seen[split] += 1
+        if seen[split] <= writers[split].resumed_documents:
+            counters.resumed_documents += 1
+            continue
+        texts, size = pending[split]
+        texts.append(text)
+        size += len(data)
+        if len(texts) >= TASK_DOCUMENTS or size >= TASK_BYTES:
+            yield (split, size), texts
+            texts, size = [], 0
+        pending[split] = (texts, size)
+    for split, (texts, size) in pending.items():
+        if texts:
+            yield (split, size), texts
+
+
+def _bad_summary(bad: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason}={count}" for reason, count in sorted(bad.items()) if count) or "none"
+
+
+@dataclass
+class _Pass:
+    """What one pass over the documents saw, per split (every document, tokenized this run or resumed)."""
+
+    seen: dict[str, int]
+    fingerprints: dict[str, Any]
+    counters: Counters
+
+
+def _tokenize(documents: DocumentStream, tokenizer: Tokenizer, eos: int, writers: Mapping[str, SplitWriter],
+              workers: int, progress: bool | None) -> _Pass:
+    """Feed every document not already in a resumed shard through the tokenizer pool into its split's writer."""
+    done = _Pass(seen=dict.fromkeys(writers, 0), fingerprints={split: hashlib.sha256() for split in writers},
+                 counters=Counters())
+    counters = done.counters
+    batches = _task_batches(documents, writers, done.fingerprints, done.seen, counters)
+    with TokenizerPool(tokenizer, eos, workers) as pool, \
+            Progress(counters, documents.progress_total, documents.progress_unit, progress) as display:
+        for (split, size), values, lengths in pool.map_ordered(batches):
+            writers[split].add(values, lengths)
+            counters.documents += len(lengths)
+            counters.tokens += len(values)
+            counters.text_bytes += size
+            counters.bad_documents = sum(documents.bad.values())
+            display.update(documents.progress_done())
+    counters.bad_documents = sum(documents.bad.values())
+    return done
+
+
+def _finish_splits(out_dir: Path, writers: Mapping[str, SplitWriter], done: _Pass) -> dict[str, Any]:
+    """Write the last shards and return the manifest's ``splits``; a resumed run must add up."""
+    splits = {}
+    for split, writer in writers.items():
+        shards = writer.finish()
+        if writer.end_document != done.seen[split]:
+            raise DataError(f"{out_dir}: split {split!r} has {done.seen[split]} documents but its shards hold "
+                            f"{writer.end_document}; the inputs changed since the interrupted run, "
+                            f"delete {out_dir} and prepare again")
+        splits[split] = {"documents": sum(s.documents for s in shards), "tokens": sum(s.tokens for s in shards),
+                         "source_sha256": done.fingerprints[split].hexdigest(),
+                         "shards": [s.to_json() for s in shards]}
+    return splits
+
+
+def _write_corpus(documents: DocumentStream, tokenizer_path: Path, out_dir: Path, *, source: Mapping[str, Any],
+                  identity: Mapping[str, Any], shard_tokens: int, batch_tokens: int, workers: int | None,
+                  progress: bool | None) -> dict[str, Any]:
+    """Tokenize ``documents`` into shards under ``out_dir``, resuming a half-done run; write the manifest."""
     tokenizer = load_tokenizer(tokenizer_path)
     eos = eos_id(tokenizer, tokenizer_path)
     tokenizer_sha = file_sha256(tokenizer_path)
-    if manifest_path(out_dir).exists():
-        _check_same_inputs(read_manifest(out_dir), out_dir, tokenizer_sha, texts_by_split, shard_tokens)
-        return out_dir
-    started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    installed = _install_tokenizer(tokenizer_path, out_dir)
-    splits = {name: _write_split(tokenizer, eos, texts_by_split[name], out_dir, name, shard_tokens)
-              for name in sorted(texts_by_split)}
+    _install_tokenizer(tokenizer_path, out_dir)
+    journal = Journal(out_dir, {"identity": identity, "tokenizer_sha256": tokenizer_sha,
+                                "shard_tokens": shard_tokens, "record_batch_tokens": batch_tokens})
+    writers = {split: SplitWriter(out_dir, split, shard_tokens, batch_tokens, journal) for split in documents.splits}
+    done = _tokenize(documents, tokenizer, eos, writers, default_workers() if workers is None else workers, progress)
+    if not any(done.seen.values()):
+        raise DataError(f"no documents to prepare in {out_dir} (bad documents: {_bad_summary(documents.bad)})")
+    splits = _finish_splits(out_dir, writers, done)
+    bad = {reason: documents.bad.get(reason, 0) for reason in BAD_REASONS}
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "dtype": "uint32",
         "shard_tokens": shard_tokens,
-        "tokenizer": {"file": installed.name, "sha256": tokenizer_sha,
-                      "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "eos_id": eos},
-        "source": dict(source or {}),
+        "record_batch_tokens": batch_tokens,
+        "tokenizer": _tokenizer_entry(tokenizer, eos, tokenizer_sha),
+        "source": dict(source),
+        "sources": documents.sources_json(),
+        "split": documents.split_json(),
         "splits": splits,
-        "totals": {key: sum(s[key] for s in splits.values()) for key in ("documents", "tokens")},
+        "bad_documents": bad,
+        "totals": {"documents": sum(s["documents"] for s in splits.values()),
+                   "tokens": sum(s["tokens"] for s in splits.values()), "bad_documents": sum(bad.values())},
     }
     write_manifest(out_dir, manifest)
-    log.info("prepared %s: %d documents, %d tokens in %.1fs", out_dir, manifest["totals"]["documents"],
-             manifest["totals"]["tokens"], time.perf_counter() - started)
+    journal.remove()
+    log.info("prepared %s: %d documents, %d tokens, %d shards (%d written); this run: %s", out_dir,
+             manifest["totals"]["documents"], manifest["totals"]["tokens"],
+             sum(len(s["shards"]) for s in splits.values()), sum(w.written for w in writers.values()),
+             done.counters.summary())
+    if done.counters.bad_documents:
+        log.warning("skipped %d bad documents: %s", done.counters.bad_documents, _bad_summary(documents.bad))
+    return manifest
+
+
+# --- in-memory texts --------------------------------------------------------------------------------------
+
+
+def _check_same_inputs(manifest: dict[str, Any], out_dir: Path, tokenizer_sha: str | None,
+                       fingerprints: Mapping[str, str] | None, shard_tokens: int, batch_tokens: int) -> None:
+    """Raise if a completed folder was prepared from other inputs or settings than the ones now given."""
+    where = manifest_path(out_dir)
+    advice = "use a new folder or delete this one"
+    if tokenizer_sha is not None and manifest["tokenizer"]["sha256"] != tokenizer_sha:
+        raise DataError(f"{where} was prepared with another tokenizer (sha256 {manifest['tokenizer']['sha256']}, "
+                        f"given {tokenizer_sha}); {advice}")
+    for key, given in (("shard_tokens", shard_tokens), ("record_batch_tokens", batch_tokens)):
+        if manifest[key] != given:
+            raise DataError(f"{where} was prepared with {key}={manifest[key]}, given {given}; {advice}")
+    if fingerprints is None:
+        return
+    if sorted(manifest["splits"]) != sorted(fingerprints):
+        raise DataError(f"{where} holds splits {sorted(manifest['splits'])}, given {sorted(fingerprints)}")
+    for name, fingerprint in fingerprints.items():
+        if manifest["splits"][name]["source_sha256"] != fingerprint:
+            raise DataError(f"{where} split {name!r} was prepared from other documents; {advice}")
+
+
+def prepare_corpus(texts_by_split: Mapping[str, Sequence[str]], tokenizer_path: Path, out_dir: Path,
+                   shard_tokens: int = DEFAULT_SHARD_TOKENS, *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                   workers: int | None = None, progress: bool | None = None,
+                   source: Mapping[str, Any] | None = None, split: Mapping[str, Any] | None = None) -> Path:
+    """Tokenize ``texts_by_split`` into ``out_dir/<split>/shard_*.arrow`` and write the manifest last.
+
+    Each document becomes one row of token ids ending with EOS; a shard closes at the first document end at
+    or past ``shard_tokens`` tokens, a record batch inside it at the first past ``batch_tokens``. Blank texts
+    (and texts with lone surrogates) are skipped and counted. ``workers`` tokenizer processes (default
+    min(cores, 8); 0 tokenizes in this process); ``progress``: see ``progress.Progress``. ``source`` is a
+    JSON-able description stored in the manifest, ``split`` the manifest's description of how the texts
+    were split (default ``{"method": "given", ...}``). Returns ``out_dir``; if its manifest exists and
+    matches these inputs, returns at once.
+    """
+    out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
+    _check_budgets(shard_tokens, batch_tokens)
+    for name in texts_by_split:
+        if not _SPLIT_NAME.match(name):
+            raise DataError(f"split name {name!r} must be letters, digits, '_', '.', '-'")
+    load_tokenizer(tokenizer_path)  # a missing or malformed file is a DataError naming it
+    tokenizer_sha = file_sha256(tokenizer_path)
+    fingerprints = {name: texts_sha256(texts) for name, texts in texts_by_split.items()}
+    if (manifest := _existing_manifest(out_dir)) is not None:
+        _check_same_inputs(manifest, out_dir, tokenizer_sha, fingerprints, shard_tokens, batch_tokens)
+        return out_dir
+    _write_corpus(TextDocuments(texts_by_split, split), tokenizer_path, out_dir, source=dict(source or {}),
+                  identity={"source": dict(source or {}), "texts": fingerprints}, shard_tokens=shard_tokens,
+                  batch_tokens=batch_tokens, workers=workers, progress=progress)
     return out_dir
+
+
+# --- tokenizer training, shared by the file and docstring corpora -----------------------------------------
+
+
+def _trained_tokenizer(out_dir: Path, identity: Mapping[str, Any], vocab_size: int,
+                       train_texts: Callable[[], Iterable[str]]) -> Path:
+    """``out_dir/tokenizer.json``: reused if an interrupted run with the same identity trained it, else trained.
+
+    ``train_texts`` is called (no arguments) for the texts only when training is needed.
+    """
+    path = out_dir / TOKENIZER_NAME
+    header = Journal.read_header(out_dir)
+    if (header is not None and header.get("identity") == json.loads(json.dumps(identity)) and path.is_file()
+            and file_sha256(path) == header.get("tokenizer_sha256")):
+        log.info("reusing %s from the interrupted run", path)
+        return path
+    log.info("training a byte-level BPE of %d tokens on the train split", vocab_size)
+    train_byte_level_bpe(train_texts(), vocab_size, path)
+    return path
+
+
+# --- files ------------------------------------------------------------------------------------------------
+
+
+def _check_same_files(manifest: dict[str, Any], out_dir: Path, request: Mapping[str, Any],
+                      sources: list[dict[str, Any]]) -> None:
+    """Raise if a completed folder was prepared from other files or options."""
+    where = manifest_path(out_dir)
+    if manifest["source"] != dict(request):
+        raise DataError(f"{where} was prepared with options {manifest['source']}, given {dict(request)}; "
+                        f"use a new folder or delete this one")
+    recorded = [{"path": s["path"], "bytes": s["bytes"]} for s in manifest["sources"]]
+    if recorded != sources:
+        raise DataError(f"{where} was prepared from other input files ({len(recorded)} recorded, "
+                        f"{len(sources)} given, or changed sizes); use a new folder or delete this one")
+
+
+def prepare_files(inputs: Sequence[str | Path], out_dir: Path, *, tokenizer: Path | None = None,
+                  vocab_size: int = 4096, text_field: str = "text", validation_fraction: float = 0.05,
+                  shard_tokens: int = DEFAULT_SHARD_TOKENS, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                  workers: int | None = None, progress: bool | None = None) -> Path:
+    """Prepare text files (see ``sources``: .txt, .jsonl[.gz|.zst], .parquet, .arrow / HF folders, globs,
+    fsspec URLs) into ``out_dir``, split into train / validation by content hash.
+
+    ``tokenizer``: a ``tokenizer.json`` to use; without one, a byte-level BPE of ``vocab_size`` is trained on
+    the train split first (one extra pass over the inputs). Bad documents are counted per reason in the
+    manifest (``bad_documents``) and logged; a file that cannot be read is a DataError naming it.
+    Rerunning is idempotent, and resumes an interrupted run.
+    """
+    out_dir = Path(out_dir)
+    _check_budgets(shard_tokens, batch_tokens)
+    if not 0.0 <= validation_fraction < 1.0:
+        raise DataError(f"validation_fraction ({validation_fraction}) must be in [0, 1)")
+    sources = expand_inputs([str(i) for i in inputs], exclude=[str(out_dir)])
+    request = {"name": FILES_SOURCE_NAME, "text_field": text_field, "validation_fraction": validation_fraction,
+               "trained_vocab_size": None if tokenizer is not None else vocab_size}
+    tokenizer_sha = None
+    if tokenizer is not None:
+        tokenizer = Path(tokenizer)
+        load_tokenizer(tokenizer)
+        tokenizer_sha = file_sha256(tokenizer)
+    if (manifest := _existing_manifest(out_dir)) is not None:
+        _check_same_inputs(manifest, out_dir, tokenizer_sha, None, shard_tokens, batch_tokens)
+        _check_same_files(manifest, out_dir, request, [{"path": s.url, "bytes": s.size} for s in sources])
+        log.info("%s is already prepared", out_dir)
+        return out_dir
+    identity = {"source": request, "files": [s.identity() for s in sources]}
+    if tokenizer is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = _trained_tokenizer(out_dir, identity, vocab_size,
+                                       lambda: FileDocuments(sources, text_field, validation_fraction).train_texts())
+    _write_corpus(FileDocuments(sources, text_field, validation_fraction), tokenizer, out_dir, source=request,
+                  identity=identity, shard_tokens=shard_tokens, batch_tokens=batch_tokens, workers=workers,
+                  progress=progress)
+    return out_dir
+
+
+# --- the embedded docstring corpus ------------------------------------------------------------------------
 
 
 def pydocs_source(vocab_size: int, validation_fraction: float, max_documents: int | None) -> dict[str, Any]:
@@ -200,20 +379,29 @@ def _same_request(recorded: Any, wanted: dict[str, Any]) -> bool:
 
 
 def prepare_pydocs(out_dir: Path, vocab_size: int = 4096, *, validation_fraction: float = 0.05,
-                   max_documents: int | None = None, shard_tokens: int = 1 << 20) -> Path:
+                   max_documents: int | None = None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                   batch_tokens: int = DEFAULT_BATCH_TOKENS, workers: int | None = None,
+                   progress: bool | None = None) -> Path:
     """Prepare the standard-library docstring corpus: train a BPE on its train split, then shard it.
 
     ``max_documents`` keeps only the first documents (before splitting), for tiny demos and tests.
     """
     out_dir = Path(out_dir)
+    _check_budgets(shard_tokens, batch_tokens)
     source = pydocs_source(vocab_size, validation_fraction, max_documents)
-    if manifest_path(out_dir).exists():
-        recorded = read_manifest(out_dir).get("source")
-        if not _same_request(recorded, source):
-            raise DataError(f"{manifest_path(out_dir)} was prepared from source {recorded}, asked for {source}")
+    if (manifest := _existing_manifest(out_dir)) is not None:
+        if not _same_request(manifest["source"], source):
+            raise DataError(f"{manifest_path(out_dir)} was prepared from source {manifest['source']}, "
+                            f"asked for {source}")
+        _check_same_inputs(manifest, out_dir, None, None, shard_tokens, batch_tokens)
         return out_dir
-    docs = stdlib_docstrings()[:max_documents]
+    docs = stdlib_docstrings(max_documents, workers=workers)
     splits = split_train_validation(docs, validation_fraction)
-    tokenizer_path = out_dir / TOKENIZER_NAME
-    train_byte_level_bpe(splits[TRAIN], vocab_size, tokenizer_path)
-    return prepare_corpus(splits, tokenizer_path, out_dir, shard_tokens, source=source)
+    fingerprints = {name: texts_sha256(texts) for name, texts in splits.items()}
+    identity = {"source": source, "texts": fingerprints}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = _trained_tokenizer(out_dir, identity, vocab_size, lambda: splits[TRAIN])
+    documents = TextDocuments(splits, {"method": "content_sha256", "validation_fraction": validation_fraction})
+    _write_corpus(documents, tokenizer, out_dir, source=source, identity=identity,
+                  shard_tokens=shard_tokens, batch_tokens=batch_tokens, workers=workers, progress=progress)
+    return out_dir

@@ -7,17 +7,22 @@ deterministic for a given stdlib.
 
 from __future__ import annotations
 
-import ast
+import contextlib
 import hashlib
+import itertools
 import os
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
+from triarch.data_pipeline.tokenize_pool import default_workers
+from triarch.data_workers import die_with_parent, file_docstrings, spawn_pool
+
 MIN_DOCSTRING_CHARS = 40
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
 TRAIN, VALIDATION = "train", "validation"
-_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_PARALLEL_MIN_FILES = 64  # below this, starting worker processes costs more than it saves
+_FILES_PER_TASK = 8
 
 
 def stdlib_root() -> Path:
@@ -34,52 +39,53 @@ def _python_files(root: Path) -> Iterator[Path]:
                 yield Path(dirpath, name)
 
 
-def _docstrings_in_order(node: ast.AST) -> Iterator[str]:
-    """Module, class and function docstrings of ``node``'s subtree, in source order."""
-    if isinstance(node, _DOC_NODES):
-        doc = ast.get_docstring(node, clean=True)
-        if doc:
-            yield doc
-    for child in ast.iter_child_nodes(node):
-        yield from _docstrings_in_order(child)
-
-
-def _file_docstrings(path: Path) -> list[str]:
-    """Docstrings of one source file; an unreadable or unparsable file gives none."""
-    try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-    except (OSError, SyntaxError, ValueError, RecursionError):  # ValueError covers decode errors, NUL bytes
-        return []
-    return list(_docstrings_in_order(tree))
-
-
-def docstrings_under(root: Path, min_chars: int = MIN_DOCSTRING_CHARS) -> list[str]:
-    """Deduplicated docstrings (at least ``min_chars`` long) of the Python files under ``root``.
+def iter_docstrings(root: Path, min_chars: int = MIN_DOCSTRING_CHARS, workers: int | None = None) -> Iterator[str]:
+    """Deduplicated docstrings (at least ``min_chars`` long) of the Python files under ``root``, lazily.
 
     Duplicates are detected after collapsing whitespace; the first occurrence (sorted path, source order)
-    is kept.
+    is kept. Files are parsed by ``workers`` processes (default min(cores, 8)) but yielded in order, so the
+    result does not depend on ``workers``, and stopping early stops the parsing.
     """
+    files = list(_python_files(root))
+    workers = default_workers() if workers is None else workers
     seen: set[str] = set()
-    docs: list[str] = []
-    for path in _python_files(root):
-        for doc in _file_docstrings(path):
-            key = " ".join(doc.split())
-            if len(key) < min_chars or key in seen:
-                continue
-            seen.add(key)
-            docs.append(doc)
-    return docs
+    with contextlib.ExitStack() as stack:
+        if workers > 1 and len(files) >= _PARALLEL_MIN_FILES:
+            pool = stack.enter_context(spawn_pool(workers, die_with_parent, (os.getpid(),)))
+            per_file = pool.imap(file_docstrings, files, chunksize=_FILES_PER_TASK)
+        else:
+            per_file = map(file_docstrings, files)
+        for docs in per_file:
+            for doc in docs:
+                key = " ".join(doc.split())
+                if len(key) < min_chars or key in seen:
+                    continue
+                seen.add(key)
+                yield doc
 
 
-def stdlib_docstrings() -> list[str]:
-    """The default corpus: deduplicated docstrings of the standard library, in deterministic order."""
-    return docstrings_under(stdlib_root())
+def docstrings_under(root: Path, min_chars: int = MIN_DOCSTRING_CHARS, workers: int | None = None) -> list[str]:
+    """All of ``iter_docstrings(root, min_chars, workers)``."""
+    return list(iter_docstrings(root, min_chars, workers))
 
 
-def _unit_hash(text: str) -> float:
-    """A stable number in [0, 1) derived from ``text`` (same on every machine)."""
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
+def stdlib_docstrings(max_documents: int | None = None, workers: int | None = None) -> list[str]:
+    """The default corpus: deduplicated docstrings of the standard library, in deterministic order.
+
+    ``max_documents`` keeps the first ones only (and parses no further than needed).
+    """
+    return list(itertools.islice(iter_docstrings(stdlib_root(), workers=workers), max_documents))
+
+
+def unit_hash(data: bytes) -> float:
+    """A stable number in [0, 1) derived from ``data`` (same on every machine)."""
+    digest = hashlib.sha256(data).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_of(data: bytes, validation_fraction: float) -> str:
+    """The split of a document given its UTF-8 bytes: validation when its hash falls below the fraction."""
+    return VALIDATION if unit_hash(data) < validation_fraction else TRAIN
 
 
 def split_train_validation(docs: list[str], validation_fraction: float = 0.05) -> dict[str, list[str]]:
@@ -88,5 +94,5 @@ def split_train_validation(docs: list[str], validation_fraction: float = 0.05) -
         raise ValueError(f"validation_fraction ({validation_fraction}) must be in [0, 1)")
     splits: dict[str, list[str]] = {TRAIN: [], VALIDATION: []}
     for doc in docs:
-        splits[VALIDATION if _unit_hash(doc) < validation_fraction else TRAIN].append(doc)
+        splits[split_of(doc.encode("utf-8"), validation_fraction)].append(doc)
     return splits

@@ -1,12 +1,16 @@
 """Arrow IPC token shards: one ``tokens: list<uint32>`` column, one row per document.
 
+A shard file holds several record batches of about ``batch_tokens`` tokens each (a batch closes at the first
+document end at or past the budget), so a streaming reader can fetch and shuffle a shard batch by batch.
 Files use the IPC *file* format so readers can memory-map them and view the tokens without copying.
-Writes go to a temporary name, are fsynced, then renamed, so a shard path either holds a complete file
-or nothing.
+A shard is serialized in memory, hashed, then written to a temporary name, fsynced and renamed, so a shard
+path either holds a complete file or nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,15 +37,23 @@ class ShardInfo:
     max_token_id: int
     bytes: int
     sha256: str
+    batch_tokens: tuple[int, ...]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return asdict(self)
+        entry = asdict(self)
+        entry["batch_tokens"] = list(self.batch_tokens)
+        return entry
+
+    @classmethod
+    def from_json(cls, entry: dict[str, Any]) -> ShardInfo:
+        """The inverse of ``to_json`` (raises KeyError / TypeError on a malformed entry)."""
+        return cls(**{**entry, "batch_tokens": tuple(entry["batch_tokens"])})
 
 
 @dataclass(frozen=True)
 class ShardTokens:
-    """One shard's tokens in memory: flat values plus int32 document offsets (len = documents + 1)."""
+    """Documents in memory: flat token values plus document offsets (len = documents + 1, first is 0)."""
 
     values: np.ndarray
     offsets: np.ndarray
@@ -52,29 +64,88 @@ class ShardTokens:
         return len(self.offsets) - 1
 
 
-def pack_documents(docs: list[np.ndarray]) -> ShardTokens:
-    """Concatenate per-document token arrays into one flat array plus offsets."""
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    if offsets[-1] > MAX_SHARD_TOKENS:
-        raise DataError(f"shard of {offsets[-1]} tokens exceeds the {MAX_SHARD_TOKENS}-token limit")
-    values = np.concatenate(docs).astype(TOKEN_DTYPE, copy=False) if docs else np.empty(0, TOKEN_DTYPE)
-    return ShardTokens(values=values, offsets=offsets.astype(np.int32))
+@dataclass(frozen=True)
+class EncodedShard:
+    """A shard serialized as Arrow IPC bytes, with what the manifest records about it."""
+
+    data: pa.Buffer
+    sha256: str
+    documents: int
+    tokens: int
+    max_token_id: int
+    batch_tokens: tuple[int, ...]
+
+    def info(self, file: str) -> ShardInfo:
+        """The manifest entry of this shard stored at ``file`` (relative to the prepared folder)."""
+        return ShardInfo(file=file, documents=self.documents, tokens=self.tokens, max_token_id=self.max_token_id,
+                         bytes=self.data.size, sha256=self.sha256, batch_tokens=self.batch_tokens)
 
 
-def write_shard(path: Path, shard: ShardTokens) -> None:
-    """Write ``shard`` as an Arrow IPC file at ``path`` (temp file + fsync + rename)."""
-    array = pa.ListArray.from_arrays(pa.array(shard.offsets, pa.int32()), pa.array(shard.values, pa.uint32()))
-    table = pa.Table.from_arrays([array], schema=SCHEMA)
+def greedy_cuts(offsets: np.ndarray, budget: int) -> list[int]:
+    """Document indices that close each group: a group closes at the first document end >= ``budget`` tokens.
+
+    ``offsets`` are cumulative document starts (len = documents + 1). The last group may be smaller.
+    """
+    cuts: list[int] = []
+    start, documents = 0, len(offsets) - 1
+    while start < documents:
+        end = int(np.searchsorted(offsets, offsets[start] + budget, side="left"))
+        end = min(max(end, start + 1), documents)
+        cuts.append(end)
+        start = end
+    return cuts
+
+
+def _record_batch(values: np.ndarray, offsets: np.ndarray) -> pa.RecordBatch:
+    """One record batch of the documents ``offsets`` delimits inside ``values``."""
+    base = int(offsets[0])
+    local = (offsets - base).astype(np.int32)
+    lists = pa.ListArray.from_arrays(pa.array(local, pa.int32()),
+                                     pa.array(values[base:int(offsets[-1])], pa.uint32()))
+    return pa.RecordBatch.from_arrays([lists], schema=SCHEMA)
+
+
+def encode_shard(shard: ShardTokens, batch_tokens: int) -> EncodedShard:
+    """Serialize ``shard`` as an Arrow IPC file with record batches of about ``batch_tokens`` tokens."""
+    tokens = int(shard.offsets[-1] - shard.offsets[0])
+    if tokens > MAX_SHARD_TOKENS:
+        raise DataError(f"shard of {tokens} tokens exceeds the {MAX_SHARD_TOKENS}-token limit")
+    offsets = shard.offsets.astype(np.int64, copy=False)
+    sink = pa.BufferOutputStream()
+    counts: list[int] = []
+    with pa.ipc.new_file(sink, SCHEMA) as writer:
+        start = 0
+        for end in greedy_cuts(offsets, batch_tokens):
+            writer.write_batch(_record_batch(shard.values, offsets[start:end + 1]))
+            counts.append(int(offsets[end] - offsets[start]))
+            start = end
+    data = sink.getvalue()
+    values = shard.values[int(offsets[0]):int(offsets[-1])]
+    return EncodedShard(data=data, sha256=hashlib.sha256(data).hexdigest(), documents=shard.documents,
+                        tokens=tokens, max_token_id=int(values.max()) if len(values) else -1,
+                        batch_tokens=tuple(counts))
+
+
+def write_shard(path: Path, data: pa.Buffer | bytes) -> None:
+    """Write serialized shard ``data`` to ``path`` (temp file + fsync + rename; the caller fsyncs the folder)."""
     tmp = temp_path(path)
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as writer:
-        writer.write_table(table)
-    replace_atomically(tmp, path)
+    with open(tmp, "wb") as f:
+        f.write(memoryview(data))
+    replace_atomically(tmp, path, sync_dir=False)
 
 
-def map_shard(path: Path) -> ShardTokens:
-    """Memory-map a shard and view its tokens without copying (raises DataError if unreadable)."""
+def holds(path: Path, encoded: EncodedShard) -> bool:
+    """Whether ``path`` already holds exactly ``encoded``'s bytes (size first, then sha256)."""
+    try:
+        if os.path.getsize(path) != encoded.data.size:
+            return False
+    except OSError:
+        return False
+    return file_sha256(path) == encoded.sha256
+
+
+def _open_table(path: Path) -> pa.Table:
+    """Memory-map a shard file and check its schema."""
     try:
         table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
     except (OSError, pa.ArrowInvalid) as exc:
@@ -82,35 +153,29 @@ def map_shard(path: Path) -> ShardTokens:
     if table.schema != SCHEMA:
         raise DataError(f"shard {path} has schema {table.schema.to_string(show_schema_metadata=False)!r}, "
                         f"expected {TOKENS_COLUMN}: list<uint32>")
-    column = table.column(TOKENS_COLUMN)
-    if column.num_chunks == 0:
-        return ShardTokens(values=np.empty(0, TOKEN_DTYPE), offsets=np.zeros(1, np.int32))
-    if column.num_chunks != 1:
-        raise DataError(f"shard {path} has {column.num_chunks} record batches, expected 1")
-    lists = column.chunk(0)
+    return table
+
+
+def _view(lists: pa.ListArray) -> ShardTokens:
+    """Zero-copy numpy views of one record batch's documents."""
     offsets = lists.offsets.to_numpy(zero_copy_only=True)
     values = lists.values.to_numpy(zero_copy_only=True)[offsets[0]:offsets[-1]]
     return ShardTokens(values=values, offsets=offsets - offsets[0] if offsets[0] else offsets)
 
 
-def shard_matches(path: Path, shard: ShardTokens) -> bool:
-    """Whether ``path`` already holds exactly ``shard``'s documents and tokens."""
-    if not path.is_file():
-        return False
-    try:
-        existing = map_shard(path)
-    except DataError:
-        return False
-    return np.array_equal(existing.offsets, shard.offsets) and np.array_equal(existing.values, shard.values)
+def map_shard_batches(path: Path) -> list[ShardTokens]:
+    """Memory-map a shard and view each record batch's tokens without copying (DataError if unreadable)."""
+    return [_view(chunk) for chunk in _open_table(path).column(TOKENS_COLUMN).chunks]
 
 
-def describe_shard(path: Path, root: Path, shard: ShardTokens) -> ShardInfo:
-    """The manifest entry for a shard that has been written to ``path`` (hashes the file)."""
-    return ShardInfo(
-        file=path.relative_to(root).as_posix(),
-        documents=shard.documents,
-        tokens=int(len(shard.values)),
-        max_token_id=int(shard.values.max()) if len(shard.values) else -1,
-        bytes=path.stat().st_size,
-        sha256=file_sha256(path),
-    )
+def map_shard(path: Path) -> ShardTokens:
+    """All of a shard's documents as one array pair: a zero-copy view for a single record batch, else a copy."""
+    batches = map_shard_batches(path)
+    if not batches:
+        return ShardTokens(values=np.empty(0, TOKEN_DTYPE), offsets=np.zeros(1, np.int64))
+    if len(batches) == 1:
+        return batches[0]
+    starts = np.cumsum([0] + [int(b.offsets[-1]) for b in batches[:-1]])
+    pieces = [b.offsets[1:].astype(np.int64) + start for b, start in zip(batches, starts, strict=True)]
+    offsets = np.concatenate([np.zeros(1, np.int64), *pieces])
+    return ShardTokens(values=np.concatenate([b.values for b in batches]), offsets=offsets)

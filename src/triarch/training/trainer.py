@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import TriarchConfig, validate_for_world
-from triarch.data_pipeline import PackedTokenDataset, dp_slice
+from triarch.data_pipeline.dali_stage import loader_stage
+from triarch.data_pipeline.stream import TokenStream
 from triarch.engine.native import NativeEngine
 from triarch.parallel.topology import Topology
 from triarch.training.loggers import MetricsLogger
@@ -40,24 +41,31 @@ def build_topology(cfg: TriarchConfig, device: torch.device) -> Topology:
     return Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
 
 
+def train_stream(cfg: TriarchConfig, topo: Topology) -> TokenStream:
+    """The training token stream of this DP rank (its position is part of every checkpoint)."""
+    d = cfg.data
+    return TokenStream(d.train_datasets(), d.train_split, cfg.model.seq_len,
+                       global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed, dp_rank=topo.dp_rank,
+                       dp_size=topo.dp, num_workers=d.num_workers, shuffle_block=d.shuffle_block)
+
+
 class Evaluator:
     """Mean token loss over a fixed set of held-out global batches (the same ones every time)."""
 
     def __init__(self, cfg: TriarchConfig, topo: Topology) -> None:
-        self.cfg, self.topo = cfg, topo
-        self.data = PackedTokenDataset(Path(cfg.data.path), cfg.data.eval_split, cfg.model.seq_len, cfg.train.seed)
         size = cfg.train.global_batch_size
-        self.n_batches = max(1, min(cfg.train.eval_batches, self.data.num_sequences // size))
-        if self.data.num_sequences < size:
-            log.warning("eval split has %d sequences, fewer than one global batch (%d); repeating",
-                        self.data.num_sequences, size)
+        self.stream = TokenStream(cfg.data.path, cfg.data.eval_split, cfg.model.seq_len, global_batch_size=size,
+                                  seed=cfg.train.seed, dp_rank=topo.dp_rank, dp_size=topo.dp, shuffle=False)
+        available = self.stream.windows_per_epoch[0]
+        self.n_batches = max(1, min(cfg.train.eval_batches, available // size))
+        if available < size:
+            log.warning("eval split has %d sequences, fewer than one global batch (%d); repeating", available, size)
 
     def __call__(self, engine: NativeEngine) -> float:
-        size = self.cfg.train.global_batch_size
         losses = []
         for i in range(self.n_batches):
-            batch = dp_slice(self.data.sequences(i * size, size), self.topo.dp_rank, self.topo.dp)
-            losses.append(engine.eval_loss(batch[:, :-1], batch[:, 1:]))
+            batch = self.stream.batch_for_step(i)
+            losses.append(engine.eval_loss(batch["input_ids"], batch["labels"]))
         return sum(losses) / len(losses)
 
 
@@ -67,7 +75,7 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
     topo = build_topology(cfg, device)
     rank0 = dist.get_rank() == 0
     trn = cfg.train
-    data = PackedTokenDataset(Path(cfg.data.path), cfg.data.train_split, cfg.model.seq_len, trn.seed)
+    data = train_stream(cfg, topo)
     evaluator = Evaluator(cfg, topo) if trn.eval_interval > 0 else None
     engine = NativeEngine(cfg, topo)
     if rank0:
@@ -94,11 +102,13 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
         if evaluator is not None and start_step == 0:
             first_eval = final_eval = evaluator(engine)
             logger.log_eval(0, {"eval_loss": first_eval})
+        # the checkpoint records the trained position (step * G), not how far a prefetching stage has read
+        batches = iter(loader_stage(data.batches(trn.steps - start_step), cfg.data.loader))
         for step in range(start_step + 1, trn.steps + 1):
             manager.poll()
             start = time.perf_counter()
-            batch = dp_slice(data.global_batch(step - 1, trn.global_batch_size), topo.dp_rank, topo.dp)
-            result = engine.train_step(batch[:, :-1], batch[:, 1:], step=step)
+            batch = next(batches)
+            result = engine.train_step(batch["input_ids"], batch["labels"], step=step)
             synchronize(device)
             meter.update(tokens_per_step, time.perf_counter() - start)
             if step == 1:
@@ -115,7 +125,7 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
             exiting = step == trn.exit_at_step
             if interval and (step % interval == 0 or step == trn.steps or exiting):
                 manager.save(step, engine, {
-                    "world_size": topo.world_size, "layout": topo.describe(), "data": data.state_dict(),
+                    "world_size": topo.world_size, "layout": topo.describe(), "data": {**data.state_dict(), "consumed_sequences": step * trn.global_batch_size},
                     "consumed_tokens": step * tokens_per_step, "first_loss": first_loss,
                     "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json")})
             if exiting:

@@ -1,0 +1,465 @@
+"""Preference data for RLHF: JSONL -> Arrow shards + manifest -> padded, DP-sliced batches with loss masks.
+
+Inputs are JSONL (``.jsonl`` / ``.jsonl.gz``) records of ``{"prompt", "chosen", "rejected"}`` (a *pairs*
+set, for reward modelling and DPO) or of ``{"prompt"}`` alone (a *prompts* set, for PPO generation).
+The prompt and each response are tokenized separately (no special tokens unless asked for the prompt)
+and EOS is appended to each response, so the prompt/response boundary is exact.
+
+``prepare_preferences`` writes ``shard_NNNNN.arrow`` files (columns ``prompt``, and ``chosen`` /
+``rejected`` for pairs, each ``list<uint32>``) and a copy of the tokenizer, then ``manifest.json`` last
+(temp file + rename). Bad records are counted per reason, never a crash (see ``BAD_REASONS``).
+
+``PreferenceDataset`` reads them back, memory-mapped. For pairs each example is, for ``chosen`` and
+``rejected``: ``*_input_ids`` = prompt + response, right-padded with ``pad_id`` to ``max_len``, and
+``*_labels`` = the next token at each position where that next token is a response token (EOS included),
+``IGNORE_INDEX`` over the prompt and the padding. For prompts: ``prompt_ids`` left-padded to ``max_len``
+(generation continues at the right end) and ``prompt_lengths``. Batch order is the token data's:
+global example ``g`` is ``permutation(g // n)[g % n]`` with ``permutation(e) = default_rng([seed,
+e]).permutation(n)``, and a DP rank takes its contiguous rows of each global batch (``dp_slice_batch``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import zlib
+from collections.abc import Iterator, Sequence
+from glob import glob
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tokenizers import Tokenizer
+
+from triarch.data_pipeline.dataset import dp_slice
+from triarch.data_pipeline.errors import DataError
+from triarch.data_pipeline.fileio import file_sha256, is_temp, replace_atomically, temp_path
+from triarch.data_pipeline.tokenizer import eos_id, load_tokenizer
+from triarch.training.loss import IGNORE_INDEX
+
+FORMAT_NAME = "triarch.preferences"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"
+PAIRS, PROMPTS = "pairs", "prompts"
+TRUNCATE, DROP = "truncate", "drop"
+BAD_REASONS = ("bad_json", "invalid_utf8", "missing_field", "non_string", "empty", "too_long", "truncated_file")
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
+DEFAULT_SHARD_RECORDS = 50_000
+ENCODE_BATCH_RECORDS = 1024
+_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def shard_name(index: int) -> str:
+    """File name of the ``index``-th shard."""
+    return f"shard_{index:05d}.arrow"
+
+
+def find_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
+    """JSONL files named by ``inputs`` (files, directories searched recursively, globs), in a fixed order."""
+    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_JSONL_SUFFIXES)))
+        elif path.is_file():
+            files.append(path)
+        elif any(ch in str(item) for ch in "*?["):
+            files.extend(sorted(Path(p) for p in glob(str(item), recursive=True) if Path(p).is_file()))
+        else:
+            raise DataError(f"preference input not found: {item}")
+    if not files:
+        raise DataError(f"no .jsonl or .jsonl.gz files in {', '.join(str(i) for i in items)}")
+    return files
+
+
+def _lines(path: Path, bad: dict[str, int], examples: dict[str, str]) -> Iterator[tuple[int, bytes]]:
+    """Non-blank lines of one JSONL file with their numbers; a truncated gzip ends the file, counted."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        handle = opener(path, "rb")
+    except OSError as exc:
+        raise DataError(f"cannot read preference input {path}: {exc.strerror or exc}") from exc
+    number = 0
+    with handle:
+        try:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield number, line
+        except _GZIP_ERRORS as exc:
+            if number == 0:
+                raise DataError(f"cannot read preference input {path}: {exc}") from exc
+            _count(bad, examples, "truncated_file", f"{path}:{number + 1}")
+        except OSError as exc:
+            raise DataError(f"cannot read preference input {path}: {exc.strerror or exc}") from exc
+
+
+def _count(bad: dict[str, int], examples: dict[str, str], reason: str, where: str) -> None:
+    """Count one bad record and remember where the first of each reason was."""
+    bad[reason] += 1
+    examples.setdefault(reason, where)
+
+
+def _texts(files: list[Path], fields: list[str], bad: dict[str, int],
+           examples: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
+    """(``file:line``, text fields) of every good record, in input order; bad ones are counted by reason."""
+    for path in files:
+        for number, line in _lines(path, bad, examples):
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                _count(bad, examples, "invalid_utf8", where)
+                continue
+            except json.JSONDecodeError:
+                _count(bad, examples, "bad_json", where)
+                continue
+            if not isinstance(record, dict):
+                _count(bad, examples, "bad_json", where)
+            elif any(name not in record for name in fields):
+                _count(bad, examples, "missing_field", where)
+            elif any(not isinstance(record[name], str) for name in fields):
+                _count(bad, examples, "non_string", where)
+            elif any(not record[name].strip() for name in fields):
+                _count(bad, examples, "empty", where)
+            else:
+                yield where, [record[name] for name in fields]
+
+
+def _detect_kind(files: list[Path], chosen_field: str, rejected_field: str) -> str:
+    """``pairs`` if the first JSON object in the inputs has a response field, else ``prompts``."""
+    bad = dict.fromkeys(BAD_REASONS, 0)
+    for path in files:
+        for _, line in _lines(path, bad, {}):
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(record, dict):
+                return PAIRS if chosen_field in record or rejected_field in record else PROMPTS
+    raise DataError(f"no JSON object records in {', '.join(str(f) for f in files)}")
+
+
+def _fit(prompt: list[int], responses: list[list[int]], max_len: int, max_prompt_len: int,
+         too_long: str) -> tuple[list[int], list[list[int]], bool] | None:
+    """Make prompt + each response fit ``max_len``: None to drop, else (prompt, responses, truncated).
+
+    Truncation keeps the end of the prompt (at least ``max_prompt_len`` tokens of it, more if the
+    responses leave room) and the start of each response; a cut response loses its EOS.
+    """
+    longest = max((len(r) for r in responses), default=0)
+    if len(prompt) + longest <= max_len:
+        return prompt, responses, False
+    if too_long == DROP:
+        return None
+    if not responses:
+        return prompt[-max_len:], responses, True
+    keep = max(min(len(prompt), max_len - longest), min(len(prompt), max_prompt_len))
+    budget = max_len - keep
+    return prompt[len(prompt) - keep:], [r[:budget] for r in responses], True
+
+
+def _tokenized(tokenizer: Tokenizer, eos: int, batches: Iterator[list[tuple[str, list[str]]]],
+               prompt_special_tokens: bool) -> Iterator[tuple[str, list[list[int]]]]:
+    """(where, [prompt ids, response ids + EOS, ...]) per record, encoded a batch of records at a time."""
+    for records in batches:
+        texts = [r[1] for r in records]
+        prompts = tokenizer.encode_batch([t[0] for t in texts], add_special_tokens=prompt_special_tokens)
+        columns = [[e.ids for e in prompts]]
+        for col in range(1, len(texts[0])):
+            encoded = tokenizer.encode_batch([t[col] for t in texts], add_special_tokens=False)
+            columns.append([e.ids + [eos] if e.ids else [] for e in encoded])
+        for (where, _), *parts in zip(records, *columns, strict=True):
+            yield where, parts
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of up to ``size`` consecutive items."""
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _write_shard(path: Path, root: Path, columns: list[str], rows: list[list[list[int]]]) -> dict[str, Any]:
+    """Write one shard (temp file + rename) and return its manifest entry."""
+    arrays = [pa.array([row[i] for row in rows], type=pa.list_(pa.uint32())) for i in range(len(columns))]
+    table = pa.Table.from_arrays(arrays, names=columns)
+    tmp = temp_path(path)
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    replace_atomically(tmp, path)
+    flat = [max(part) for row in rows for part in row if part]
+    return {"file": path.relative_to(root).as_posix(), "records": len(rows),
+            "tokens": sum(len(part) for row in rows for part in row), "max_token_id": max(flat, default=-1),
+            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def _pad_id(tokenizer: Tokenizer, eos: int) -> int:
+    """The tokenizer's padding token if it has one of ``PAD_CANDIDATES``, else EOS."""
+    for token in PAD_CANDIDATES:
+        token_id = tokenizer.token_to_id(token)
+        if token_id is not None:
+            return token_id
+    return eos
+
+
+def _install_tokenizer(tokenizer_path: Path, out_dir: Path) -> None:
+    """Copy the tokenizer into the prepared folder (temp file + rename) so the folder is self-contained."""
+    target = out_dir / TOKENIZER_NAME
+    if target.exists() and target.resolve() == tokenizer_path.resolve():
+        return
+    tmp = temp_path(target)
+    shutil.copyfile(tokenizer_path, tmp)
+    replace_atomically(tmp, target)
+
+
+def _write_records(records: Iterator[tuple[str, list[list[int]]]], out_dir: Path, columns: list[str],
+                   request: dict[str, Any], bad: dict[str, int],
+                   examples: dict[str, str]) -> tuple[list[dict[str, Any]], int]:
+    """Fit tokenized records to ``request["max_len"]`` and write them in shards; return (entries, truncated)."""
+    shards: list[dict[str, Any]] = []
+    pending: list[list[list[int]]] = []
+    truncated = 0
+    for where, parts in records:
+        if not all(parts):  # text that encodes to no tokens
+            _count(bad, examples, "empty", where)
+            continue
+        fitted = _fit(parts[0], parts[1:], request["max_len"], request["max_prompt_len"], request["too_long"])
+        if fitted is None:
+            _count(bad, examples, "too_long", where)
+            continue
+        truncated += fitted[2]
+        pending.append([fitted[0], *fitted[1]])
+        if len(pending) == request["shard_records"]:
+            shards.append(_write_shard(out_dir / shard_name(len(shards)), out_dir, columns, pending))
+            pending = []
+    if pending:
+        shards.append(_write_shard(out_dir / shard_name(len(shards)), out_dir, columns, pending))
+    return shards, truncated
+
+
+def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_path: str | Path,
+                        out_dir: str | Path, max_len: int, *, kind: str = "auto", too_long: str = TRUNCATE,
+                        max_prompt_len: int | None = None, prompt_field: str = "prompt",
+                        chosen_field: str = "chosen", rejected_field: str = "rejected",
+                        prompt_special_tokens: bool = False,
+                        shard_records: int = DEFAULT_SHARD_RECORDS) -> dict[str, Any]:
+    """Tokenize preference JSONL into ``out_dir`` (see the module docstring); return the manifest.
+
+    ``kind``: ``pairs``, ``prompts`` or ``auto`` (from the first JSON object). ``max_len`` bounds
+    prompt + response (EOS included) of each pair, or the prompt of a prompts set. Longer records are
+    truncated (``too_long="truncate"``: see ``_fit``; ``max_prompt_len`` defaults to ``max_len // 2``)
+    and counted in ``truncated``, or dropped and counted as ``too_long`` (``too_long="drop"``).
+    If ``out_dir`` already holds a manifest of the same request, returns it without work; one of
+    another request is a DataError.
+    """
+    out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
+    max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
+    if too_long not in (TRUNCATE, DROP) or kind not in ("auto", PAIRS, PROMPTS):
+        raise DataError(f"too_long ({too_long!r}) must be truncate or drop, kind ({kind!r}) auto, pairs or prompts")
+    if max_len < 2 or not 1 <= max_prompt_len < max_len or shard_records < 1:
+        raise DataError(f"need max_len >= 2 (got {max_len}), 1 <= max_prompt_len ({max_prompt_len}) < max_len, "
+                        f"shard_records >= 1 (got {shard_records})")
+    files = find_inputs(inputs)
+    if kind == "auto":
+        kind = _detect_kind(files, chosen_field, rejected_field)
+    fields = [prompt_field, chosen_field, rejected_field] if kind == PAIRS else [prompt_field]
+    tokenizer = load_tokenizer(tokenizer_path)
+    eos = eos_id(tokenizer, tokenizer_path)
+    request = {"kind": kind, "fields": fields, "max_len": max_len, "max_prompt_len": max_prompt_len,
+               "too_long": too_long, "prompt_special_tokens": prompt_special_tokens, "shard_records": shard_records,
+               "tokenizer_sha256": file_sha256(tokenizer_path),
+               "sources": [{"file": str(f.resolve()), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                           for f in files]}
+    manifest_file = out_dir / MANIFEST_NAME
+    if manifest_file.is_file():
+        existing = read_preference_manifest(out_dir)
+        if existing["request"] == request:
+            return existing
+        raise DataError(f"{manifest_file} was prepared from another request (inputs, tokenizer or options); "
+                        "use a new folder or delete this one")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bad, examples = dict.fromkeys(BAD_REASONS, 0), {}
+    columns = ["prompt", "chosen", "rejected"] if kind == PAIRS else ["prompt"]
+    texts = _texts(files, fields, bad, examples)
+    records = _tokenized(tokenizer, eos, _chunks(texts, ENCODE_BATCH_RECORDS), prompt_special_tokens)
+    shards, truncated = _write_records(records, out_dir, columns, request, bad, examples)
+    total = sum(s["records"] for s in shards)
+    if total == 0:
+        raise DataError(f"no usable preference records in {', '.join(str(f) for f in files)} "
+                        f"(bad: {', '.join(f'{k}={v}' for k, v in bad.items() if v) or 'none'})")
+    keep = {shard_name(i) for i in range(len(shards))}
+    for path in out_dir.glob("shard_*.arrow*"):
+        if is_temp(path) or path.name not in keep:
+            path.unlink()
+    _install_tokenizer(tokenizer_path, out_dir)
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "kind": kind, "columns": columns,
+                "max_len": max_len, "records": total, "truncated": truncated, "bad_records": bad,
+                "bad_examples": examples, "request": request, "shards": shards,
+                "tokenizer": {"file": TOKENIZER_NAME, "sha256": request["tokenizer_sha256"],
+                              "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "eos_id": eos,
+                              "pad_id": _pad_id(tokenizer, eos)}}
+    tmp = temp_path(manifest_file)
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    replace_atomically(tmp, manifest_file)
+    return manifest
+
+
+def read_preference_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """Read ``data_dir/manifest.json`` of a preference set; a missing or foreign one is a one-line DataError."""
+    path = Path(data_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"no manifest at {path} (run prepare_preferences first)") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read manifest {path}: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME \
+            or manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path} is not a {FORMAT_NAME} version {FORMAT_VERSION} manifest")
+    return manifest
+
+
+def _map_columns(file: Path, columns: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Memory-map one shard: per column, (int64 row offsets, uint32 token values), without copying tokens."""
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(file), "r")).read_all()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"cannot read shard {file}: {str(exc).splitlines()[0]}") from exc
+    if table.column_names != columns:
+        raise DataError(f"shard {file} has columns {table.column_names}, expected {columns}")
+    mapped = {}
+    for name in columns:
+        chunk = table.column(name).combine_chunks()
+        offsets = chunk.offsets.to_numpy().astype(np.int64)
+        mapped[name] = (offsets - offsets[0], chunk.values.to_numpy(zero_copy_only=True)[offsets[0]:offsets[-1]])
+    return mapped
+
+
+class PreferenceDataset:
+    """Padded preference (or prompt) examples of a prepared folder in a seeded order (module docstring)."""
+
+    def __init__(self, path: str | Path, seed: int, *, pad_id: int | None = None) -> None:
+        self.path = Path(path)
+        self.seed = seed
+        manifest = read_preference_manifest(self.path)
+        self.kind: str = manifest["kind"]
+        self.columns: list[str] = manifest["columns"]
+        self.max_len: int = manifest["max_len"]
+        self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
+        self.eos_id: int = manifest["tokenizer"]["eos_id"]
+        self.pad_id: int = manifest["tokenizer"]["pad_id"] if pad_id is None else pad_id
+        self._shards = []
+        for entry in manifest["shards"]:
+            file = self.path / entry["file"]
+            if entry["max_token_id"] >= self.vocab_size:
+                raise DataError(f"{file} holds token id {entry['max_token_id']} >= vocab_size {self.vocab_size}")
+            mapped = _map_columns(file, self.columns)
+            if len(mapped["prompt"][0]) - 1 != entry["records"]:
+                raise DataError(f"{file} holds {len(mapped['prompt'][0]) - 1} records, manifest says "
+                                f"{entry['records']}")
+            self._shards.append(mapped)
+        self._starts = np.cumsum([0] + [s["records"] for s in manifest["shards"]], dtype=np.int64)
+        self.num_records = int(self._starts[-1])
+        self.data_sha256 = hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()
+        self.consumed = 0
+
+    def __len__(self) -> int:
+        """Examples per epoch."""
+        return self.num_records
+
+    def record(self, index: int) -> dict[str, np.ndarray]:
+        """The stored token ids of example ``index`` (storage order): ``prompt`` [, ``chosen``, ``rejected``]."""
+        if not 0 <= index < self.num_records:
+            raise DataError(f"example index {index} out of range [0, {self.num_records})")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        row = index - int(self._starts[shard])
+        out = {}
+        for name, (offsets, values) in self._shards[shard].items():
+            out[name] = values[offsets[row]:offsets[row + 1]].astype(np.int64)
+        return out
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The example order of ``epoch``."""
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
+
+    def examples(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A padded batch of the examples ``indices`` (storage order), shapes (len(indices), max_len)."""
+        rows = len(indices)
+        if self.kind == PROMPTS:
+            ids = np.full((rows, self.max_len), self.pad_id, dtype=np.int64)
+            lengths = np.zeros(rows, dtype=np.int64)
+            for r, index in enumerate(indices):
+                prompt = self.record(index)["prompt"]
+                ids[r, self.max_len - len(prompt):] = prompt
+                lengths[r] = len(prompt)
+            return {"prompt_ids": torch.from_numpy(ids), "prompt_lengths": torch.from_numpy(lengths)}
+        out = {}
+        records = [self.record(index) for index in indices]
+        for side in ("chosen", "rejected"):
+            ids = np.full((rows, self.max_len), self.pad_id, dtype=np.int64)
+            labels = np.full((rows, self.max_len), IGNORE_INDEX, dtype=np.int64)
+            for r, rec in enumerate(records):
+                prompt_len, seq_len = len(rec["prompt"]), len(rec["prompt"]) + len(rec[side])
+                ids[r, :prompt_len] = rec["prompt"]
+                ids[r, prompt_len:seq_len] = rec[side]
+                labels[r, prompt_len - 1:seq_len - 1] = rec[side]  # position i predicts token i + 1
+            out[f"{side}_input_ids"], out[f"{side}_labels"] = torch.from_numpy(ids), torch.from_numpy(labels)
+        return out
+
+    def global_indices(self, start: int, count: int) -> list[int]:
+        """Storage indices of global examples ``[start, start + count)`` (across epochs)."""
+        if start < 0 or count < 0:
+            raise DataError(f"example range start={start}, count={count} must be non-negative")
+        out, epoch, perm = [], -1, np.empty(0, dtype=np.int64)
+        for g in range(start, start + count):
+            e, position = divmod(g, self.num_records)
+            if e != epoch:
+                epoch, perm = e, self.permutation(e)
+            out.append(int(perm[position]))
+        return out
+
+    def global_batch(self, step: int, global_batch_size: int) -> dict[str, torch.Tensor]:
+        """Step ``step``'s whole batch (examples ``[step * G, (step + 1) * G)``); records the position."""
+        if step < 0 or global_batch_size < 1:
+            raise DataError(f"step ({step}) must be >= 0 and global_batch_size ({global_batch_size}) >= 1")
+        batch = self.examples(self.global_indices(step * global_batch_size, global_batch_size))
+        self.consumed = (step + 1) * global_batch_size
+        return batch
+
+    def next_global_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
+        """The next ``global_batch_size`` examples after the consumed position, advancing it."""
+        batch = self.examples(self.global_indices(self.consumed, global_batch_size))
+        self.consumed += global_batch_size
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reader position plus what must match for it to mean the same examples."""
+        return {"consumed": self.consumed, "seed": self.seed, "data_sha256": self.data_sha256}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position; another seed or data set is a one-line DataError."""
+        for key in ("seed", "data_sha256"):
+            if key in state and state[key] != getattr(self, key):
+                raise DataError(f"preference loader state has {key}={state[key]!r} but this dataset has "
+                                f"{key}={getattr(self, key)!r}")
+        consumed = state.get("consumed")
+        if not isinstance(consumed, int) or consumed < 0:
+            raise DataError(f"preference loader state has consumed={consumed!r}, expected an int >= 0")
+        self.consumed = consumed
+
+
+def dp_slice_batch(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
+    """Data-parallel rank ``dp_rank``'s contiguous rows of every field of a global batch."""
+    return {name: dp_slice(value, dp_rank, dp_size) for name, value in batch.items()}

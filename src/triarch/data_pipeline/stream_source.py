@@ -1,0 +1,275 @@
+"""Lazy token reads from one split of a prepared folder, local or on any fsspec filesystem (s3://, gs://, ...).
+
+Only the manifest is read up front. Tokens are read one Arrow record batch at a time through an fsspec file
+handle (``pa.ipc.open_file(f).get_batch(i)``) and kept in a small LRU cache bounded in bytes, so memory
+stays flat however large the dataset is. Nothing is memory-mapped.
+
+A shard may hold any number of record batches. Their token counts come from the manifest entry's
+``batch_tokens`` list (format 2, checked by ``manifest.validate_manifest``); a format-1 folder, prepared
+before that list existed, is still read: its counts come from the file the first time a shard is opened
+(a single-batch shard needs no read at all: its count is the shard's).
+
+Everything opened (filesystem, file handles, cache) belongs to one process: after a fork (DataLoader
+workers) it is dropped and reopened lazily, and pickling carries only the description.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Mapping
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
+
+from triarch.data_pipeline.errors import DataError
+from triarch.data_pipeline.manifest import FORMAT_NAME, MANIFEST_NAME, validate_manifest
+
+TOKENS_COLUMN = "tokens"
+DEFAULT_CACHE_BYTES = 16 << 20
+MAX_OPEN_SHARDS = 8
+REMOTE_READ_BLOCK_BYTES = 1 << 20  # one ranged GET covers a typical record batch and its header
+
+
+def data_fingerprint(shard_entries: list[dict[str, Any]]) -> str:
+    """sha256 over the shards' own sha256s, in manifest order: names the exact tokens of a split."""
+    return hashlib.sha256("".join(e["sha256"] for e in shard_entries).encode()).hexdigest()
+
+
+def _has_token_column(schema: pa.Schema) -> bool:
+    """Whether ``schema`` has the ``tokens: list<uint32>`` column (other columns are ignored)."""
+    if TOKENS_COLUMN not in schema.names:
+        return False
+    kind = schema.field(TOKENS_COLUMN).type
+    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and kind.value_type == pa.uint32()
+
+
+def _validate_v1(manifest: dict[str, Any], where: str) -> dict[str, Any]:
+    """The parts of a format-1 manifest (one record batch per shard, no ``batch_tokens``) the reader uses."""
+    def bad(what: str) -> DataError:
+        return DataError(f"invalid manifest {where}: {what}")
+
+    tokenizer, splits = manifest.get("tokenizer"), manifest.get("splits")
+    if manifest.get("format") != FORMAT_NAME or not isinstance(tokenizer, dict) or not isinstance(splits, dict):
+        raise bad("not a triarch.tokens version 1 manifest")
+    if not all(isinstance(tokenizer.get(k), kind) for k, kind in (("sha256", str), ("vocab_size", int),
+                                                                  ("eos_id", int))):
+        raise bad("tokenizer.sha256, vocab_size or eos_id missing")
+    for name, split in splits.items():
+        shards = split.get("shards") if isinstance(split, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
+                and isinstance(e.get("tokens"), int) and isinstance(e.get("max_token_id"), int) for e in shards):
+            raise bad(f"splits.{name}.shards entries need file, sha256, tokens and max_token_id")
+    return manifest
+
+
+class TokenSource:
+    """One split of one prepared folder: shard token counts, and reads of any token range of any shard."""
+
+    def __init__(self, url: str | Path, split: str, *, storage_options: Mapping[str, Any] | None = None,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.url = str(url).rstrip("/") if str(url) != "/" else "/"
+        self.split = split
+        self.storage_options = dict(storage_options or {})
+        self.cache_bytes = cache_bytes
+        self._pid = -1
+        manifest = self._read_manifest()
+        if split not in manifest["splits"]:
+            raise DataError(f"unknown split {split!r} in {self._where(MANIFEST_NAME)} "
+                            f"(available: {', '.join(sorted(manifest['splits']))})")
+        tokenizer = manifest["tokenizer"]
+        self.vocab_size: int = tokenizer["vocab_size"]
+        self.eos_id: int = tokenizer["eos_id"]
+        self.tokenizer_sha256: str = tokenizer["sha256"]
+        self._entries: list[dict[str, Any]] = manifest["splits"][split]["shards"]
+        for entry in self._entries:
+            if entry["max_token_id"] >= self.vocab_size:
+                raise DataError(f"{self._where(entry['file'])} holds token id {entry['max_token_id']} "
+                                f">= vocab_size {self.vocab_size}")
+        self.shard_tokens = np.array([e["tokens"] for e in self._entries], dtype=np.int64)
+        self.total_tokens = int(self.shard_tokens.sum())
+        self.data_sha256 = data_fingerprint(self._entries)
+        self._shard_sizes: list[int] = self.shard_tokens.tolist()
+        self._batch_starts: list[list[int] | None] = [self._starts_from_manifest(e) for e in self._entries]
+
+    # --- process-local state -------------------------------------------------------------------------
+
+    def _ensure_open(self) -> None:
+        """(Re)create the filesystem and empty caches in a new process (first use, or after a fork)."""
+        if self._pid == os.getpid():
+            return
+        self._fs, self._root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        self._local = isinstance(self._fs, LocalFileSystem)
+        self._files: OrderedDict[int, tuple[Any, pa.ipc.RecordBatchFileReader]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fs", "_root", "_files", "_cache")}
+        state["_pid"] = -1
+        return state
+
+    def _where(self, relative: str) -> str:
+        return f"{self.url}/{relative}"
+
+    def _read_manifest(self) -> dict[str, Any]:
+        self._ensure_open()
+        where = self._where(MANIFEST_NAME)
+        try:
+            text = self._fs.cat_file(f"{self._root}/{MANIFEST_NAME}").decode("utf-8")
+        except FileNotFoundError:
+            raise DataError(f"no manifest at {where} (run prepare first)") from None
+        except OSError as exc:
+            raise DataError(f"cannot read manifest {where}: {exc}") from exc
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid manifest {where}: {exc}") from exc
+        if isinstance(manifest, dict) and manifest.get("format_version") == 1:
+            return _validate_v1(manifest, where)
+        return validate_manifest(manifest, where)
+
+    # --- record batches ------------------------------------------------------------------------------
+
+    def _starts_from_manifest(self, entry: dict[str, Any]) -> list[int] | None:
+        counts = entry.get("batch_tokens")
+        if counts is None:
+            return None
+        if not isinstance(counts, list) or sum(counts) != entry["tokens"]:
+            raise DataError(f"{self._where(MANIFEST_NAME)}: batch_tokens of {entry['file']} do not sum to "
+                            f"its {entry['tokens']} tokens")
+        return [0, *accumulate(counts)]
+
+    def _reader(self, shard: int) -> pa.ipc.RecordBatchFileReader:
+        """The open IPC reader of ``shard`` (a few stay open, least recently used closed first)."""
+        self._ensure_open()
+        if shard in self._files:
+            self._files.move_to_end(shard)
+            return self._files[shard][1]
+        file = self._entries[shard]["file"]
+        kwargs = {} if self._local else {"cache_type": "readahead", "block_size": REMOTE_READ_BLOCK_BYTES}
+        try:
+            handle = self._fs.open(f"{self._root}/{file}", "rb", **kwargs)
+            reader = pa.ipc.open_file(handle)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"cannot read shard {self._where(file)}: {str(exc).splitlines()[0]}") from exc
+        if not _has_token_column(reader.schema):
+            raise DataError(f"shard {self._where(file)} has schema "
+                            f"{reader.schema.to_string(show_schema_metadata=False)!r}, expected "
+                            f"{TOKENS_COLUMN}: list<uint32>")
+        self._files[shard] = (handle, reader)
+        if len(self._files) > MAX_OPEN_SHARDS:
+            old_handle, _ = self._files.popitem(last=False)[1]
+            old_handle.close()
+        return reader
+
+    def batch_starts(self, shard: int) -> list[int]:
+        """Token offsets of ``shard``'s record batches within the shard (length batches + 1)."""
+        starts = self._batch_starts[shard]
+        if starts is None:
+            reader = self._reader(shard)
+            if reader.num_record_batches == 1:
+                counts = [self._shard_sizes[shard]]
+            else:  # no batch_tokens in the manifest: count each batch once (zero-copy for local files)
+                counts = [len(self._values(reader.get_batch(i), shard, i)) for i in range(reader.num_record_batches)]
+            starts = [0, *accumulate(counts)]
+            if starts[-1] != self._shard_sizes[shard]:
+                raise DataError(f"{self._where(self._entries[shard]['file'])} holds {starts[-1]} tokens, "
+                                f"manifest says {self._shard_sizes[shard]}")
+            self._batch_starts[shard] = starts
+        return starts
+
+    def _values(self, batch: pa.RecordBatch, shard: int, index: int) -> np.ndarray:
+        """The batch's tokens as a zero-copy uint32 view (plain buffers: no pyarrow.compute import)."""
+        column = batch.column(TOKENS_COLUMN)
+        values = column.values
+        if column.null_count or values.null_count:
+            raise DataError(f"{self._where(self._entries[shard]['file'])} batch {index} has null tokens")
+        if len(column) == 0:
+            return np.empty(0, dtype=np.uint32)
+        flat = np.frombuffer(values.buffers()[1], dtype=np.uint32, count=values.offset + len(values))
+        return flat[values.offset:][column.offsets[0].as_py():column.offsets[-1].as_py()]
+
+    def read_batch(self, shard: int, index: int) -> np.ndarray:
+        """Tokens of record batch ``index`` of ``shard`` as a uint32 view (cached; do not modify)."""
+        if self._pid != os.getpid():
+            self._ensure_open()
+        return self._batch(shard, index)
+
+    def _batch(self, shard: int, index: int) -> np.ndarray:
+        """Tokens of record batch ``index`` of ``shard`` (uint32), from the cache or read now."""
+        key = (shard, index)
+        values = self._cache.get(key)
+        if values is not None:
+            self._cache.move_to_end(key)
+            return values
+        starts = self.batch_starts(shard)
+        try:
+            values = self._values(self._reader(shard).get_batch(index), shard, index)
+        except (OSError, pa.ArrowInvalid) as exc:
+            where = self._where(self._entries[shard]["file"])
+            raise DataError(f"cannot read batch {index} of {where}: {str(exc).splitlines()[0]}") from exc
+        if len(values) != starts[index + 1] - starts[index]:
+            raise DataError(f"{self._where(self._entries[shard]['file'])} batch {index} holds {len(values)} "
+                            f"tokens, expected {starts[index + 1] - starts[index]}")
+        self._cache[key] = values
+        self._cached_bytes += values.nbytes
+        while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:
+            self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return values
+
+    # --- token ranges --------------------------------------------------------------------------------
+
+    def _copy_shard_range(self, shard: int, start: int, out: np.ndarray) -> None:
+        """Fill ``out`` with tokens ``[start, start + len(out))`` of ``shard`` (which must hold them)."""
+        starts = self.batch_starts(shard)
+        index = bisect_right(starts, start) - 1
+        done = 0
+        while done < len(out):
+            values = self._batch(shard, index)
+            offset = start + done - starts[index]
+            piece = values[offset:offset + len(out) - done]
+            out[done:done + len(piece)] = piece
+            done += len(piece)
+            index += 1
+
+    def copy_stream_range(self, order: list[int], order_starts: list[int], start: int, out: np.ndarray) -> None:
+        """Fill ``out`` from the stream that concatenates shards ``order`` (prefix sums ``order_starts``).
+
+        The common case, a range inside one record batch, is one lookup and one copy (this is the hot loop).
+        """
+        if self._pid != os.getpid():
+            self._ensure_open()
+        position = bisect_right(order_starts, start) - 1
+        shard = order[position]
+        offset = start - order_starts[position]
+        starts = self._batch_starts[shard] or self.batch_starts(shard)
+        index = bisect_right(starts, offset) - 1
+        if offset + len(out) <= starts[index + 1]:
+            local = offset - starts[index]
+            out[:] = self._batch(shard, index)[local:local + len(out)]
+            return
+        done = 0
+        while done < len(out):
+            shard = order[position]
+            offset = start + done - order_starts[position]
+            take = min(len(out) - done, self._shard_sizes[shard] - offset)
+            if take > 0:
+                self._copy_shard_range(shard, offset, out[done:done + take])
+                done += take
+            position += 1
+
+    def cache_info(self) -> dict[str, int]:
+        """Cached record batches and their bytes in this process (for tests and benchmarks)."""
+        self._ensure_open()
+        return {"batches": len(self._cache), "bytes": self._cached_bytes, "open_shards": len(self._files)}

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real S3-compatible server (moto's server mode) on loopback for object-store tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+S3_REGION = "us-east-1"
+S3_TEST_KEY = "testing"  # moto accepts any credentials; these never leave the loopback server
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """Where the loopback S3 server listens and the fsspec ``storage_options`` that reach it."""
+
+    endpoint_url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def create_bucket(self, name: str) -> None:
+        """Create bucket ``name`` (boto3: s3fs's mkdir sends a location constraint us-east-1 rejects)."""
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint_url, region_name=S3_REGION, aws_access_key_id=S3_TEST_KEY,
+                     aws_secret_access_key=S3_TEST_KEY).create_bucket(Bucket=name)
+
+    def filesystem(self) -> Any:
+        """An ``s3fs.S3FileSystem`` talking to this server."""
+        import s3fs
+
+        return s3fs.S3FileSystem(**self.storage_options)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's ThreadedMotoServer on 127.0.0.1 with a free port, for the whole test session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"key": S3_TEST_KEY, "secret": S3_TEST_KEY, "endpoint_url": endpoint,
+               "client_kwargs": {"region_name": S3_REGION}, "skip_instance_cache": True}
+    try:
+        yield S3Server(endpoint, options)
+    finally:
+        server.stop()
