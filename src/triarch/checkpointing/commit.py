@@ -6,27 +6,18 @@ It holds the integrity manifest: every other file's size and sha256, verified be
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from triarch.data_pipeline.fileio import file_sha256, fsync_dir
+
 COMMIT_FILE = "COMMITTED.json"
-_CHUNK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the folder or file and the reason."""
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def integrity_manifest(step_dir: Path) -> dict[str, dict[str, Any]]:
@@ -35,14 +26,6 @@ def integrity_manifest(step_dir: Path) -> dict[str, dict[str, Any]]:
     for path in sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != COMMIT_FILE):
         files[str(path.relative_to(step_dir))] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
     return files
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_commit(step_dir: Path, info: dict[str, Any]) -> None:
@@ -54,7 +37,7 @@ def write_commit(step_dir: Path, info: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(step_dir / COMMIT_FILE)
-    _fsync_dir(step_dir)
+    fsync_dir(step_dir)
 
 
 def read_commit(step_dir: Path) -> dict[str, Any] | None:

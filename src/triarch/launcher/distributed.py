@@ -23,17 +23,16 @@ def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     """Join the default process group (NCCL on CUDA, gloo on CPU); a lone process gets a world of one."""
     if dist.is_initialized():
         return
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        from triarch.launcher.local import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    if "RANK" in os.environ and "MASTER_PORT" in os.environ:  # started by a launcher
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+        return
+    # a lone process: a private in-memory store, and nothing written to os.environ that child processes
+    # (which may start their own group) would inherit
+    store = dist.HashStore()
+    dist.init_process_group(backend=backend, store=store, rank=0, world_size=1,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
 def shutdown_distributed(*, sync: bool = False) -> None:
