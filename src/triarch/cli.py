@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", type=Path, required=True, help="folder with config.json and *.safetensors")
     imp.add_argument("--run-dir", type=Path, required=True)
 
+    _add_slurm_commands(sub)
+
     prep = sub.add_parser("prepare", help="tokenize text into Arrow shards plus a manifest")
     prep.add_argument("inputs", nargs="*",
                       help="files, folders, globs or fsspec URLs: .txt, .jsonl[.gz|.zst], .parquet, .arrow, "
@@ -79,6 +81,58 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="show progress (default: a bar on a terminal, a log line every 10 s otherwise)")
     return parser
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _add_slurm_commands(sub: argparse._SubParsersAction) -> None:
+    submit = sub.add_parser("submit", help="submit a run to SLURM (through submitit) and return")
+    submit.add_argument("config", help="YAML config file")
+    submit.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
+    submit.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<config name>)")
+    submit.add_argument("--nodes", type=_positive_int, required=True)
+    submit.add_argument("--gpus-per-node", type=_non_negative_int, default=0,
+                        help="GPUs per node; one rank per GPU (0: a CPU cluster)")
+    submit.add_argument("--tasks-per-node", type=_positive_int, default=None,
+                        help="ranks per node (default: --gpus-per-node, or 1 without GPUs)")
+    submit.add_argument("--partition")
+    submit.add_argument("--time", default="60", help="time limit in SLURM's format (minutes, HH:MM:SS, D-HH:MM)")
+    submit.add_argument("--account")
+    submit.add_argument("--qos")
+    submit.add_argument("--exclusive", action="store_true")
+    submit.add_argument("--constraint")
+    submit.add_argument("--mem", help="memory per node, e.g. 64G")
+    submit.add_argument("--cpus-per-task", type=_positive_int, default=None)
+    submit.add_argument("--job-name")
+    submit.add_argument("--max-retries", type=_non_negative_int, default=0,
+                        help="requeues after a failure (crash, dead node, hang); each resumes from the newest checkpoint")
+    submit.add_argument("--max-timeouts", type=_non_negative_int, default=3,
+                        help="requeues after reaching the time limit (preemptions requeue without limit)")
+    submit.add_argument("--signal-delay", type=_positive_int, default=120, dest="signal_delay_s",
+                        help="seconds before the time limit at which SLURM sends USR2 (save, then requeue)")
+    submit.add_argument("--elastic", action="store_true",
+                        help="restart on fewer nodes after a node loss; the data-parallel size shrinks")
+    submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one run per value (repeat for a grid), submitted as a job array")
+    submit.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+
+    status = sub.add_parser("status", help="state of a submitted job (default: recent and active jobs)")
+    status.add_argument("job", nargs="?")
+    logs = sub.add_parser("logs", help="print a rank's log of a submitted job")
+    logs.add_argument("job")
+    logs.add_argument("--rank", type=int, default=0)
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    logs.add_argument("--stderr", action="store_true", help="the rank's stderr instead of its stdout")
+    cancel = sub.add_parser("cancel", help="cancel a submitted job (committed checkpoints stay)")
+    cancel.add_argument("job")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,6 +217,46 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from triarch.slurm.submit import SubmitOptions, log_folder, parse_sweep, plan_runs, render_sbatch, submit
+
+    options = SubmitOptions(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
+        partition=args.partition, time=args.time, account=args.account, qos=args.qos, exclusive=args.exclusive,
+        constraint=args.constraint, mem=args.mem, cpus_per_task=args.cpus_per_task, job_name=args.job_name,
+        max_retries=args.max_retries, max_timeouts=args.max_timeouts, signal_delay_s=args.signal_delay_s,
+        elastic=args.elastic, sweep=parse_sweep(args.sweep))
+    if args.dry_run:
+        runs = plan_runs(args.config, args.overrides, args.run_dir, options)
+        print(render_sbatch(options, runs, log_folder(runs), sys.executable), end="")
+        return 0
+    for run in plan_runs(args.config, args.overrides, args.run_dir, options):
+        check_data(run.cfg)
+    for record in submit(args.config, args.overrides, args.run_dir, options):
+        print(f"submitted job {record.job_id}" + (f" [{record.label}]" if record.label else ""))
+        print(f"  run directory: {record.run_dir}")
+        print(f"  logs: {record.log_path(0)} (rank 0; triarch logs {record.job_id} --rank R)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from triarch.slurm.monitor import status
+
+    return status(args.job)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from triarch.slurm.monitor import logs
+
+    return logs(args.job, args.rank, args.follow, "err" if args.stderr else "out")
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from triarch.slurm.monitor import cancel_job
+
+    return cancel_job(args.job)
+
+
 def cmd_ckpt(args: argparse.Namespace) -> int:
     from triarch.checkpointing.ops import run
 
@@ -174,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("train", "submit")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
@@ -182,13 +276,18 @@ def main(argv: list[str] | None = None) -> None:
     from triarch.data_pipeline.errors import DataError
 
     from triarch.checkpointing.commit import CheckpointError
+    from triarch.slurm.commands import SlurmError
 
-    handlers = {"train": cmd_train, "prepare": cmd_prepare, "ckpt": cmd_ckpt}
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "ckpt": cmd_ckpt, "submit": cmd_submit,
+                "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
     try:
         code = handlers[args.command](args)
-    except (ConfigError, CliError, DataError, CheckpointError) as err:
+    except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_USAGE
+    except BrokenPipeError:  # the reader went away (``| head``): not an error of ours
+        sys.stderr.close()
+        code = 0
     sys.exit(code)
 
 

@@ -180,6 +180,26 @@ class LoggingConfig(_Section):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+class FaultConfig(_Section):
+    """Failure detection. A rank whose step loop makes no progress for ``hang_timeout_s`` (0 turns the
+    watchdog off) makes every live rank dump its Python stacks and the job exit with a report naming the
+    stuck rank; before the first step finishes the limit is ``startup_timeout_s`` (compilation, loading).
+    Collectives time out after ``startup_timeout_s`` until the first step, ``collective_timeout_s`` after.
+    The limits must exceed the longest step, evaluation or synchronous checkpoint save."""
+
+    hang_timeout_s: float = Field(900.0, ge=0)
+    startup_timeout_s: float = Field(1800.0, gt=0)
+    collective_timeout_s: float = Field(900.0, gt=0)
+    heartbeat_interval_s: float | None = Field(None, gt=0)
+
+    @property
+    def beat_interval_s(self) -> float:
+        """How often each rank writes its heartbeat (a tenth of the hang limit, at most 10 s)."""
+        if self.heartbeat_interval_s is not None:
+            return self.heartbeat_interval_s
+        return min(10.0, max(0.2, self.hang_timeout_s / 10)) if self.hang_timeout_s else 10.0
+
+
 class TriarchConfig(_Section):
     """The whole resolved configuration of one run."""
 
@@ -190,6 +210,7 @@ class TriarchConfig(_Section):
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    fault: FaultConfig = FaultConfig()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,28 +5,46 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from triarch.checkpointing.commit import CheckpointError
-from triarch.config import load_config
+from triarch.config import TriarchConfig, load_config
 from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
+from triarch.launcher.watchdog import HangWatchdog
+from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
 
 EXIT_NON_FINITE = 3
 EXIT_CHECKPOINT = 4
+HEARTBEAT_DIR = "heartbeats"
+
+# fail fast instead of hanging on a broken NCCL communicator (the settings the large-scale launchers use)
+NCCL_DEFAULTS = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
 
 log = logging.getLogger("triarch.train")
+
+
+def cores_for_this_rank() -> int:
+    """CPU cores this rank may use: SLURM's allocation when under SLURM, else the process's affinity,
+    shared among the ranks of this node."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if os.environ.get("SLURM_CPUS_PER_TASK"):
+        return int(os.environ["SLURM_CPUS_PER_TASK"])
+    if os.environ.get("SLURM_CPUS_ON_NODE"):
+        return max(1, int(os.environ["SLURM_CPUS_ON_NODE"]) // local_world)
+    return max(1, len(os.sched_getaffinity(0)) // local_world)
 
 
 def configure_threads(device: torch.device) -> None:
     """Share the CPU cores among the local ranks instead of oversubscribing them."""
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cores_for_this_rank())
 
 
 def report(summary: TrainSummary) -> None:
@@ -36,36 +54,70 @@ def report(summary: TrainSummary) -> None:
         ratio = summary.final_eval_loss / summary.first_eval_loss
         print(f"validation loss {summary.first_eval_loss:.4f} at step 0 -> {summary.final_eval_loss:.4f} "
               f"at step {summary.steps} ({ratio:.0%} of step 0)")
+    if summary.stop_reason:
+        print(f"stopped after step {summary.steps} ({summary.stop_reason}); the checkpoint is committed and "
+              "running again resumes from it")
     print(f"run directory: {summary.run_dir}")
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """How one rank ended: its exit code, and why it stopped early (a stop signal) if it did."""
+
+    code: int
+    stop_reason: str | None = None
+
+
+def build_control(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> RunControl:
+    """Stop-signal handling plus, when ``fault.hang_timeout_s`` is set, the heartbeat watchdog."""
+    fault = cfg.fault
+    watchdog = None
+    if fault.hang_timeout_s > 0:
+        watchdog = HangWatchdog(run_dir / HEARTBEAT_DIR, dist.get_rank(), dist.get_world_size(),
+                                timeout_s=fault.hang_timeout_s, startup_timeout_s=fault.startup_timeout_s,
+                                interval_s=fault.beat_interval_s)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    return RunControl(device, stop_signals=RunControl.DEFAULT_SIGNALS if in_main_thread else (),
+                      watchdog=watchdog, collective_timeout_s=fault.collective_timeout_s)
 
 
 def run_rank(run_dir: Path) -> int:
     """Train with the resolved config of ``run_dir``; returns the process exit code."""
+    return execute_rank(run_dir).code
+
+
+def execute_rank(run_dir: Path) -> RankOutcome:
+    """Join the process group, train, leave the group; errors every rank agrees on become exit codes."""
     cfg = load_config(run_dir / "config.yaml")
+    for key, value in NCCL_DEFAULTS.items():
+        os.environ.setdefault(key, value)
     device = pick_device(cfg.train.device)
     configure_threads(device)
-    init_distributed(device)
+    init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     rank = dist.get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
+    control = build_control(cfg, run_dir, device).install()
     try:
-        summary = train(cfg, run_dir, device)
+        summary = train(cfg, run_dir, device, control)
     except NonFiniteLossError as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
         shutdown_distributed(sync=True)
-        return EXIT_NON_FINITE
+        return RankOutcome(EXIT_NON_FINITE)
     except CheckpointError as err:  # every rank raises together (the manager agrees first)
         if rank == 0:
             print(f"error: {err}; committed checkpoints are untouched", file=sys.stderr)
         shutdown_distributed(sync=True)
-        return EXIT_CHECKPOINT
+        return RankOutcome(EXIT_CHECKPOINT)
     except BaseException:
         shutdown_distributed()
         raise
+    finally:
+        control.uninstall()
     shutdown_distributed(sync=True)
     if rank == 0:
         report(summary)
-    return 0
+    return RankOutcome(0, summary.stop_reason)
 
 
 def main() -> None:

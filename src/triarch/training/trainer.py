@@ -19,6 +19,7 @@ from triarch.parallel.topology import Topology
 from triarch.training.loggers import MetricsLogger
 from triarch.training.metrics import ThroughputMeter, peak_memory_bytes, synchronize
 from triarch.training.mfu import device_peak_flops, flops_per_token
+from triarch.training.run_control import RunControl
 
 log = logging.getLogger("triarch.train")
 
@@ -33,6 +34,7 @@ class TrainSummary:
     first_eval_loss: float | None
     final_eval_loss: float | None
     run_dir: Path
+    stop_reason: str | None = None
 
 
 def build_topology(cfg: TriarchConfig, device: torch.device) -> Topology:
@@ -69,8 +71,9 @@ class Evaluator:
         return sum(losses) / len(losses)
 
 
-def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSummary:
-    """Train ``cfg.train.steps`` steps on this rank (the process group must exist)."""
+def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunControl | None = None) -> TrainSummary:
+    """Train ``cfg.train.steps`` steps on this rank (the process group must exist). With ``control``, a stop
+    request (a signal on any rank) ends every rank after the same step with a committed checkpoint."""
     cfg = validate_for_world(cfg, dist.get_world_size())
     topo = build_topology(cfg, device)
     rank0 = dist.get_rank() == 0
@@ -121,15 +124,26 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> TrainSumma
             if evaluator is not None and (step % trn.eval_interval == 0 or step == trn.steps):
                 final_eval = evaluator(engine)
                 logger.log_eval(step, {"eval_loss": final_eval})
+                if control is not None:
+                    control.progress()
             interval = cfg.checkpoint.interval
             exiting = step == trn.exit_at_step
-            if interval and (step % interval == 0 or step == trn.steps or exiting):
+            stopping = control is not None and control.should_stop(step) and step < trn.steps
+            if (interval and (step % interval == 0 or step == trn.steps or exiting)) or stopping:
                 manager.save(step, engine, {
-                    "world_size": topo.world_size, "layout": topo.describe(), "data": {**data.state_dict(), "consumed_sequences": step * trn.global_batch_size},
+                    "world_size": topo.world_size, "layout": topo.describe(),
+                    "data": {**data.state_dict(), "consumed_sequences": step * trn.global_batch_size},
                     "consumed_tokens": step * tokens_per_step, "first_loss": first_loss,
                     "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json")})
+                if control is not None:
+                    control.progress()
             if exiting:
                 log.info("stopping after step %d (train.exit_at_step)", step)
                 break
+            if stopping:
+                manager.wait()  # committed before anyone requeues the job
+                log.info("saved step %d after %s; stopping", step, control.stop_reason)
+                break
         manager.wait()
-    return TrainSummary(last_step, first_loss, final_loss, first_eval, final_eval, run_dir)
+    stop_reason = control.stop_reason if control is not None and last_step < trn.steps else None
+    return TrainSummary(last_step, first_loss, final_loss, first_eval, final_eval, run_dir, stop_reason)

@@ -1,0 +1,225 @@
+"""``triarch submit``: validate a run against the requested nodes, render the sbatch job, submit it through
+submitit, and remember where its run directory and logs are.
+
+One task per GPU on GPU clusters, ``tasks_per_node`` tasks (default one) per node on CPU clusters. The job
+asks SLURM for USR2 ``signal_delay_s`` before its time limit, requeues itself on preemption and, through
+the batch script's teardown, after a failure while ``max_retries`` allows. With ``elastic`` it accepts any
+node count from the smallest that fits TP×PP up to ``nodes``, and the data-parallel size follows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import math
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from triarch.config import ConfigError, TriarchConfig, dump_config, load_config, validate_for_world
+from triarch.slurm.commands import SlurmError
+from triarch.slurm.job import TrainJob
+from triarch.slurm.registry import JobRecord, active_job_for, register
+from triarch.slurm.requeue import RequeuePolicy
+
+LOG_DIR = "slurm"
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """What ``triarch submit`` takes besides the config (SLURM's own names where there is one)."""
+
+    nodes: int
+    gpus_per_node: int = 0
+    tasks_per_node: int | None = None
+    partition: str | None = None
+    time: str = "60"
+    account: str | None = None
+    qos: str | None = None
+    exclusive: bool = False
+    constraint: str | None = None
+    mem: str | None = None
+    cpus_per_task: int | None = None
+    job_name: str | None = None
+    max_retries: int = 0
+    max_timeouts: int = 3
+    signal_delay_s: int = 120
+    elastic: bool = False
+    sweep: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a submission (a sweep has several): its config, overrides and run directory."""
+
+    cfg: TriarchConfig
+    run_dir: Path
+    label: str
+
+
+def parse_sweep(items: list[str]) -> dict[str, list[str]]:
+    """``["train.lr=1e-3,3e-4", "train.seed=1,2"]`` -> {key: values}; one-line errors for bad items."""
+    sweep: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        parts = [v for v in values.split(",") if v]
+        if not sep or not key or not parts:
+            raise ConfigError(f"--sweep '{item}' must look like key=v1,v2")
+        sweep[key] = parts
+    return sweep
+
+
+def plan_runs(config: str, overrides: list[str], run_dir: Path | None, options: SubmitOptions) -> list[PlannedRun]:
+    """Load and validate every run of the submission against ``options.world_size`` ranks."""
+    keys = list(options.sweep)
+    combos = list(itertools.product(*(options.sweep[k] for k in keys))) if keys else [()]
+    runs = []
+    for combo in combos:
+        extra = [f"{k}={v}" for k, v in zip(keys, combo)]
+        cfg = load_config(config, [*overrides, *extra])
+        label = ",".join(extra)
+        base = run_dir or Path("runs") / cfg.name
+        target = base / label.replace("/", "_") if label else base
+        runs.append(PlannedRun(check_layout(cfg, options), target, label))
+    return runs
+
+
+def check_layout(cfg: TriarchConfig, options: SubmitOptions) -> TriarchConfig:
+    """The config that will be written: validated for the job's world (and, when elastic, for the smallest)."""
+    validate_for_world(cfg, options.world_size)
+    if not options.elastic:
+        return cfg
+    par = cfg.parallel
+    if par.dp_replicate != 1:
+        raise ConfigError(f"--elastic resizes the data-parallel shard group; it needs parallel.dp_replicate 1 "
+                          f"(got {par.dp_replicate})")
+    elastic = cfg.model_copy(update={"parallel": par.model_copy(update={"dp_shard": -1})})
+    validate_for_world(elastic, min_nodes(cfg, options) * options.ranks_per_node)
+    return elastic
+
+
+def min_nodes(cfg: TriarchConfig, options: SubmitOptions) -> int:
+    """The fewest nodes an elastic job may restart on: enough ranks for one TP×PP model replica."""
+    replica = cfg.parallel.tp * cfg.parallel.pp
+    return max(1, math.ceil(replica / options.ranks_per_node))
+
+
+def executor_parameters(options: SubmitOptions, runs: list[PlannedRun], python: str, min_node_count: int) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters for the job (the sbatch options and the teardown)."""
+    params: dict[str, Any] = {
+        "job_name": options.job_name or f"triarch-{runs[0].cfg.name}",
+        "nodes": options.nodes,
+        "ntasks_per_node": options.ranks_per_node,
+        "time": options.time,
+        "signal_delay_s": options.signal_delay_s,
+        "comment": "triarch",
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "setup": ["export PYTHONUNBUFFERED=1"],
+        "teardown": ["triarch_exit=$?",
+                     f"{python} -m triarch.slurm.after_job $triarch_exit {options.max_retries} "
+                     + " ".join(shlex.quote(str(r.run_dir.resolve())) for r in runs),
+                     "exit $?"],
+        "additional_parameters": {"requeue": True},
+    }
+    if options.elastic and min_node_count < options.nodes:
+        # a node range; SLURM sizes a range by its task count, so tasks are derived from the nodes granted
+        params["additional_parameters"]["nodes"] = f"{min_node_count}-{options.nodes}"
+        del params["ntasks_per_node"]
+        per_node = options.ranks_per_node
+        params["setup"] += [f"export SLURM_NTASKS_PER_NODE={per_node}",
+                            f"export SLURM_NTASKS=$((SLURM_JOB_NUM_NODES * {per_node}))",
+                            "export SLURM_NPROCS=$SLURM_NTASKS"]
+    if options.gpus_per_node:
+        params["gpus_per_node"] = options.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint", "mem", "cpus_per_task"):
+        value = getattr(options, key)
+        if value is not None:
+            params[key] = value
+    if options.exclusive:
+        params["exclusive"] = True
+    return params
+
+
+def make_executor(folder: Path, params: dict[str, Any], python: str | None = None):  # noqa: ANN201 (submitit type)
+    """A submitit SlurmExecutor writing logs under ``folder``."""
+    import submitit
+
+    try:
+        executor = submitit.SlurmExecutor(folder=folder, python=python)
+    except RuntimeError as err:  # no srun on PATH
+        raise SlurmError(f"cannot submit: {err}") from None
+    executor.update_parameters(**params)
+    return executor
+
+
+def render_sbatch(options: SubmitOptions, runs: list[PlannedRun], folder: Path, python: str) -> str:
+    """The batch script submitit writes for this submission (``triarch submit --dry-run`` prints it); built
+    by submitit's own renderer from the same parameters, so it needs no SLURM on this machine."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = executor_parameters(options, runs, shlex.quote(python), min_nodes(runs[0].cfg, options))
+    if len(runs) > 1:
+        params["map_count"] = len(runs)
+    command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, **params)
+
+
+def log_folder(runs: list[PlannedRun]) -> Path:
+    """Where submitit keeps pickles and logs: inside the run directory (the sweep's parent for sweeps)."""
+    base = runs[0].run_dir if len(runs) == 1 else runs[0].run_dir.parent
+    return (base / LOG_DIR).resolve()
+
+
+def submit(config: str, overrides: list[str], run_dir: Path | None, options: SubmitOptions) -> list[JobRecord]:
+    """Validate, write each run's config, submit, register; returns one record per run."""
+    runs = plan_runs(config, overrides, run_dir, options)
+    for run in runs:
+        busy = active_job_for(run.run_dir)
+        if busy is not None:
+            raise SlurmError(f"run directory {run.run_dir} already belongs to job {busy}, which is still queued or "
+                             f"running; cancel it first (triarch cancel {busy})")
+    folder = log_folder(runs)
+    python = shlex.quote(sys.executable)
+    params = executor_parameters(options, runs, python, min_nodes(runs[0].cfg, options))
+    executor = make_executor(folder, params)
+    for run in runs:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(run.cfg, run.run_dir / "config.yaml")
+    policy = RequeuePolicy(max_retries=options.max_retries, max_timeouts=options.max_timeouts,
+                           signal_delay_s=options.signal_delay_s)
+    jobs_in = [TrainJob(str(run.run_dir.resolve()), policy) for run in runs]
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            jobs = executor.submit_array(jobs_in) if len(runs) > 1 else [executor.submit(jobs_in[0])]
+    except Exception as err:  # submitit wraps sbatch's refusal; keep sbatch's own last line
+        raise SlurmError(_sbatch_reason(str(err) or captured.getvalue(), options)) from None
+    records = []
+    for run, job in zip(runs, jobs):
+        record = JobRecord(job_id=str(job.job_id), run_dir=str(run.run_dir.resolve()), log_dir=str(folder),
+                           tasks=options.world_size, label=run.label)
+        register(record)
+        records.append(record)
+    return records
+
+
+def _sbatch_reason(text: str, options: SubmitOptions) -> str:
+    """sbatch's own last error line, with the options it was given (its messages omit the values)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    reason = (errors or lines or ["no reason given"])[-1].removeprefix("sbatch: error: ")
+    given = [f"--nodes {options.nodes}", f"--time {options.time}"] + [
+        f"--{key.replace('_', '-')} {getattr(options, key)}" for key in
+        ("partition", "account", "qos", "constraint", "mem") if getattr(options, key) is not None]
+    return f"sbatch refused the job ({' '.join(given)}): {reason}"

@@ -1,0 +1,65 @@
+"""The sbatch script triarch submit generates for a fixed config and options matches a reviewed golden file;
+the SLURM environment parsing and requeue decisions behave on the formats SLURM produces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from triarch.slurm.commands import parse_duration_s
+from triarch.slurm.environment import SlurmTask, master_port, rendezvous_env, tasks_on_this_node
+from triarch.slurm.requeue import classify_stop
+from triarch.slurm.submit import SubmitOptions, log_folder, plan_runs, render_sbatch
+
+ROOT = Path(__file__).resolve().parents[1]
+GOLDEN = Path(__file__).parent / "golden"
+OPTIONS = dict(gpus_per_node=8, partition="gpu", time="04:00:00", account="llm", qos="high", exclusive=True,
+               constraint="h100", mem="0", max_retries=3, job_name="tiny-8x8")
+
+
+def render(options: SubmitOptions, run_dir: str, config: str) -> str:
+    runs = plan_runs(str(ROOT / "examples" / config), [], Path(run_dir), options)
+    return render_sbatch(options, runs, log_folder(runs), "/opt/venv/bin/python")
+
+
+CASES = [
+    ("submit_8b_8x8_gpu.sbatch", "8b.yaml", SubmitOptions(nodes=8, **OPTIONS)),
+    ("submit_tiny_elastic_cpu.sbatch", "tiny.yaml", SubmitOptions(nodes=2, elastic=True, max_retries=1, time="30")),
+    ("submit_tiny_sweep.sbatch", "tiny.yaml", SubmitOptions(nodes=1, sweep={"train.lr": ["1e-3", "3e-4"]})),
+]
+
+
+@pytest.mark.parametrize(("name", "config", "options"), CASES, ids=[c[0] for c in CASES])
+def test_sbatch_script_matches_golden_file(name: str, config: str, options: SubmitOptions) -> None:
+    text = render(options, "/shared/runs/demo", config)
+    golden = GOLDEN / name
+    assert text == golden.read_text(), f"sbatch script changed; review and update {golden}:\n{text}"
+
+
+def test_slurm_durations() -> None:
+    assert parse_duration_s("30") == 1800
+    assert parse_duration_s("05:30") == 330
+    assert parse_duration_s("1:00:00") == 3600
+    assert parse_duration_s("2-03:04:05") == 2 * 86400 + 3 * 3600 + 4 * 60 + 5
+    assert parse_duration_s("1-02") == 86400 + 2 * 3600
+    assert parse_duration_s("UNLIMITED") is None
+
+
+def test_task_environment_and_rendezvous() -> None:
+    env = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "9", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]",
+           "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_RESTART_COUNT": "2"}
+    task = SlurmTask.from_environ(env)
+    assert (task.rank, task.world_size, task.local_rank, task.local_world_size, task.node_index) == (9, 16, 1, 8, 1)
+    rdzv = rendezvous_env(task, "gpu07")
+    assert rdzv["RANK"] == "9" and rdzv["WORLD_SIZE"] == "16" and rdzv["MASTER_ADDR"] == "gpu07"
+    # every task of an attempt agrees on the port; a requeued attempt moves to another one
+    assert rdzv["MASTER_PORT"] == str(master_port("4242", 2)) != str(master_port("4242", 3))
+    assert tasks_on_this_node({"SLURM_TASKS_PER_NODE": "4,2(x2)", "SLURM_NODEID": "2"}, 8, 3) == 2
+
+
+def test_stop_signal_near_the_time_limit_counts_as_timeout() -> None:
+    assert classify_stop(100.0, signal_delay_s=120) == "timeout"
+    assert classify_stop(3600.0, signal_delay_s=120) == "preemption"
+    assert classify_stop(None, signal_delay_s=120) == "preemption"
