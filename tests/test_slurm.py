@@ -22,12 +22,14 @@ from slurm_cluster import (
     losses,
     rank_pid,
     slurm,
+    slurm_env,
     start_cluster,
     submitted_job_id,
     triarch,
     wait_for_end,
     wait_for_step,
 )
+from triarch.checkpointing.manager import list_steps
 from triarch.data_pipeline import prepare_pydocs
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
@@ -115,6 +117,23 @@ def test_usr2_saves_requeues_and_resumes_to_the_uninterrupted_losses(cluster, da
     # every step trained once, and each loss equals the uninterrupted run's
     assert logged_steps(run) == list(range(1, steps + 1))
     assert losses(run) == pytest.approx(local_losses(tmp_path / "local", data, steps), rel=1e-6)
+
+
+def test_time_limit_requeues_up_to_max_timeouts_then_saves_and_ends(cluster, data, home, tmp_path) -> None:
+    """--time 2 with USR2 60 s before the end: the first warning requeues (a time-out), the second one finds
+    --max-timeouts used up, saves and ends the job non-zero instead of letting SLURM kill it mid-step."""
+    run = tmp_path / "time-limit"
+    # submit() passes --time 10; the later --time 2 wins
+    job = submit(home, run, data, 10**6, "--nodes", "2", "--time", "2", "--signal-delay", "60", "--max-timeouts", "1")
+    assert wait_for_end(job, 400) == "FAILED", log_text(run, job, 0, "err")[-3000:]
+    data_ = json.loads((run / "slurm" / "requeues.json").read_text())
+    assert data_["counts"] == {"preemption": 0, "timeout": 1, "failure": 0}
+    assert [e["kind"] for e in data_["events"]] == ["timeout", "stopped"]
+    err = log_text(run, job, 0, "err")
+    assert "reached its time limit 2 times (--max-timeouts 1)" in err
+    committed = [s.step for s in list_steps(run / "checkpoints") if s.committed]
+    assert len(committed) == 2 and max(logged_steps(run)) == committed[-1]
+    assert logged_steps(run) == list(range(1, committed[-1] + 1))  # resumed once, no step twice
 
 
 def test_killed_rank_is_retried_from_the_newest_checkpoint(cluster, data, home, tmp_path) -> None:
@@ -225,22 +244,30 @@ def test_sweep_runs_a_job_array_with_one_run_directory_each(cluster, data, home,
     assert lrs["0.003"] > lrs["0.001"]
 
 
-def test_cancel_ends_a_running_job(cluster, data, home, tmp_path) -> None:
+def test_follow_logs_then_cancel_a_running_job(cluster, data, home, tmp_path) -> None:
     run = tmp_path / "cancelled"
     job = submit(home, run, data, 5000, "--nodes", "1")
     wait_for_step(run, 2)
+    follow = subprocess.Popen([sys.executable, "-m", "triarch.cli", "logs", job, "--follow", "--stderr"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm_env(home))
+    time.sleep(3)
+    assert follow.poll() is None  # still following a running job
     result = triarch(home, "cancel", job)
     assert result.returncode == 0 and f"cancelled job {job}" in result.stdout
     assert wait_for_end(job, 60) == "CANCELLED"
+    out, err = follow.communicate(timeout=30)  # follow ends by itself once the job has ended
+    assert follow.returncode == 0, err
+    assert "step 2/5000" in out
 
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--nodes", "3", "parallel.tp=2"], "world size (3) is not divisible by parallel.tp*pp*dp_replicate"),
     (["--nodes", "2", "--partition", "nope"], "--partition nope): Batch job submission failed: Invalid partition name specified"),
-    (["--nodes", "2", "--time", "soon"], "--time soon): Invalid --time specification"),
+    (["--nodes", "2", "--constraint", "nope"], "--constraint nope): Batch job submission failed: Invalid feature specification"),
+    (["--nodes", "2", "--time", "soon"], "--time 'soon' is not a SLURM time limit"),
     (["--nodes", "2", "--sweep", "train.lr"], "--sweep 'train.lr' must look like key=v1,v2"),
     (["--nodes", "2", "--elastic", "parallel.dp_replicate=2"], "--elastic resizes the data-parallel shard group"),
-], ids=["layout", "partition", "time", "sweep", "elastic-hsdp"])
+], ids=["layout", "partition", "constraint", "time", "sweep", "elastic-hsdp"])
 def test_bad_submissions_are_one_line_errors_and_submit_nothing(cluster, data, home, tmp_path, flags, message) -> None:
     before = slurm("squeue", "-h", "-o", "%i").split()
     result = triarch(home, "submit", TINY, *SMALL, f"data.path={data}", "--run-dir", str(tmp_path / "bad"), *flags)

@@ -17,6 +17,7 @@ from triarch.config import TriarchConfig, load_config
 from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.watchdog import HangWatchdog
+from triarch.launcher.stop_signal import StopRequest
 from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
 
@@ -68,17 +69,15 @@ class RankOutcome:
     stop_reason: str | None = None
 
 
-def build_control(cfg: TriarchConfig, run_dir: Path, device: torch.device) -> RunControl:
-    """Stop-signal handling plus, when ``fault.hang_timeout_s`` is set, the heartbeat watchdog."""
+def build_control(cfg: TriarchConfig, run_dir: Path, device: torch.device, stop: StopRequest) -> RunControl:
+    """Stop requests plus, when ``fault.hang_timeout_s`` is set, the heartbeat watchdog."""
     fault = cfg.fault
     watchdog = None
     if fault.hang_timeout_s > 0:
         watchdog = HangWatchdog(run_dir / HEARTBEAT_DIR, dist.get_rank(), dist.get_world_size(),
                                 timeout_s=fault.hang_timeout_s, startup_timeout_s=fault.startup_timeout_s,
                                 interval_s=fault.beat_interval_s)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    return RunControl(device, stop_signals=RunControl.DEFAULT_SIGNALS if in_main_thread else (),
-                      watchdog=watchdog, collective_timeout_s=fault.collective_timeout_s)
+    return RunControl(device, stop=stop, watchdog=watchdog, collective_timeout_s=fault.collective_timeout_s)
 
 
 def run_rank(run_dir: Path) -> int:
@@ -86,8 +85,23 @@ def run_rank(run_dir: Path) -> int:
     return execute_rank(run_dir).code
 
 
-def execute_rank(run_dir: Path) -> RankOutcome:
-    """Join the process group, train, leave the group; errors every rank agrees on become exit codes."""
+def execute_rank(run_dir: Path, stop: StopRequest | None = None) -> RankOutcome:
+    """Join the process group, train, leave the group; errors every rank agrees on become exit codes.
+    Stop signals (USR2) end the run after a committed checkpoint; pass ``stop`` when the caller already
+    listens for them."""
+    owns_signals = stop is None
+    if stop is None:
+        stop = StopRequest()
+        if threading.current_thread() is threading.main_thread():
+            stop.install()
+    try:
+        return _execute(run_dir, stop)
+    finally:
+        if owns_signals:
+            stop.uninstall()
+
+
+def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
     cfg = load_config(run_dir / "config.yaml")
     for key, value in NCCL_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -96,7 +110,7 @@ def execute_rank(run_dir: Path) -> RankOutcome:
     init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     rank = dist.get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
-    control = build_control(cfg, run_dir, device).install()
+    control = build_control(cfg, run_dir, device, stop).start()
     try:
         summary = train(cfg, run_dir, device, control)
     except NonFiniteLossError as err:
@@ -113,7 +127,7 @@ def execute_rank(run_dir: Path) -> RankOutcome:
         shutdown_distributed()
         raise
     finally:
-        control.uninstall()
+        control.close()
     shutdown_distributed(sync=True)
     if rank == 0:
         report(summary)

@@ -9,10 +9,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from triarch.launcher.stop_signal import StopRequest
 from triarch.slurm.environment import SlurmTask, rendezvous_env, resolve_master
 from triarch.slurm.requeue import RequeuePolicy, requeue_after_stop
 
 log = logging.getLogger("triarch.slurm")
+
+EXIT_STOPPED = 6
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class TrainJob:
     policy: RequeuePolicy
 
     def __call__(self) -> int:
+        stop = StopRequest().install()  # first: USR2 may come at any moment, even during start-up
         task = SlurmTask.from_environ()
         os.environ.update(rendezvous_env(task, resolve_master(task.nodelist)))
         # the requeue SLURM answers with SIGTERM must not interrupt rank 0 between saving and requeuing
@@ -33,10 +37,12 @@ class TrainJob:
         print(f"triarch: job {task.job_id} attempt {task.restart_count}, rank {task.rank} of {task.world_size} "
               f"on node {task.node_index} of {task.num_nodes} ({task.nodelist}), master "
               f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}", flush=True)
-        outcome = execute_rank(run_dir)
+        outcome = execute_rank(run_dir, stop)
         if outcome.stop_reason and task.rank == 0:
             step = _last_committed_step(run_dir)
-            requeue_after_stop(run_dir, task.job_id, task.restart_count, step, outcome.stop_reason, self.policy)
+            if not requeue_after_stop(run_dir, task.job_id, task.restart_count, step, outcome.stop_reason,
+                                      self.policy):
+                sys.exit(EXIT_STOPPED)  # saved but not requeued: the job must not look finished
         if outcome.code:
             sys.exit(outcome.code)  # SystemExit passes submitit's handler: the task ends with this code
         return outcome.code

@@ -55,12 +55,17 @@ def attempt_key(job_id: str, restart_count: int) -> str:
     return f"{job_id}.{restart_count}"
 
 
-def record(data: dict[str, Any], kind: str, attempt: str, detail: str) -> None:
-    """Count one requeue of ``kind`` for ``attempt`` (called inside :func:`locked_ledger`)."""
-    data["counts"][kind] += 1
+def note(data: dict[str, Any], kind: str, attempt: str, detail: str) -> None:
+    """Add an event for ``attempt`` without counting it (e.g. ``stopped``: saved, not requeued)."""
     data["events"].append({"kind": kind, "attempt": attempt, "time": time.time(), "detail": detail})
 
 
-def requeued_attempt(data: dict[str, Any], attempt: str) -> dict[str, Any] | None:
-    """The event that already requeued ``attempt``, if any."""
-    return next((e for e in data["events"] if e["attempt"] == attempt), None)
+def record(data: dict[str, Any], kind: str, attempt: str, detail: str) -> None:
+    """Count one requeue of ``kind`` for ``attempt`` (called inside :func:`locked_ledger`)."""
+    data["counts"][kind] += 1
+    note(data, kind, attempt, detail)
+
+
+def attempt_event(data: dict[str, Any], attempt: str) -> dict[str, Any] | None:
+    """What already happened to ``attempt`` (requeued, or stopped without a requeue), if anything."""
+    return next((e for e in reversed(data["events"]) if e["attempt"] == attempt), None)

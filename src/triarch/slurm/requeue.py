@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triarch.slurm.commands import SlurmError, requeue, time_left_s
-from triarch.slurm.ledger import attempt_key, locked_ledger, record, requeued_attempt
+from triarch.slurm.ledger import attempt_event, attempt_key, locked_ledger, note, record
 
 TIMEOUT_MARGIN_S = 60
 
@@ -46,9 +46,11 @@ def requeue_after_stop(run_dir: Path, job_id: str, restart_count: int, step: int
     kind = classify_stop(time_left_s(job_id), policy.signal_delay_s)
     attempt = attempt_key(job_id, restart_count)
     with locked_ledger(run_dir) as ledger:
-        if requeued_attempt(ledger, attempt):
-            return True
+        event = attempt_event(ledger, attempt)
+        if event is not None:
+            return event["kind"] in ("preemption", "timeout")
         if kind == "timeout" and ledger["counts"]["timeout"] >= policy.max_timeouts:
+            note(ledger, "stopped", attempt, f"time limit after step {step}; --max-timeouts used up")
             _say(f"job {job_id} reached its time limit {ledger['counts']['timeout'] + 1} times "
                  f"(--max-timeouts {policy.max_timeouts}); saved step {step} and not requeued; "
                  f"submit again with the same --run-dir to continue")
@@ -57,6 +59,8 @@ def requeue_after_stop(run_dir: Path, job_id: str, restart_count: int, step: int
     try:
         requeue(job_id)
     except SlurmError as err:
+        with locked_ledger(run_dir) as ledger:
+            note(ledger, "stopped", attempt, f"requeue failed: {err}")
         _say(f"saved step {step} but could not requeue job {job_id}: {err}")
         return False
     _say(f"{kind} ({reason}): saved step {step}, requeued job {job_id}")
@@ -68,8 +72,9 @@ def requeue_after_failure(run_dir: Path, job_id: str, restart_count: int, exit_c
     """The batch script, after srun ended with ``exit_code`` != 0: requeue while retries remain."""
     attempt = attempt_key(job_id, restart_count)
     with locked_ledger(run_dir) as ledger:
-        if requeued_attempt(ledger, attempt):  # a stop signal already requeued this attempt
-            return True
+        event = attempt_event(ledger, attempt)
+        if event is not None:  # a stop signal already requeued this attempt, or ended it on purpose
+            return event["kind"] in ("preemption", "timeout")
         used = ledger["counts"]["failure"]
         if used >= policy.max_retries:
             _say(f"job {job_id} failed (exit code {exit_code}); no retries left ({used} of --max-retries "

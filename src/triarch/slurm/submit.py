@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from triarch.config import ConfigError, TriarchConfig, dump_config, load_config, validate_for_world
-from triarch.slurm.commands import SlurmError
+from triarch.slurm.commands import SlurmError, parse_duration_s
 from triarch.slurm.job import TrainJob
 from triarch.slurm.registry import JobRecord, active_job_for, register
 from triarch.slurm.requeue import RequeuePolicy
@@ -109,6 +109,17 @@ def check_layout(cfg: TriarchConfig, options: SubmitOptions) -> TriarchConfig:
     return elastic
 
 
+def time_limit(text: str) -> int | str:
+    """``--time`` in whole minutes (what submitit expects), or UNLIMITED/INFINITE as given."""
+    if text.upper() in ("UNLIMITED", "INFINITE"):
+        return text.upper()
+    seconds = parse_duration_s(text)
+    if seconds is None or seconds <= 0:
+        raise ConfigError(f"--time '{text}' is not a SLURM time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM "
+                          "or D-HH:MM:SS)")
+    return math.ceil(seconds / 60)
+
+
 def min_nodes(cfg: TriarchConfig, options: SubmitOptions) -> int:
     """The fewest nodes an elastic job may restart on: enough ranks for one TP×PP model replica."""
     replica = cfg.parallel.tp * cfg.parallel.pp
@@ -121,7 +132,7 @@ def executor_parameters(options: SubmitOptions, runs: list[PlannedRun], python: 
         "job_name": options.job_name or f"triarch-{runs[0].cfg.name}",
         "nodes": options.nodes,
         "ntasks_per_node": options.ranks_per_node,
-        "time": options.time,
+        "time": time_limit(options.time),
         "signal_delay_s": options.signal_delay_s,
         "comment": "triarch",
         "srun_args": ["--kill-on-bad-exit=1"],

@@ -9,13 +9,12 @@ rank stops after the same step, saves the same checkpoint and exits together.
 from __future__ import annotations
 
 import logging
-import signal
 from datetime import timedelta
-from types import FrameType
 
 import torch
 import torch.distributed as dist
 
+from triarch.launcher.stop_signal import StopRequest
 from triarch.launcher.watchdog import HangWatchdog
 
 log = logging.getLogger("triarch.train")
@@ -24,40 +23,27 @@ log = logging.getLogger("triarch.train")
 class RunControl:
     """Owned by the rank's entry point and passed to the step loop."""
 
-    DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR2,)
-
-    def __init__(self, device: torch.device, *, stop_signals: tuple[signal.Signals, ...] = DEFAULT_SIGNALS,
+    def __init__(self, device: torch.device, *, stop: StopRequest | None = None,
                  watchdog: HangWatchdog | None = None, collective_timeout_s: float | None = None) -> None:
         self.device = device
         self.collective_timeout_s = collective_timeout_s
-        self.stop_signals = stop_signals
+        self.stop = stop or StopRequest()
         self.watchdog = watchdog
-        self.requested: str | None = None
         self.stop_reason: str | None = None
-        self._previous: dict[signal.Signals, object] = {}
 
-    def install(self) -> "RunControl":
-        """Route the stop signals to :meth:`request_stop` (main thread only) and start the watchdog."""
-        for sig in self.stop_signals:
-            self._previous[sig] = signal.signal(sig, self._on_signal)
+    def start(self) -> "RunControl":
+        """Start the watchdog (signals are routed by the :class:`StopRequest`'s owner)."""
         if self.watchdog is not None:
             self.watchdog.start()
         return self
 
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous.clear()
+    def close(self) -> None:
         if self.watchdog is not None:
             self.watchdog.stop()
 
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        self.request_stop(signal.Signals(signum).name)
-
     def request_stop(self, reason: str) -> None:
-        """Ask every rank to stop after the current step (the reason names the signal)."""
-        if self.requested is None:
-            self.requested = reason
+        """Ask every rank to stop after the current step."""
+        self.stop.request(reason)
 
     def progress(self, step: int | None = None) -> None:
         """A beat for the watchdog (call it between long phases too: evaluation, checkpoint saves)."""
@@ -71,10 +57,10 @@ class RunControl:
             # start-up (compilation, loading) is over: collectives now fail after the tighter limit
             dist.distributed_c10d._set_pg_timeout(timedelta(seconds=self.collective_timeout_s), None)
             self.collective_timeout_s = None
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=self.device)
+        flag = torch.tensor([1 if self.stop.reason else 0], dtype=torch.int32, device=self.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if int(flag.item()) and self.stop_reason is None:
-            self.stop_reason = self.requested or "a stop request on another rank"
+            self.stop_reason = self.stop.reason or "a stop request on another rank"
             log.info("stopping after step %d: %s", step, self.stop_reason)
         return self.stop_reason is not None
