@@ -186,6 +186,24 @@ def kill_node(run: Path, node: str, rank: int) -> None:
     slurm("scontrol", "update", f"NodeName={node}", "State=DOWN", "Reason=killed-by-test")
 
 
+def test_killed_node_requeues_and_the_job_finishes_when_the_node_returns(cluster, node_n2_restored, data, home,
+                                                                         tmp_path) -> None:
+    run = tmp_path / "node-lost"
+    steps = 80
+    job = submit(home, run, data, steps, "--nodes", "2", "checkpoint.interval=5")
+    wait_for_step(run, 12)
+    kill_node(run, "n2", 1)
+    deadline = time.time() + 120
+    while job_state(job) != "PENDING" and time.time() < deadline:  # SLURM requeued it: NODE_FAIL
+        time.sleep(1)
+    assert job_state(job) == "PENDING"
+    subprocess.run(["slurmd", "-f", str(SLURM_CONF), "-N", "n2"], check=True)  # the node reboots
+    assert wait_for_end(job, 300) == "COMPLETED", log_text(run, job, 0, "err")[-3000:]
+    assert f"job {job} attempt 1, rank 1 of 2" in log_text(run, job, 1, "out")
+    assert "resumed from" in log_text(run, job, 0, "err")
+    assert losses(run) == pytest.approx(local_losses(tmp_path / "local", data, steps), rel=1e-6)
+
+
 def test_elastic_job_finishes_on_the_surviving_node_with_dp1(cluster, node_n2_restored, data, home, tmp_path) -> None:
     run = tmp_path / "elastic"
     steps = 80
