@@ -270,6 +270,9 @@ def test_follow_logs_then_cancel_a_running_job(cluster, data, home, tmp_path) ->
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=slurm_env(home))
     time.sleep(3)
     assert follow.poll() is None  # still following a running job
+    twice = triarch(home, "submit", TINY, *SMALL, f"data.path={data}", "--run-dir", str(run), "--nodes", "1")
+    assert twice.returncode == 2 and f"already belongs to job {job}" in twice.stderr, twice.stderr
+    assert twice.stderr.count("\n") == 1
     result = triarch(home, "cancel", job)
     assert result.returncode == 0 and f"cancelled job {job}" in result.stdout
     assert wait_for_end(job, 60) == "CANCELLED"
