@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from triarch.checkpointing.commit import CheckpointError
-from triarch.config import TriarchConfig, load_config
+from triarch.config import ConfigError, TriarchConfig, load_config
 from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.watchdog import HangWatchdog
@@ -21,6 +21,7 @@ from triarch.launcher.stop_signal import StopRequest
 from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
 
+EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
 EXIT_CHECKPOINT = 4
 HEARTBEAT_DIR = "heartbeats"
@@ -113,6 +114,11 @@ def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
     control = build_control(cfg, run_dir, device, stop).start()
     try:
         summary = train(cfg, run_dir, device, control)
+    except ConfigError as err:  # the layout does not fit this world (e.g. an elastic restart's node count)
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        shutdown_distributed()
+        return RankOutcome(EXIT_CONFIG)
     except NonFiniteLossError as err:
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)

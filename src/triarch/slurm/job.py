@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -12,8 +11,6 @@ from pathlib import Path
 from triarch.launcher.stop_signal import StopRequest
 from triarch.slurm.environment import SlurmTask, rendezvous_env, resolve_master
 from triarch.slurm.requeue import RequeuePolicy, requeue_after_stop
-
-log = logging.getLogger("triarch.slurm")
 
 EXIT_STOPPED = 6
 

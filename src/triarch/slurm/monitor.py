@@ -79,12 +79,10 @@ def logs(job_id: str, rank: int, follow: bool, stream: str = "out", out: TextIO 
     if not 0 <= rank < record.tasks:
         raise SlurmError(f"--rank {rank} is out of range: job {job_id} has ranks 0..{record.tasks - 1}")
     path = record.log_path(rank, stream)
-    waited = 0.0
     while not path.exists():
         if not follow:
             raise SlurmError(f"job {job_id} has no log for rank {rank} yet ({path}); it may still be queued")
         time.sleep(poll_s)
-        waited += poll_s
     with open(path, errors="replace") as f:
         while True:
             chunk = f.read()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from triarch.slurm.commands import SlurmError, requeue, time_left_s

@@ -86,7 +86,7 @@ def plan_runs(config: str, overrides: list[str], run_dir: Path | None, options: 
     combos = list(itertools.product(*(options.sweep[k] for k in keys))) if keys else [()]
     runs = []
     for combo in combos:
-        extra = [f"{k}={v}" for k, v in zip(keys, combo)]
+        extra = [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
         cfg = load_config(config, [*overrides, *extra])
         label = ",".join(extra)
         base = run_dir or Path("runs") / cfg.name
@@ -104,9 +104,7 @@ def check_layout(cfg: TriarchConfig, options: SubmitOptions) -> TriarchConfig:
     if par.dp_replicate != 1:
         raise ConfigError(f"--elastic resizes the data-parallel shard group; it needs parallel.dp_replicate 1 "
                           f"(got {par.dp_replicate})")
-    elastic = cfg.model_copy(update={"parallel": par.model_copy(update={"dp_shard": -1})})
-    validate_for_world(elastic, min_nodes(cfg, options) * options.ranks_per_node)
-    return elastic
+    return cfg.model_copy(update={"parallel": par.model_copy(update={"dp_shard": -1})})
 
 
 def time_limit(text: str) -> int | str:
@@ -121,9 +119,17 @@ def time_limit(text: str) -> int | str:
 
 
 def min_nodes(cfg: TriarchConfig, options: SubmitOptions) -> int:
-    """The fewest nodes an elastic job may restart on: enough ranks for one TP×PP model replica."""
-    replica = cfg.parallel.tp * cfg.parallel.pp
-    return max(1, math.ceil(replica / options.ranks_per_node))
+    """The fewest nodes an elastic job may restart on: the smallest node count whose world holds whole
+    TP×PP replicas and divides the global batch (every rule of the layout holds)."""
+    if not options.elastic:
+        return options.nodes
+    for nodes in range(1, options.nodes + 1):
+        try:
+            validate_for_world(cfg, nodes * options.ranks_per_node)
+        except ConfigError:
+            continue
+        return nodes
+    return options.nodes
 
 
 def executor_parameters(options: SubmitOptions, runs: list[PlannedRun], python: str, min_node_count: int) -> dict[str, Any]:
@@ -217,7 +223,7 @@ def submit(config: str, overrides: list[str], run_dir: Path | None, options: Sub
     except Exception as err:  # submitit wraps sbatch's refusal; keep sbatch's own last line
         raise SlurmError(_sbatch_reason(str(err) or captured.getvalue(), options)) from None
     records = []
-    for run, job in zip(runs, jobs):
+    for run, job in zip(runs, jobs, strict=True):
         record = JobRecord(job_id=str(job.job_id), run_dir=str(run.run_dir.resolve()), log_dir=str(folder),
                            tasks=options.world_size, label=run.label)
         register(record)
