@@ -1,8 +1,9 @@
-"""Prepare a corpus: tokenize in worker processes, append EOS, write Arrow shards per split, manifest last.
+"""Prepare a corpus: tokenize on worker threads, append EOS, write Arrow shards per split, manifest last.
 
-The parent process reads the documents in order, assigns each to a split, and sends batches of texts to
-tokenizer workers; results come back in submission order, so every split's token stream, and therefore
-every shard (see ``shard_writer``), is a deterministic function of the inputs, whatever the worker count.
+The calling thread reads the documents in order, assigns each to a split, and hands batches of texts to
+tokenizer threads (``tokenize_pool``); results come back in submission order, so every split's token
+stream, and therefore every shard (see ``shard_writer``), is a deterministic function of the inputs,
+whatever the worker count.
 
 A folder whose manifest exists is complete and never rewritten (a rerun with the same inputs returns at
 once; other inputs are a DataError). A folder without one is completed: shards recorded in the journal
@@ -265,7 +266,7 @@ def prepare_corpus(texts_by_split: Mapping[str, Sequence[str]], tokenizer_path: 
 
     Each document becomes one row of token ids ending with EOS; a shard closes at the first document end at
     or past ``shard_tokens`` tokens, a record batch inside it at the first past ``batch_tokens``. Blank texts
-    (and texts with lone surrogates) are skipped and counted. ``workers`` tokenizer processes (default
+    (and texts with lone surrogates) are skipped and counted. ``workers`` tokenizer threads (default
     min(cores, 8); 0 tokenizes in this process); ``progress``: see ``progress.Progress``. ``source`` is a
     JSON-able description stored in the manifest, ``split`` the manifest's description of how the texts
     were split (default ``{"method": "given", ...}``). Returns ``out_dir``; if its manifest exists and
