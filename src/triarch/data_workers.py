@@ -3,14 +3,18 @@
 Workers are started with ``spawn``: forking a process that has loaded arbitrary libraries (threads,
 allocators, CUDA or DALI memory) can crash or hang the child, and ``prepare`` is also called from inside
 training scripts and test sessions. This module lives outside ``triarch.data_pipeline`` so a spawned worker
-imports only ast, not that package's heavier dependencies (torch). Workers are
-started as if from an interactive session: they need nothing from the caller's ``__main__``, and
-re-running it in each worker fails for scripts read from stdin and re-executes unguarded scripts.
+imports only ast, not that package's heavier dependencies (torch). Workers are started as if from an
+interactive session (``hidden_main``): they need nothing from the caller's ``__main__``, and re-running it
+in each worker fails for scripts read from stdin and re-executes unguarded scripts. The pool is a
+``ProcessPoolExecutor``, which never restarts a worker that died: the caller gets ``BrokenProcessPool``
+at once (``multiprocessing.Pool`` would start a replacement, this time importing the real ``__main__``,
+which for ``python -`` fails at start-up, again and again, while the caller waits forever).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -18,7 +22,7 @@ import signal
 import sys
 import types
 from collections.abc import Callable, Iterator
-from multiprocessing.pool import Pool
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +30,20 @@ _PR_SET_PDEATHSIG = 1
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
-def spawn_pool(processes: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> Pool:
-    """A ``spawn`` pool of ``processes`` workers that do not import the caller's ``__main__``.
+def spawn_executor(processes: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> ProcessPoolExecutor:
+    """A ``spawn`` process pool of at most ``processes`` workers, started on demand by ``submit``/``map``:
+    call those inside ``hidden_main()``."""
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
+                               initargs=initargs)
 
-    ``Pool`` starts all its workers before returning, so hiding ``__main__`` for that long is enough.
-    """
+
+@contextlib.contextmanager
+def hidden_main() -> Iterator[None]:
+    """An empty ``__main__`` while worker processes start, so they do not import the caller's."""
     main = sys.modules.get("__main__")
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        return multiprocessing.get_context("spawn").Pool(processes, initializer, initargs)
+        yield
     finally:
         if main is not None:
             sys.modules["__main__"] = main
