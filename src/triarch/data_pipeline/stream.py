@@ -233,8 +233,9 @@ class TokenStream:
         if self.num_workers == 0:
             firsts = itertools.count(start, size) if steps is None else range(start, start + steps * size, size)
             for first in firsts:
+                rows = self._local_rows(first)
                 self._advance(first)
-                yield self._handed_out(self._local_rows(first))
+                yield self._handed_out(rows)
             return
         # each message carries a few steps of compact uint32 rows: far less overhead than a tensor each
         per_message = max(1, WORKER_MESSAGE_TOKENS // (self.local_batch_size * (self.seq_len + 1)))
