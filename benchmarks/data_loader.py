@@ -6,9 +6,10 @@
    LongTensor), and (b) Hugging Face ``datasets`` the way its Trainer consumes data (the same T + 1 token
    rows saved with ``save_to_disk``, loaded, ``with_format("torch")``, a shuffled torch ``DataLoader`` of
    the same batch size). All three hand out the same ``input_ids`` / ``labels`` LongTensors per step.
-2. Prepare throughput: triarch's prepare pipeline (what ``triarch prepare`` runs, 2 workers) on the stdlib
-   docstrings with a BPE trained on them, against ``Dataset.from_dict(...).map(batched=True, num_proc=2)``
-   with the same ``tokenizers`` tokenizer (ids + EOS) on the same text.
+2. Prepare throughput: triarch's prepare pipeline (what ``triarch prepare`` runs, 2 tokenizer threads in
+   one process) on the stdlib docstrings with a BPE trained on them, against
+   ``Dataset.from_dict(...).map(batched=True, num_proc=2)`` (2 processes) with the same ``tokenizers``
+   tokenizer (ids + EOS) on the same text. ``TOKENIZERS_PARALLELISM=false``: each side uses 2 cores.
 3. Data wait: the trainer's per-step data time at the tiny demo's shape over the tiny demo's measured step
    time (``examples/tiny.yaml`` model, one rank, ``NativeEngine.train_step``).
 4. Peak RSS of a fresh process streaming a whole epoch of a ~2 GB synthetic token set at T=2048.
@@ -402,7 +403,7 @@ def main() -> None:
     parser.add_argument("--tmp", type=Path, default=ROOT / "runs", help="where temporary token sets go")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # both prepare sides: 2 single-threaded processes
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # prepare: 2 threads vs 2 processes, 2 cores each
     if args.quick:
         args.tokens = min(args.tokens, 4 << 20)
         args.steps, args.repeats, args.prepare_repeats, args.prepare_scale = min(args.steps, 1000), 3, 1, 0
@@ -439,7 +440,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     # prepare first: datasets.map forks its workers, better before the engine's threads exist
     prep = prepare_throughput(work, args.prepare_repeats, args.prepare_scale)
     print(f"\n[2] prepare tokens/s, stdlib docstrings ({prep['documents']} docs, {prep['text_mb']:.2f} MB), the same "
-          f"2048-token BPE, 2 processes each side (triarch: Arrow shards + hashes + manifest)")
+          f"2048-token BPE, 2 cores each side (triarch: 2 threads, Arrow shards + hashes + manifest; "
+          f"datasets: 2 processes)")
     for key, part in ((k, v) for k, v in prep.items() if k.startswith("x")):
         what = "the docstrings" if key == "x1" else f"the docstrings x{key[1:]}"
         print(f"    {what} ({part['tokens']} tokens with EOS):")

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from triarch.config import config_from_dict, apply_overrides, validate_for_world
+from triarch.data_pipeline.stream import document_positions
 from triarch.engine.native import NativeEngine
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.parallel.topology import Topology
@@ -25,9 +26,17 @@ BASE = {
 }
 
 
+EOS = 0
+DOCUMENT_END_RATE = 0.15  # with data.document_masks: rows packed with several short documents
+
+
 def fixed_batch(step: int, cfg) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 + step)
-    return torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.model.seq_len + 1), generator=gen)
+    shape = (cfg.train.global_batch_size, cfg.model.seq_len + 1)
+    batch = torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
+    if cfg.data.document_masks:
+        batch[torch.rand(shape, generator=gen) < DOCUMENT_END_RATE] = EOS
+    return batch
 
 
 def main() -> None:
@@ -45,7 +54,10 @@ def main() -> None:
         batch = fixed_batch(step, cfg)
         rows = batch.shape[0] // topo.dp
         mine = batch[topo.dp_rank * rows:(topo.dp_rank + 1) * rows]
-        result = engine.train_step(mine[:, :-1], mine[:, 1:], step=step + 1)
+        positions = None
+        if cfg.data.document_masks:
+            positions = torch.from_numpy(document_positions(mine[:, :-1].numpy(), EOS))
+        result = engine.train_step(mine[:, :-1], mine[:, 1:], step=step + 1, position_ids=positions)
         losses.append(result.loss)
         norms.append(result.grad_norm)
     params = engine.full_parameters()

@@ -91,14 +91,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs Linux /proc")
 def test_killed_prepare_resumes_to_the_same_manifest(setup: tuple[Path, Path], reference: dict, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,16 +105,12 @@ def test_killed_prepare_resumes_to_the_same_manifest(setup: tuple[Path, Path], r
         if (out / JOURNAL_NAME).exists() and len(_journaled(out)) >= KILL_AFTER_SHARDS:
             break
         time.sleep(0.005)
-    workers = _children(proc.pid)
+    children = _children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (out / "manifest.json").exists(), "prepare finished before it could be killed"
-    assert workers, "no tokenizer worker processes were seen"
-    deadline = time.monotonic() + 10
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(_alive(w) for w in workers), "tokenizer workers outlived the killed prepare"
+    assert not children, "tokenizing should run on threads, leaving no process to outlive a killed prepare"
     with pytest.raises(DataError, match="no manifest"):
         read_manifest(out)
 

@@ -243,6 +243,39 @@ def test_pickled_stream_reads_the_same(folder: Path) -> None:
     assert not copy._spans and all(torch.equal(v, copy.batch_for_step(3)[k]) for k, v in expected.items())
 
 
+def test_random_access_on_one_stream_reads_the_right_windows(folder: Path) -> None:
+    """Steps read out of order on one stream (back and forth across blocks and epochs, so the block read
+    last is left and re-entered) are the windows ``origin`` names, cut from the epoch streams directly."""
+    stream = TokenStream(folder, "train", SEQ_LEN, global_batch_size=GLOBAL_BATCH, seed=3,
+                         shuffle_block=SHUFFLE_BLOCK)
+    epochs = [epoch_windows(folder, "train", stream.shard_order(e), SEQ_LEN)[0] for e in range(3)]
+
+    def expected(start: int, count: int) -> np.ndarray:
+        return np.stack([epochs[e][w] for _, e, w in (stream.origin(g) for g in range(start, start + count))])
+
+    steps = 2 * stream.windows_per_epoch[0] // GLOBAL_BATCH
+    for step in [0, steps - 1, 1, steps // 2, 2, steps // 2 + 1, steps // 2, 0, steps - 2, 3]:
+        rows = full_rows(stream.batch_for_step(step))
+        assert np.array_equal(rows, expected(step * GLOBAL_BATCH, GLOBAL_BATCH)), step
+    # a range over several blocks, then ranges inside its last block and inside its first
+    assert np.array_equal(stream.sequences(5, 3 * SHUFFLE_BLOCK), expected(5, 3 * SHUFFLE_BLOCK))
+    assert np.array_equal(stream.sequences(5 + 2 * SHUFFLE_BLOCK, 4), expected(5 + 2 * SHUFFLE_BLOCK, 4))
+    assert np.array_equal(stream.sequences(6, 4), expected(6, 4))
+
+
+def test_local_shards_are_memory_mapped_not_cached(folder: Path) -> None:
+    """A whole epoch from local shards leaves no cached record batches and at most two mapped shards."""
+    from triarch.data_pipeline.stream_source import MAX_MAPPED_SHARDS
+
+    stream = TokenStream(folder, "train", SEQ_LEN, global_batch_size=GLOBAL_BATCH, seed=3,
+                         shuffle_block=SHUFFLE_BLOCK)
+    for _ in stream.batches(stream.windows_per_epoch[0] // GLOBAL_BATCH):
+        pass
+    info = stream.sources[0].cache_info()
+    assert info["batches"] == info["bytes"] == 0 and 1 <= info["open_shards"] <= MAX_MAPPED_SHARDS, info
+    assert all(isinstance(handle, pa.MemoryMappedFile) for handle, _ in stream.sources[0]._files.values())
+
+
 def test_position_ids_restart_after_each_eos(folder: Path) -> None:
     stream = TokenStream(folder, "train", SEQ_LEN, global_batch_size=GLOBAL_BATCH, position_ids=True)
     for step in range(5):

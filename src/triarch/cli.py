@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--validation-fraction", type=float, default=0.05)
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet or Arrow column holding the text")
     prep.add_argument("--workers", type=_positive_int, default=None,
-                      help="tokenizer processes (default min(cores, 8))")
+                      help="tokenizer threads (default min(cores, 8))")
     prep.add_argument("--shard-tokens", type=_positive_int, default=None, help="tokens per shard (default 1Mi)")
     prep.add_argument("--batch-tokens", type=_positive_int, default=None,
                       help="tokens per Arrow record batch inside a shard (default 64Ki)")

@@ -141,7 +141,9 @@ class DataConfig(_Section):
     """Where the prepared token shards live and how the stream reads them.
 
     ``blend`` (optional) lists several prepared folders with weights for training; ``path`` is then only
-    used for evaluation. Paths may be local or fsspec URLs (``s3://bucket/prefix``).
+    used for evaluation. Paths may be local or fsspec URLs (``s3://bucket/prefix``). ``document_masks``
+    gives the model per-document position ids, so rotary positions restart and attention stays inside each
+    document packed into a row.
     """
 
     path: str = "data/pydocs"
@@ -151,6 +153,7 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0)
     shuffle_block: int | None = Field(None, gt=0)
     loader: Literal["default", "dali"] = "default"
+    document_masks: bool = False
 
     def train_datasets(self) -> list[tuple[str, float]]:
         """(path, weight) pairs the training stream blends."""

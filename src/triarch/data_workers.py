@@ -1,16 +1,20 @@
-"""Entry points of the worker processes of data preparation: tokenizing, and parsing docstrings.
+"""Entry points of the worker processes of data preparation: parsing docstrings (tokenizing uses threads).
 
 Workers are started with ``spawn``: forking a process that has loaded arbitrary libraries (threads,
 allocators, CUDA or DALI memory) can crash or hang the child, and ``prepare`` is also called from inside
 training scripts and test sessions. This module lives outside ``triarch.data_pipeline`` so a spawned worker
-imports only numpy, tokenizers and ast, not that package's heavier dependencies (torch). Workers are
-started as if from an interactive session: they need nothing from the caller's ``__main__``, and
-re-running it in each worker fails for scripts read from stdin and re-executes unguarded scripts.
+imports only ast, not that package's heavier dependencies (torch). Workers are started as if from an
+interactive session (``hidden_main``): they need nothing from the caller's ``__main__``, and re-running it
+in each worker fails for scripts read from stdin and re-executes unguarded scripts. The pool is a
+``ProcessPoolExecutor``, which never restarts a worker that died: the caller gets ``BrokenProcessPool``
+at once (``multiprocessing.Pool`` would start a replacement, this time importing the real ``__main__``,
+which for ``python -`` fails at start-up, again and again, while the caller waits forever).
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -18,30 +22,28 @@ import signal
 import sys
 import types
 from collections.abc import Callable, Iterator
-from itertools import chain
-from multiprocessing.pool import Pool
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import numpy as np
-from tokenizers import Tokenizer
 
 _PR_SET_PDEATHSIG = 1
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
-_tokenizer: Tokenizer | None = None
-_eos = 0
+
+def spawn_executor(processes: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> ProcessPoolExecutor:
+    """A ``spawn`` process pool of at most ``processes`` workers, started on demand by ``submit``/``map``:
+    call those inside ``hidden_main()``."""
+    return ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"), initializer=initializer,
+                               initargs=initargs)
 
 
-def spawn_pool(processes: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> Pool:
-    """A ``spawn`` pool of ``processes`` workers that do not import the caller's ``__main__``.
-
-    ``Pool`` starts all its workers before returning, so hiding ``__main__`` for that long is enough.
-    """
+@contextlib.contextmanager
+def hidden_main() -> Iterator[None]:
+    """An empty ``__main__`` while worker processes start, so they do not import the caller's."""
     main = sys.modules.get("__main__")
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
-        return multiprocessing.get_context("spawn").Pool(processes, initializer, initargs)
+        yield
     finally:
         if main is not None:
             sys.modules["__main__"] = main
@@ -57,34 +59,6 @@ def die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
-
-
-# --- tokenizing ------------------------------------------------------------------------------------------
-
-
-def encode_texts(tokenizer: Tokenizer, eos: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` with EOS appended to each: (flat uint32 values, int64 per-document lengths)."""
-    ids = [encoding.ids for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
-    for doc in ids:
-        doc.append(eos)
-    lengths = np.fromiter((len(doc) for doc in ids), dtype=np.int64, count=len(ids))
-    values = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
-    return values, lengths
-
-
-def init_tokenizer_worker(tokenizer_json: str, eos: int, parent: int) -> None:
-    """Pool initializer: this worker's own tokenizer."""
-    global _tokenizer, _eos
-    die_with_parent(parent)
-    _tokenizer = Tokenizer.from_str(tokenizer_json)
-    _eos = eos
-
-
-def encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """``encode_texts`` with the worker's tokenizer."""
-    if _tokenizer is None:
-        raise RuntimeError("tokenizer worker used before init_tokenizer_worker")
-    return encode_texts(_tokenizer, _eos, texts)
 
 
 # --- docstrings ------------------------------------------------------------------------------------------

@@ -108,6 +108,13 @@ class EpochLayout:
 
         return _remember(self._blocks, (epoch, block), make, _CACHED_BLOCKS)
 
+    def block_order(self, epoch: int, block: int) -> np.ndarray:
+        """The windows of ``block`` relative to its first, in the order epoch ``epoch`` reads them."""
+        if self.shuffle and self.shuffle_block > 1:
+            return self._permutation(epoch, block)
+        first, stop = self.block_windows(block)
+        return np.arange(stop - first, dtype=np.int64)
+
     def locate_runs(self, sequences: np.ndarray) -> list[tuple[int, int, slice, np.ndarray]]:
         """The dataset's ``sequences`` (ascending int64) as runs in one (epoch, shuffle block):
         ``(epoch, block, slice of sequences, their windows)``."""

@@ -1,11 +1,13 @@
-"""Prepare a corpus: tokenize in worker processes, append EOS, write Arrow shards per split, manifest last.
+"""Prepare a corpus: tokenize on worker threads, append EOS, write Arrow shards per split, manifest last.
 
-The parent process reads the documents in order, assigns each to a split, and sends batches of texts to
-tokenizer workers; results come back in submission order, so every split's token stream, and therefore
-every shard (see ``shard_writer``), is a deterministic function of the inputs, whatever the worker count.
+The calling thread reads the documents in order, assigns each to a split, and hands batches of texts to
+tokenizer threads (``tokenize_pool``); results come back in submission order, so every split's token
+stream, and therefore every shard (see ``shard_writer``), is a deterministic function of the inputs,
+whatever the worker count.
 
 A folder whose manifest exists is complete and never rewritten (a rerun with the same inputs returns at
-once; other inputs are a DataError). A folder without one is completed: shards recorded in the journal
+once; other inputs are a DataError). Writing holds the folder's lock (``folder_lock``): a second prepare
+into the same folder while one runs is a one-line DataError. A folder without one is completed: shards recorded in the journal
 (``journal``) whose files still hash right are kept and their documents are not tokenized again; other
 shard files are kept only if their bytes come out identical.
 """
@@ -28,6 +30,7 @@ from tokenizers import Tokenizer
 from triarch.data_pipeline.documents import DocumentStream, FileDocuments, TextDocuments
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, replace_atomically, temp_path
+from triarch.data_pipeline.folder_lock import prepare_lock
 from triarch.data_pipeline.journal import Journal
 from triarch.data_pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, manifest_path, read_manifest, write_manifest
 from triarch.data_pipeline.progress import Counters, Progress
@@ -69,11 +72,12 @@ def texts_sha256(texts: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _existing_manifest(out_dir: Path) -> dict[str, Any] | None:
+def _existing_manifest(out_dir: Path, *, upgrade: bool = False) -> dict[str, Any] | None:
     """The manifest of a completed folder; None if there is none, or if it is of an older format version.
 
-    A folder of an older format is prepared again in place (its manifest is removed first, so it reads as
-    unfinished until the new one is written); one that is unreadable or newer is a DataError.
+    A folder of an older format is prepared again in place (with ``upgrade``, under the folder's lock, its
+    manifest is removed first, so it reads as unfinished until the new one is written); one that is
+    unreadable or newer is a DataError.
     """
     path = manifest_path(out_dir)
     if not path.exists():
@@ -86,11 +90,24 @@ def _existing_manifest(out_dir: Path) -> dict[str, Any] | None:
         return read_manifest(out_dir)  # raises, naming the file
     version = recorded.get("format_version")
     if recorded.get("format") == FORMAT_NAME and isinstance(version, int) and version < FORMAT_VERSION:
-        log.warning("%s is of format version %d; preparing %s again in version %d", path, version, out_dir,
-                    FORMAT_VERSION)
-        path.unlink()
+        if upgrade:
+            log.warning("%s is of format version %d; preparing %s again in version %d", path, version, out_dir,
+                        FORMAT_VERSION)
+            path.unlink()
         return None
     return read_manifest(out_dir)
+
+
+def _prepared(out_dir: Path, check: Callable[[dict[str, Any]], None], *, upgrade: bool = False) -> bool:
+    """Whether ``out_dir`` is already prepared; ``check`` raises if it was prepared from other inputs.
+
+    Called once without the folder's lock (a finished folder may be read-only), then again under it: the
+    run that held it may have just finished."""
+    manifest = _existing_manifest(out_dir, upgrade=upgrade)
+    if manifest is None:
+        return False
+    check(manifest)
+    return True
 
 
 def _check_budgets(shard_tokens: int, batch_tokens: int) -> None:
@@ -265,7 +282,7 @@ def prepare_corpus(texts_by_split: Mapping[str, Sequence[str]], tokenizer_path: 
 
     Each document becomes one row of token ids ending with EOS; a shard closes at the first document end at
     or past ``shard_tokens`` tokens, a record batch inside it at the first past ``batch_tokens``. Blank texts
-    (and texts with lone surrogates) are skipped and counted. ``workers`` tokenizer processes (default
+    (and texts with lone surrogates) are skipped and counted. ``workers`` tokenizer threads (default
     min(cores, 8); 0 tokenizes in this process); ``progress``: see ``progress.Progress``. ``source`` is a
     JSON-able description stored in the manifest, ``split`` the manifest's description of how the texts
     were split (default ``{"method": "given", ...}``). Returns ``out_dir``; if its manifest exists and
@@ -279,12 +296,17 @@ def prepare_corpus(texts_by_split: Mapping[str, Sequence[str]], tokenizer_path: 
     load_tokenizer(tokenizer_path)  # a missing or malformed file is a DataError naming it
     tokenizer_sha = file_sha256(tokenizer_path)
     fingerprints = {name: texts_sha256(texts) for name, texts in texts_by_split.items()}
-    if (manifest := _existing_manifest(out_dir)) is not None:
+    def check(manifest: dict[str, Any]) -> None:
         _check_same_inputs(manifest, out_dir, tokenizer_sha, fingerprints, shard_tokens, batch_tokens)
+
+    if _prepared(out_dir, check):
         return out_dir
-    _write_corpus(TextDocuments(texts_by_split, split), tokenizer_path, out_dir, source=dict(source or {}),
-                  identity={"source": dict(source or {}), "texts": fingerprints}, shard_tokens=shard_tokens,
-                  batch_tokens=batch_tokens, workers=workers, progress=progress)
+    with prepare_lock(out_dir):
+        if _prepared(out_dir, check, upgrade=True):
+            return out_dir
+        _write_corpus(TextDocuments(texts_by_split, split), tokenizer_path, out_dir, source=dict(source or {}),
+                      identity={"source": dict(source or {}), "texts": fingerprints}, shard_tokens=shard_tokens,
+                      batch_tokens=batch_tokens, workers=workers, progress=progress)
     return out_dir
 
 
@@ -348,19 +370,24 @@ def prepare_files(inputs: Sequence[str | Path], out_dir: Path, *, tokenizer: Pat
         tokenizer = Path(tokenizer)
         load_tokenizer(tokenizer)
         tokenizer_sha = file_sha256(tokenizer)
-    if (manifest := _existing_manifest(out_dir)) is not None:
+    def check(manifest: dict[str, Any]) -> None:
         _check_same_inputs(manifest, out_dir, tokenizer_sha, None, shard_tokens, batch_tokens)
         _check_same_files(manifest, out_dir, request, [{"path": s.url, "bytes": s.size} for s in sources])
         log.info("%s is already prepared", out_dir)
+
+    if _prepared(out_dir, check):
         return out_dir
-    identity = {"source": request, "files": [s.identity() for s in sources]}
-    if tokenizer is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = _trained_tokenizer(out_dir, identity, vocab_size,
-                                       lambda: FileDocuments(sources, text_field, validation_fraction).train_texts())
-    _write_corpus(FileDocuments(sources, text_field, validation_fraction), tokenizer, out_dir, source=request,
-                  identity=identity, shard_tokens=shard_tokens, batch_tokens=batch_tokens, workers=workers,
-                  progress=progress)
+    with prepare_lock(out_dir):
+        if _prepared(out_dir, check, upgrade=True):
+            return out_dir
+        identity = {"source": request, "files": [s.identity() for s in sources]}
+        if tokenizer is None:
+            tokenizer = _trained_tokenizer(
+                out_dir, identity, vocab_size,
+                lambda: FileDocuments(sources, text_field, validation_fraction).train_texts())
+        _write_corpus(FileDocuments(sources, text_field, validation_fraction), tokenizer, out_dir, source=request,
+                      identity=identity, shard_tokens=shard_tokens, batch_tokens=batch_tokens, workers=workers,
+                      progress=progress)
     return out_dir
 
 
@@ -389,19 +416,23 @@ def prepare_pydocs(out_dir: Path, vocab_size: int = 4096, *, validation_fraction
     out_dir = Path(out_dir)
     _check_budgets(shard_tokens, batch_tokens)
     source = pydocs_source(vocab_size, validation_fraction, max_documents)
-    if (manifest := _existing_manifest(out_dir)) is not None:
+    def check(manifest: dict[str, Any]) -> None:
         if not _same_request(manifest["source"], source):
             raise DataError(f"{manifest_path(out_dir)} was prepared from source {manifest['source']}, "
                             f"asked for {source}")
         _check_same_inputs(manifest, out_dir, None, None, shard_tokens, batch_tokens)
+
+    if _prepared(out_dir, check):
         return out_dir
-    docs = stdlib_docstrings(max_documents, workers=workers)
-    splits = split_train_validation(docs, validation_fraction)
-    fingerprints = {name: texts_sha256(texts) for name, texts in splits.items()}
-    identity = {"source": source, "texts": fingerprints}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = _trained_tokenizer(out_dir, identity, vocab_size, lambda: splits[TRAIN])
-    documents = TextDocuments(splits, {"method": "content_sha256", "validation_fraction": validation_fraction})
-    _write_corpus(documents, tokenizer, out_dir, source=source, identity=identity,
-                  shard_tokens=shard_tokens, batch_tokens=batch_tokens, workers=workers, progress=progress)
+    with prepare_lock(out_dir):
+        if _prepared(out_dir, check, upgrade=True):
+            return out_dir
+        docs = stdlib_docstrings(max_documents, workers=workers)
+        splits = split_train_validation(docs, validation_fraction)
+        fingerprints = {name: texts_sha256(texts) for name, texts in splits.items()}
+        identity = {"source": source, "texts": fingerprints}
+        tokenizer = _trained_tokenizer(out_dir, identity, vocab_size, lambda: splits[TRAIN])
+        documents = TextDocuments(splits, {"method": "content_sha256", "validation_fraction": validation_fraction})
+        _write_corpus(documents, tokenizer, out_dir, source=source, identity=identity,
+                      shard_tokens=shard_tokens, batch_tokens=batch_tokens, workers=workers, progress=progress)
     return out_dir

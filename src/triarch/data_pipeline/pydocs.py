@@ -13,10 +13,12 @@ import itertools
 import os
 import sysconfig
 from collections.abc import Iterator
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.tokenize_pool import default_workers
-from triarch.data_workers import die_with_parent, file_docstrings, spawn_pool
+from triarch.data_workers import die_with_parent, file_docstrings, hidden_main, spawn_executor
 
 MIN_DOCSTRING_CHARS = 40
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"})
@@ -44,15 +46,18 @@ def iter_docstrings(root: Path, min_chars: int = MIN_DOCSTRING_CHARS, workers: i
 
     Duplicates are detected after collapsing whitespace; the first occurrence (sorted path, source order)
     is kept. Files are parsed by ``workers`` processes (default min(cores, 8)) but yielded in order, so the
-    result does not depend on ``workers``, and stopping early stops the parsing.
+    result does not depend on ``workers``, and stopping early stops the parsing. A worker process that dies
+    is a one-line DataError (see ``triarch.data_workers``), never a hang.
     """
     files = list(_python_files(root))
     workers = default_workers() if workers is None else workers
     seen: set[str] = set()
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(files) >= _PARALLEL_MIN_FILES:
-            pool = stack.enter_context(spawn_pool(workers, die_with_parent, (os.getpid(),)))
-            per_file = pool.imap(file_docstrings, files, chunksize=_FILES_PER_TASK)
+            pool = stack.enter_context(spawn_executor(workers, die_with_parent, (os.getpid(),)))
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # stopping early cancels the rest
+            with hidden_main():  # map submits every task now, which starts the workers
+                per_file = _worker_results(pool.map(file_docstrings, files, chunksize=_FILES_PER_TASK), workers)
         else:
             per_file = map(file_docstrings, files)
         for docs in per_file:
@@ -62,6 +67,15 @@ def iter_docstrings(root: Path, min_chars: int = MIN_DOCSTRING_CHARS, workers: i
                     continue
                 seen.add(key)
                 yield doc
+
+
+def _worker_results(results: Iterator[list[str]], workers: int) -> Iterator[list[str]]:
+    """``results`` of the docstring processes; a process that died is a one-line DataError."""
+    try:
+        yield from results
+    except BrokenProcessPool as exc:
+        raise DataError(f"a docstring parser process died ({exc}); parse in this process with workers=1 "
+                        f"(--workers 1) instead of {workers}") from None
 
 
 def docstrings_under(root: Path, min_chars: int = MIN_DOCSTRING_CHARS, workers: int | None = None) -> list[str]:

@@ -10,9 +10,12 @@ state is the count of consumed global sequences, so a run resumed on another DP 
 size) continues the same stream — no sequence twice, none skipped.
 
 Reading: a step's windows lie in one shuffle block (two at a block boundary); each block is a
-``stream_span.Span`` filled lazily from the record batches this rank's windows touch and read with one
-vectorized gather. Memory per dataset: two blocks (default 2M tokens each, 8 MiB; more only if a rank's
-rows outnumber a block's windows) plus a small record-batch cache, whatever the dataset's size.
+``stream_span.Span`` (one uint32 buffer, copied from memory-mapped local shards, or lazily from the remote
+record batches this rank's windows touch) whose windows are rows of a strided view. A step inside the
+block read last (nearly every step) is one slice of the block's permutation and one fancy index into a
+fresh uint32 array, cast once into the int64 ``input_ids`` and ``labels``. Memory per dataset: two blocks
+(default 2M tokens each, 8 MiB; more only if a rank's rows outnumber a block's windows) plus two mapped
+shards or a small record-batch cache, whatever the dataset's size.
 """
 
 from __future__ import annotations
@@ -110,13 +113,14 @@ class TokenStream:
         self.layouts = [EpochLayout(s.shard_tokens, seq_len, seed, d, shuffle=shuffle, shuffle_block=shuffle_block)
                         for d, s in enumerate(self.sources)]
         self._spans: OrderedDict[tuple[int, int, int], Span] = OrderedDict()
+        self._hot: _Block | None = None  # the one-dataset block read last: the fast path of ``_rows``
         # a step's rows of one dataset lie in 1 + ceil((rows - 1) / B) consecutive blocks; keep them all
         self._span_capacity = len(self.sources) * (2 + self.local_batch_size // shuffle_block)
         self.consumed_sequences = 0
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled (for spawned loader workers) without the filled block spans."""
-        return {**self.__dict__, "_spans": OrderedDict()}
+        return {**self.__dict__, "_spans": OrderedDict(), "_hot": None}
 
     def _check_sources(self) -> None:
         first = self.sources[0]
@@ -148,7 +152,15 @@ class TokenStream:
     def sequences(self, start: int, count: int, dtype: type = np.int64) -> np.ndarray:
         """Global sequences ``[start, start + count)`` as rows of ``seq_len + 1`` tokens."""
         _check(start >= 0 and count >= 0, f"sequence range start={start}, count={count} must be non-negative")
-        out = np.empty((count, self.seq_len + 1), dtype=dtype)
+        return self._rows(start, count).astype(dtype, copy=False)
+
+    def _rows(self, start: int, count: int) -> np.ndarray:
+        """Global sequences ``[start, start + count)`` as a new uint32 array of rows (the hot path)."""
+        hot = self._hot
+        if hot is not None and hot.lo <= start and start + count <= hot.hi:
+            return hot.span.rows(hot.windows[start - hot.lo:start - hot.lo + count])
+        self._hot = None
+        out = np.empty((count, self.seq_len + 1), dtype=np.uint32)
         if self.blend is None:
             self._fill(0, self.layouts[0].locate_range(start, count), out)
             return out
@@ -156,18 +168,24 @@ class TokenStream:
         for dataset in range(len(self.sources)):
             rows = np.flatnonzero(datasets == dataset)
             if len(rows):
-                part = np.empty((len(rows), self.seq_len + 1), dtype=dtype)
+                part = np.empty((len(rows), self.seq_len + 1), dtype=np.uint32)
                 self._fill(dataset, self.layouts[dataset].locate_runs(local[rows]), part)
                 out[rows] = part
         return out
 
     def _fill(self, dataset: int, located: list[tuple[int, int, slice, np.ndarray]], out: np.ndarray) -> None:
-        """Rows of ``dataset``'s located windows (runs within one epoch and block) into ``out``."""
+        """Rows of ``dataset``'s located windows (runs within one epoch and block) into ``out``; with one
+        dataset, the last block read becomes the hot one."""
         for epoch, block, part, windows in located:
-            self._span(dataset, epoch, block).gather(windows * self.seq_len, self.seq_len + 1, out[part])
+            span = self._span(dataset, epoch, block)
+            first, _ = self.layouts[dataset].block_windows(block)
+            out[part] = span.rows(windows - first)
+        if self.blend is None and located:
+            epoch, block = located[-1][:2]
+            self._hot = _Block(self.layouts[0], epoch, block, self._span(0, epoch, block))
 
     def _span(self, dataset: int, epoch: int, block: int) -> Span:
-        """The (lazily filled) tokens of one shuffle block of one epoch of ``dataset``."""
+        """The tokens of one shuffle block of one epoch of ``dataset``."""
         key = (dataset, epoch, block)
         span = self._spans.get(key)
         if span is None:
@@ -177,22 +195,20 @@ class TokenStream:
             layout = self.layouts[dataset]
             first, stop = layout.block_windows(block)
             order, starts = layout.stream(epoch)
-            span = Span(self.sources[dataset], order, starts, first * self.seq_len, stop * self.seq_len + 1,
-                        buffer=spare)
+            span = Span(self.sources[dataset], order, starts, first, stop - first, self.seq_len, buffer=spare)
             self._spans[key] = span
         else:
             self._spans.move_to_end(key)
         return span
 
-    def _local_rows(self, start: int, dtype: type = np.int64) -> np.ndarray:
-        """This rank's rows of the global batch that begins at global sequence ``start``."""
-        return self.sequences(start + self.dp_rank * self.local_batch_size, self.local_batch_size, dtype)
+    def _local_rows(self, start: int) -> np.ndarray:
+        """This rank's rows (uint32) of the global batch that begins at global sequence ``start``."""
+        return self._rows(start + self.dp_rank * self.local_batch_size, self.local_batch_size)
 
     def _as_batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         """``input_ids``, ``labels`` (and ``position_ids``) of rows of ``seq_len + 1`` tokens."""
-        inputs = np.ascontiguousarray(rows[:, :-1], dtype=np.int64)
-        batch = {"input_ids": torch.from_numpy(inputs),
-                 "labels": torch.from_numpy(np.ascontiguousarray(rows[:, 1:], dtype=np.int64))}
+        inputs = rows[:, :-1].astype(np.int64)
+        batch = {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(rows[:, 1:].astype(np.int64))}
         if self.position_ids:
             batch["position_ids"] = torch.from_numpy(document_positions(inputs, self.eos_id))
         return batch
@@ -215,21 +231,32 @@ class TokenStream:
         """Batches from the current position on (``steps`` of them, or forever), advancing the position."""
         start, size = self.consumed_sequences, self.global_batch_size
         if self.num_workers == 0:
-            indices = range(steps) if steps is not None else itertools.count()
-            chunks: Any = ((start + i * size, self._local_rows(start + i * size)[None]) for i in indices)
-        else:  # each message carries a few steps of compact int32 rows: far less overhead than a tensor each
-            per_message = max(1, WORKER_MESSAGE_TOKENS // (self.local_batch_size * (self.seq_len + 1)))
-            chunks = DataLoader(_Steps(self, start, steps, per_message), batch_size=None,
-                                num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
-                                collate_fn=_unchanged)
+            firsts = itertools.count(start, size) if steps is None else range(start, start + steps * size, size)
+            for first in firsts:
+                rows = self._local_rows(first)
+                self._advance(first)
+                yield self._handed_out(rows)
+            return
+        # each message carries a few steps of compact uint32 rows: far less overhead than a tensor each
+        per_message = max(1, WORKER_MESSAGE_TOKENS // (self.local_batch_size * (self.seq_len + 1)))
+        chunks = DataLoader(_Steps(self, start, steps, per_message), batch_size=None,
+                            num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
+                            collate_fn=_unchanged)
         for first, chunk in chunks:
             for i, rows in enumerate(chunk):
-                if first + i * size != self.consumed_sequences:
-                    raise DataError(f"stream position moved to {self.consumed_sequences} while an iterator was "
-                                    f"at {first + i * size}; start a new iterator after load_state_dict")
-                self.consumed_sequences += size
-                batch = self._as_batch(rows)
-                yield {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+                self._advance(first + i * size)
+                yield self._handed_out(rows)
+
+    def _advance(self, first: int) -> None:
+        """Count the step that begins at global sequence ``first`` as consumed (it must be the next one)."""
+        if first != self.consumed_sequences:
+            raise DataError(f"stream position moved to {self.consumed_sequences} while an iterator was "
+                            f"at {first}; start a new iterator after load_state_dict")
+        self.consumed_sequences += self.global_batch_size
+
+    def _handed_out(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = self._as_batch(rows)
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
     def _identity(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same tokens."""
@@ -254,6 +281,18 @@ class TokenStream:
         self.consumed_sequences = consumed
 
 
+class _Block:
+    """Shuffle block ``block`` of epoch ``epoch`` of a lone dataset: its sequences ``[lo, hi)`` are the block's
+    ``windows`` (block-relative, in stream order) of ``span``."""
+
+    def __init__(self, layout: EpochLayout, epoch: int, block: int, span: Span) -> None:
+        first, stop = layout.block_windows(block)
+        self.lo = epoch * layout.windows + first
+        self.hi = self.lo + stop - first
+        self.windows = layout.block_order(epoch, block)
+        self.span = span
+
+
 class _Steps(IterableDataset):
     """Worker w of W produces messages m ≡ w (mod W), each ``per_message`` consecutive steps from ``start``;
     the DataLoader takes its workers' messages round-robin, so steps arrive in order."""
@@ -271,7 +310,7 @@ class _Steps(IterableDataset):
             if count <= 0:
                 return
             first = self.start + first_step * size
-            yield first, np.stack([self.stream._local_rows(first + i * size, np.int32) for i in range(count)])
+            yield first, np.stack([self.stream._local_rows(first + i * size) for i in range(count)])
 
 
 def _unchanged(item: Any) -> Any:

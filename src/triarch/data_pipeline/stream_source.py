@@ -1,8 +1,11 @@
 """Lazy token reads from one split of a prepared folder, local or on any fsspec filesystem (s3://, gs://, ...).
 
-Only the manifest is read up front. Tokens are read one Arrow record batch at a time through an fsspec file
-handle (``pa.ipc.open_file(f).get_batch(i)``) and kept in a small LRU cache bounded in bytes, so memory
-stays flat however large the dataset is. Nothing is memory-mapped.
+Only the manifest is read up front. Tokens are read one Arrow record batch at a time
+(``pa.ipc.open_file(f).get_batch(i)``). A local shard is memory-mapped (``pa.memory_map``): a batch's tokens
+are a zero-copy view of the page cache, nothing is cached, and only a couple of shards stay mapped (their
+touched pages count as resident while mapped). A remote shard is read through an fsspec file handle and
+its batches are kept in a small LRU cache bounded in bytes. Either way memory stays flat however large the
+dataset is.
 
 A shard may hold any number of record batches. Their token counts come from the manifest entry's
 ``batch_tokens`` list (format 2, checked by ``manifest.validate_manifest``); a format-1 folder, prepared
@@ -36,6 +39,7 @@ from triarch.data_pipeline.manifest import FORMAT_NAME, MANIFEST_NAME, validate_
 TOKENS_COLUMN = "tokens"
 DEFAULT_CACHE_BYTES = 16 << 20
 MAX_OPEN_SHARDS = 8
+MAX_MAPPED_SHARDS = 2  # a block's fill walks its shards in order: each is mapped once per block
 REMOTE_READ_BLOCK_BYTES = 1 << 20  # one ranged GET covers a typical record batch and its header
 
 
@@ -83,6 +87,7 @@ class TokenSource:
         self.cache_bytes = cache_bytes
         self._pid = -1
         manifest = self._read_manifest()
+        self.local: bool = self._local  # memory-mapped, uncached reads (see the module docstring)
         if split not in manifest["splits"]:
             raise DataError(f"unknown split {split!r} in {self._where(MANIFEST_NAME)} "
                             f"(available: {', '.join(sorted(manifest['splits']))})")
@@ -157,9 +162,12 @@ class TokenSource:
             self._files.move_to_end(shard)
             return self._files[shard][1]
         file = self._entries[shard]["file"]
-        kwargs = {} if self._local else {"cache_type": "readahead", "block_size": REMOTE_READ_BLOCK_BYTES}
         try:
-            handle = self._fs.open(f"{self._root}/{file}", "rb", **kwargs)
+            if self._local:
+                handle = pa.memory_map(f"{self._root}/{file}", "r")
+            else:
+                handle = self._fs.open(f"{self._root}/{file}", "rb", cache_type="readahead",
+                                       block_size=REMOTE_READ_BLOCK_BYTES)
             reader = pa.ipc.open_file(handle)
         except (OSError, pa.ArrowInvalid) as exc:
             raise DataError(f"cannot read shard {self._where(file)}: {str(exc).splitlines()[0]}") from exc
@@ -168,7 +176,7 @@ class TokenSource:
                             f"{reader.schema.to_string(show_schema_metadata=False)!r}, expected "
                             f"{TOKENS_COLUMN}: list<uint32>")
         self._files[shard] = (handle, reader)
-        if len(self._files) > MAX_OPEN_SHARDS:
+        if len(self._files) > (MAX_MAPPED_SHARDS if self._local else MAX_OPEN_SHARDS):
             old_handle, _ = self._files.popitem(last=False)[1]
             old_handle.close()
         return reader
@@ -222,6 +230,8 @@ class TokenSource:
         if len(values) != starts[index + 1] - starts[index]:
             raise DataError(f"{self._where(self._entries[shard]['file'])} batch {index} holds {len(values)} "
                             f"tokens, expected {starts[index + 1] - starts[index]}")
+        if self._local:  # a view of the mapped file: caching it would only keep the mapping resident
+            return values
         self._cache[key] = values
         self._cached_bytes += values.nbytes
         while self._cached_bytes > self.cache_bytes and len(self._cache) > 1:

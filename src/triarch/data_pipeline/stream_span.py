@@ -1,10 +1,12 @@
-"""One shuffle block's stretch of an epoch stream, filled lazily, read with one vectorized gather per step.
+"""One shuffle block of an epoch stream in one buffer, its windows read as rows of a strided view.
 
-A shuffle block of B windows covers stream tokens [b·B·T, (b·B + n)·T + 1) (n ≤ B windows). Those tokens
-live in a run of record-batch pieces (a record batch clipped to the block). The span keeps one buffer the
-size of the block and copies a piece in only when a requested window first touches it, so a DP rank reads
-only the record batches its own windows need, and memory is bounded by the block size (pages never
-written are never resident). Windows are then rows of one fancy index: no Python loop per sequence.
+A shuffle block of n windows (first window f, sequence length T) covers stream tokens [f·T, (f + n)·T + 1).
+Those tokens live in a run of record-batch pieces (a record batch clipped to the block). The span keeps one
+buffer the size of the block. From a local (memory-mapped) source it copies every piece in at once, a
+plain memcpy per piece; from a remote source it copies a piece in only when a requested window first
+touches it, so a DP rank fetches only the record batches its own windows need (pages never written are
+never resident). Window w is row w - f of a zero-copy ``(n, T + 1)`` view with stride T, so a step's rows
+are one fancy index along the first axis: no Python loop and no index arithmetic per sequence.
 """
 
 from __future__ import annotations
@@ -17,16 +19,21 @@ from triarch.data_pipeline.stream_source import TokenSource
 
 
 class Span:
-    """Tokens ``[start, stop)`` of the stream concatenating ``source``'s shards in ``order``; ``buffer`` (a
-    retired span's, when large enough) is reused instead of allocating."""
+    """Windows ``[first, first + count)`` (``seq_len + 1`` tokens each, stride ``seq_len``) of the stream that
+    concatenates ``source``'s shards in ``order``; ``buffer`` (a retired span's, when large enough) is reused
+    instead of allocating."""
 
-    def __init__(self, source: TokenSource, order: list[int], order_starts: list[int], start: int, stop: int,
-                 buffer: np.ndarray | None = None) -> None:
+    def __init__(self, source: TokenSource, order: list[int], order_starts: list[int], first: int, count: int,
+                 seq_len: int, buffer: np.ndarray | None = None) -> None:
+        start, stop = first * seq_len, (first + count) * seq_len + 1
         self.source = source
-        self.start = start
+        self.seq_len = seq_len
         fits = buffer is not None and len(buffer) >= stop - start
         self.buffer = buffer if fits else np.empty(stop - start, dtype=np.uint32)
         self.tokens = self.buffer[:stop - start]
+        item = self.tokens.itemsize
+        self.windows = np.lib.stride_tricks.as_strided(self.tokens, shape=(count, seq_len + 1),
+                                                       strides=(seq_len * item, item), writeable=False)
         bounds, pieces = [0], []  # span-relative piece starts; (shard, batch, first token within the batch)
         position = bisect_right(order_starts, start) - 1
         while order_starts[position] < stop:
@@ -43,7 +50,9 @@ class Span:
         self.pieces = pieces
         self.filled = np.zeros(len(pieces), dtype=bool)
         self.unfilled = len(pieces)
-        self._columns = np.arange(0)
+        if source.local:  # a memcpy per piece from the page cache: cheaper than tracking what is needed
+            for piece in range(len(pieces)):
+                self._fill(piece)
 
     def _fill(self, piece: int) -> None:
         shard, batch, offset = self.pieces[piece]
@@ -52,14 +61,11 @@ class Span:
         self.filled[piece] = True
         self.unfilled -= 1
 
-    def gather(self, starts: np.ndarray, length: int, out: np.ndarray) -> None:
-        """``out[i] = tokens [starts[i], starts[i] + length)`` of the stream (absolute stream offsets)."""
-        relative = starts - self.start
+    def rows(self, windows: np.ndarray) -> np.ndarray:
+        """Rows of block-relative ``windows`` (int64 array) as a new ``(len(windows), seq_len + 1)`` uint32 array."""
         if self.unfilled:
-            self._fill_for(relative, length)
-        if len(self._columns) != length:
-            self._columns = np.arange(length)
-        out[...] = self.tokens[relative[:, None] + self._columns]
+            self._fill_for(windows * self.seq_len, self.seq_len + 1)
+        return self.windows[windows]
 
     def _fill_for(self, relative: np.ndarray, length: int) -> None:
         """Copy in the pieces that windows at span offsets ``relative`` touch and that are still missing."""

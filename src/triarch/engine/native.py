@@ -6,7 +6,9 @@ layout-independent initial weights.
 
 A training step takes this data-parallel rank's rows and a caller-supplied token loss that returns the
 sum over counted tokens; the engine normalizes by the global token count, so pretraining, SFT (masked
-labels) and later alignment losses share one step.
+labels) and later alignment losses share one step. Optional ``position_ids`` (per-document positions of
+packed rows) reach every chunk: the model then masks attention to each document (``models.llama``); with
+pipeline parallelism they go to every stage as a keyword argument the schedule splits per micro-batch.
 """
 
 from __future__ import annotations
@@ -137,11 +139,14 @@ class NativeEngine:
         return float(value) / max(global_tokens, 1)
 
     # ------------------------------------------------------------------------------------------
-    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, *, backward: bool) -> float:
+    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None, *,
+                          backward: bool) -> float:
         """Run every micro-batch of this rank; returns the unnormalized local loss sum (last stage)."""
         if self._schedule is not None:
             losses: list[torch.Tensor] = []
-            kwargs = {"target": labels, "losses": losses} if self.topo.is_last_stage else {}
+            kwargs: dict = {"target": labels, "losses": losses} if self.topo.is_last_stage else {}
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids
             args = (inputs,) if self.topo.is_first_stage else ()
             with self._loss_context(), self._precision_context():
                 if backward:
@@ -153,12 +158,13 @@ class NativeEngine:
         model = self.chunks[0]
         total = 0.0
         n = self.n_microbatches
-        for i, (x, y) in enumerate(zip(inputs.chunk(n), labels.chunk(n))):
+        positions = position_ids.chunk(n) if position_ids is not None else [None] * n
+        for i, (x, y, pos) in enumerate(zip(inputs.chunk(n), labels.chunk(n), positions)):
             if backward and hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(i == n - 1)
             with self._loss_context():
                 with self._precision_context():
-                    logits = model(x)
+                    logits = model(x) if pos is None else model(x, position_ids=pos)
                 loss_sum = self._loss_fn(logits, y)
                 if backward:
                     (loss_sum * self._loss_scale).backward()
@@ -166,15 +172,17 @@ class NativeEngine:
         return total
 
     def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum,
-                   *, step: int) -> StepResult:
-        """One optimizer step over this DP rank's rows (``inputs``/``labels``: micro-batches stacked)."""
+                   *, step: int, position_ids: torch.Tensor | None = None) -> StepResult:
+        """One optimizer step over this DP rank's rows (``inputs``/``labels``/``position_ids``: micro-batches
+        stacked; ``position_ids`` restrict attention to each packed document)."""
         for chunk in self.chunks:
             chunk.train()
         inputs, labels = inputs.to(self.topo.device), labels.to(self.topo.device)
+        position_ids = position_ids.to(self.topo.device) if position_ids is not None else None
         global_tokens = self._global_tokens(labels)
         self._loss_fn = loss_fn
         self._loss_scale = self.topo.dp / max(global_tokens, 1)
-        local_sum = self._forward_backward(inputs, labels, backward=True)
+        local_sum = self._forward_backward(inputs, labels, position_ids, backward=True)
         loss = self._reduce_loss(local_sum, global_tokens)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
@@ -189,15 +197,17 @@ class NativeEngine:
         return StepResult(loss=loss, grad_norm=norm, lr=lr, tokens=global_tokens)
 
     @torch.no_grad()
-    def eval_loss(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum) -> float:
+    def eval_loss(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum, *,
+                  position_ids: torch.Tensor | None = None) -> float:
         """Mean token loss over the global batch whose DP slice is given (forward only)."""
         for chunk in self.chunks:
             chunk.eval()
         inputs, labels = inputs.to(self.topo.device), labels.to(self.topo.device)
+        position_ids = position_ids.to(self.topo.device) if position_ids is not None else None
         global_tokens = self._global_tokens(labels)
         self._loss_fn = loss_fn
         self._loss_scale = 1.0
-        local_sum = self._forward_backward(inputs, labels, backward=False)
+        local_sum = self._forward_backward(inputs, labels, position_ids, backward=False)
         return self._reduce_loss(local_sum, global_tokens)
 
     def full_parameters(self) -> dict[str, torch.Tensor]:

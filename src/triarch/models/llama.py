@@ -3,6 +3,11 @@
 No parallelism lives here. Tensor parallelism may shard the projections (the attention reads the local
 head count from the tensor shapes), and pipeline parallelism may drop layers, the embedding, or the head:
 each missing piece is ``None`` and is skipped in ``forward``.
+
+``forward`` optionally takes ``position_ids`` (batch, seq) for rows packed with several documents, whose
+positions restart at 0 where each document starts: rotary embeddings then use those positions, and
+attention is restricted to earlier tokens of the same document (a block-diagonal causal mask), so each
+document is computed exactly as if it were alone in its row.
 """
 
 from __future__ import annotations
@@ -41,13 +46,28 @@ def rotary_table(head_dim: int, max_seq_len: int, theta: float, device: torch.de
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
 
-def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate (batch, seq, heads, head_dim) by the table rows for positions 0..seq-1 (half-split pairs)."""
-    seq = x.shape[1]
-    cos = table[:seq, :, 0][None, :, None, :].to(x.dtype)
-    sin = table[:seq, :, 1][None, :, None, :].to(x.dtype)
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate (batch, seq, heads, head_dim) by ``rope`` (half-split pairs): the cos/sin table, read at
+    positions 0..seq-1, or per-token rows (batch, seq, head_dim // 2, 2) from ``rotary_rows``."""
+    rows = rope[None, :x.shape[1]] if rope.dim() == 3 else rope
+    cos = rows[..., 0][:, :, None, :].to(x.dtype)
+    sin = rows[..., 1][:, :, None, :].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def rotary_rows(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """The table rows of each token's position: (batch, seq, head_dim // 2, 2)."""
+    return table[position_ids]
+
+
+def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean (batch, 1, seq, seq) attention mask: query i sees key j when j <= i and no document starts
+    (position id 0) after j up to i, i.e. both lie in the same document."""
+    documents = (position_ids == 0).cumsum(dim=1)
+    seq = position_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -65,7 +85,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention through scaled_dot_product_attention."""
+    """Causal grouped-query attention through scaled_dot_product_attention (``mask``: see ``document_mask``)."""
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
@@ -75,14 +95,18 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        gqa = q.shape[1] != k.shape[1]
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -109,16 +133,17 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), rope, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Llama(nn.Module):
     """Token embedding, a stack of blocks keyed by their global index, final norm, output head.
 
-    ``forward`` takes token ids (first pipeline stage) or hidden states (later stages) and returns
-    hidden states, or logits when the head is present.
+    ``forward`` takes token ids (first pipeline stage) or hidden states (later stages), and optionally
+    per-document ``position_ids`` (module docstring), and returns hidden states, or logits when the head is
+    present.
     """
 
     def __init__(self, args: LlamaArgs) -> None:
@@ -136,11 +161,14 @@ class Llama(nn.Module):
         """Recompute non-persistent buffers (after materializing from the meta device)."""
         self.rope = rotary_table(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope.device)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        rope, mask = self.rope, None
+        if position_ids is not None:
+            rope, mask = rotary_rows(self.rope, position_ids), document_mask(position_ids)
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(h)
         for layer in self.layers.values():
-            h = layer(h, self.rope)
+            h = layer(h, rope, mask)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -48,7 +48,8 @@ def train_stream(cfg: TriarchConfig, topo: Topology) -> TokenStream:
     d = cfg.data
     return TokenStream(d.train_datasets(), d.train_split, cfg.model.seq_len,
                        global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed, dp_rank=topo.dp_rank,
-                       dp_size=topo.dp, num_workers=d.num_workers, shuffle_block=d.shuffle_block)
+                       dp_size=topo.dp, num_workers=d.num_workers, shuffle_block=d.shuffle_block,
+                       position_ids=d.document_masks)
 
 
 class Evaluator:
@@ -57,7 +58,8 @@ class Evaluator:
     def __init__(self, cfg: TriarchConfig, topo: Topology) -> None:
         size = cfg.train.global_batch_size
         self.stream = TokenStream(cfg.data.path, cfg.data.eval_split, cfg.model.seq_len, global_batch_size=size,
-                                  seed=cfg.train.seed, dp_rank=topo.dp_rank, dp_size=topo.dp, shuffle=False)
+                                  seed=cfg.train.seed, dp_rank=topo.dp_rank, dp_size=topo.dp, shuffle=False,
+                                  position_ids=cfg.data.document_masks)
         available = self.stream.windows_per_epoch[0]
         self.n_batches = max(1, min(cfg.train.eval_batches, available // size))
         if available < size:
@@ -67,7 +69,7 @@ class Evaluator:
         losses = []
         for i in range(self.n_batches):
             batch = self.stream.batch_for_step(i)
-            losses.append(engine.eval_loss(batch["input_ids"], batch["labels"]))
+            losses.append(engine.eval_loss(batch["input_ids"], batch["labels"], position_ids=batch.get("position_ids")))
         return sum(losses) / len(losses)
 
 
@@ -111,7 +113,8 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
             manager.poll()
             start = time.perf_counter()
             batch = next(batches)
-            result = engine.train_step(batch["input_ids"], batch["labels"], step=step)
+            result = engine.train_step(batch["input_ids"], batch["labels"], step=step,
+                                       position_ids=batch.get("position_ids"))
             synchronize(device)
             meter.update(tokens_per_step, time.perf_counter() - start)
             if step == 1:
