@@ -1,21 +1,21 @@
-"""DALI stage: the same batches as the default path, clean end, clear errors, throughput printed."""
+"""DALI stage: the same batches as the default path, clean end, clear errors (speed: benchmarks/dali_stage.py)."""
 
 from __future__ import annotations
 
 import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
 
-from triarch.data_pipeline import DataError, PackedTokenDataset, dp_slice, prepare_corpus, train_byte_level_bpe
+from triarch.data_pipeline import DataError, prepare_corpus, train_byte_level_bpe
 from triarch.data_pipeline.dali_stage import DaliStage, loader_stage
+from triarch.data_pipeline.stream import TokenStream
 
 SEQ_LEN = 32
 GLOBAL_BATCH = 8
 STEPS = 6
-THROUGHPUT_ROWS, THROUGHPUT_SEQ_LEN, THROUGHPUT_STEPS = 8, 2048, 40
 
 
 @pytest.fixture
@@ -29,21 +29,20 @@ def _texts(count: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory: pytest.TempPathFactory) -> PackedTokenDataset:
+def packed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dali_tokens")
     texts = _texts(400)
     tokenizer_path = root / "tok" / "tokenizer.json"
     train_byte_level_bpe(texts, 300, tokenizer_path)
     prepare_corpus({"train": texts}, tokenizer_path, root / "data", shard_tokens=2_000)
-    return PackedTokenDataset(root / "data", "train", SEQ_LEN, seed=3)
+    return root / "data"
 
 
-def _default_steps(dataset: PackedTokenDataset, dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The default path: this rank's rows of each global batch as a per-step dict."""
-    positions = torch.arange(SEQ_LEN).expand(GLOBAL_BATCH // dp_size, SEQ_LEN)
-    for step in range(STEPS):
-        rows = dp_slice(dataset.global_batch(step, GLOBAL_BATCH), dp_rank, dp_size)
-        yield {"input_ids": rows[:, :-1], "labels": rows[:, 1:], "position_ids": positions}
+def _default_steps(data: Path, dp_rank: int, dp_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The default path the trainer uses: this rank's batches of the token stream (with document positions)."""
+    stream = TokenStream(str(data), "train", SEQ_LEN, global_batch_size=GLOBAL_BATCH, seed=3, dp_rank=dp_rank,
+                         dp_size=dp_size, position_ids=True)
+    yield from stream.batches(STEPS)
 
 
 def _assert_same(got: list[dict[str, torch.Tensor]], want: list[dict[str, torch.Tensor]]) -> None:
@@ -58,7 +57,7 @@ def _assert_same(got: list[dict[str, torch.Tensor]], want: list[dict[str, torch.
 
 @pytest.mark.parametrize("dp_rank,dp_size", [(0, 1), (1, 2)])
 @pytest.mark.parametrize("prefetch", [1, 3])
-def test_dali_delivers_default_batches(dali: object, packed: PackedTokenDataset, dp_rank: int, dp_size: int,
+def test_dali_delivers_default_batches(dali: object, packed: Path, dp_rank: int, dp_size: int,
                                        prefetch: int) -> None:
     want = [{k: v.clone() for k, v in b.items()} for b in _default_steps(packed, dp_rank, dp_size)]
     got = list(DaliStage(_default_steps(packed, dp_rank, dp_size), device="cpu", prefetch_queue_depth=prefetch))
@@ -116,35 +115,9 @@ def test_missing_dali_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "\n" not in str(info.value)
 
 
-def test_dali_throughput_vs_plain(dali: object, packed: PackedTokenDataset,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
-    """Prints tokens/s of the default path and of the same path through DALI (training shape; no assert)."""
-    dataset = PackedTokenDataset(packed.path, "train", THROUGHPUT_SEQ_LEN, seed=5)
-
-    def steps() -> Iterator[dict[str, torch.Tensor]]:
-        for step in range(THROUGHPUT_STEPS):
-            rows = dataset.global_batch(step, THROUGHPUT_ROWS)
-            yield {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
-
-    def rate(make: Callable[[], Iterable[dict[str, torch.Tensor]]]) -> float:
-        best = 0.0
-        for _ in range(2):
-            start = time.perf_counter()
-            count = sum(int(b["input_ids"].numel()) for b in make())
-            best = max(best, count / (time.perf_counter() - start))
-        return best
-
-    plain = rate(steps)
-    staged = rate(lambda: DaliStage(steps(), device="cpu"))
-    with capsys.disabled():
-        print(f"\nbatches ({THROUGHPUT_ROWS}, {THROUGHPUT_SEQ_LEN}): default path {plain:,.0f} tokens/s, "
-              f"through DALI (cpu) {staged:,.0f} tokens/s, ratio {staged / plain:.2f}")
-    assert staged > 0 and plain > 0
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_dali_gpu_output(dali: object, packed: PackedTokenDataset) -> None:
+def test_dali_gpu_output(dali: object, packed: Path) -> None:
     want = [{k: v.clone() for k, v in b.items()} for b in _default_steps(packed, 0, 1)]
     got = list(DaliStage(_default_steps(packed, 0, 1), device="gpu"))
     assert all(t.is_cuda for b in got for t in b.values())
