@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
@@ -220,7 +219,3 @@ def _scalar(value: torch.Tensor) -> float:
         value = value.full_tensor()
     return float(value.detach())
 
-
-def modules_of(engine: NativeEngine) -> list[nn.Module]:
-    """The model chunks, for callers that only need nn.Module access."""
-    return list(engine.chunks)
