@@ -62,7 +62,16 @@ class ModelConfig(_Section):
 
 
 class ParallelConfig(_Section):
-    """Layout: pp x dp_replicate x dp_shard x tp ranks (tp innermost). dp_shard=-1 fills the world."""
+    """Layout: pp x dp_replicate x dp_shard x tp ranks (tp innermost). dp_shard=-1 fills the world.
+
+    ``dp_grad_sync`` says when data-parallel gradients are reduced during gradient accumulation:
+    ``every_microbatch`` reduce-scatters after each micro-batch, so only sharded gradients are held;
+    ``last_microbatch`` skips the sync until the last micro-batch, saving n_micro - 1 reductions but holding
+    the unsharded fp32 gradient of the whole stage (4 bytes per parameter / tp) between micro-batches;
+    ``auto`` is every_microbatch when gradients are sharded (dp_shard > 1), else last_microbatch (a
+    replicated gradient is full-size either way). With pp > 1, torch's pipeline schedules always reduce
+    after the last micro-batch.
+    """
 
     tp: int = Field(1, gt=0)
     pp: int = Field(1, gt=0)
@@ -71,6 +80,7 @@ class ParallelConfig(_Section):
     sequence_parallel: bool = True
     virtual_stages: int = Field(1, gt=0)
     schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"] = "1f1b"
+    dp_grad_sync: Literal["auto", "every_microbatch", "last_microbatch"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelConfig":

@@ -28,6 +28,7 @@ from triarch.checkpointing.commit import CheckpointError, read_commit, verify, w
 from triarch.checkpointing.offline import tensor_metadata
 from triarch.checkpointing.state import engine_state, load_scheduler_state, scheduler_state
 from triarch.engine.native import NativeEngine
+from triarch.parallel.process_groups import host_group as default_host_group
 
 log = logging.getLogger("triarch.checkpoint")
 
@@ -113,13 +114,18 @@ class CheckpointManager:
     With ``async_save`` the loop is blocked only while the state is staged (copied); DCP writes in a
     background thread over a dedicated gloo group, and the step is committed at the first step boundary
     where every rank's write has finished (``poll``). A new save first waits for the previous one.
+
+    Agreements between ranks (a save failed, a write finished, which step to load) and DCP's own planning
+    run on ``host_group``, a gloo group (the default one may be NCCL, which cannot reduce CPU tensors).
     """
 
-    def __init__(self, run_dir: Path, *, keep: int, keep_every: int = 0, async_save: bool = False) -> None:
+    def __init__(self, run_dir: Path, *, keep: int, keep_every: int = 0, async_save: bool = False,
+                 host_group: dist.ProcessGroup | None = None) -> None:
         if keep < 2:
             raise ValueError(f"checkpoint.keep ({keep}) must be at least 2")
         self.dir = Path(run_dir) / "checkpoints"
         self.keep, self.keep_every, self.async_save = keep, keep_every, async_save
+        self._host = host_group if host_group is not None else default_host_group()
         self._group = dist.new_group(backend="gloo") if async_save else None
         self._stager = _persistent_stager() if async_save else None
         self._pending: tuple[int, Path, dict[str, Any], Future] | None = None
@@ -138,7 +144,7 @@ class CheckpointManager:
             if step_dir.exists():  # an uncommitted leftover of a killed save of the same step
                 shutil.rmtree(step_dir)
             (step_dir / "rng").mkdir(parents=True)
-        dist.barrier()
+        dist.barrier(group=self._host)
         commit_info = {"step": step, "world_size": dist.get_world_size(), "layout": trainer_state.get("layout")}
         error = None
         try:
@@ -152,7 +158,7 @@ class CheckpointManager:
                                         async_stager=self._stager)
                 self._pending = (step, step_dir, commit_info, future)
             else:
-                dcp.save(engine_state(engine), checkpoint_id=str(step_dir))
+                dcp.save(engine_state(engine), checkpoint_id=str(step_dir), process_group=self._host)
         except (Exception, CheckpointException) as err:  # OSError from our files; DCP: any rank's failure
             error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
         self._agree_or_raise(error)
@@ -166,7 +172,7 @@ class CheckpointManager:
         if self._pending is None:
             return
         done = torch.tensor(int(self._pending[3].done()))
-        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._host)
         if int(done):
             self._finish_pending()
 
@@ -189,16 +195,16 @@ class CheckpointManager:
     def _agree_or_raise(self, error: str | None) -> None:
         """Every rank raises when any rank failed (so none waits forever at a barrier)."""
         flag = torch.tensor(int(error is not None))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host)
         if int(flag):
             raise CheckpointError(error or "a checkpoint save failed on another rank; see its log")
 
     def _commit(self, step_dir: Path, info: dict[str, Any]) -> None:
-        dist.barrier()  # every rank's files are on disk
+        dist.barrier(group=self._host)  # every rank's files are on disk
         if dist.get_rank() == 0:
             write_commit(step_dir, info)
             self._apply_retention()
-        dist.barrier()
+        dist.barrier(group=self._host)
 
     def _apply_retention(self) -> None:
         committed = [s for s in list_steps(self.dir) if s.committed]
@@ -223,7 +229,7 @@ class CheckpointManager:
                     continue
                 choice[0] = (info.step, str(info.path))
                 break
-        dist.broadcast_object_list(choice, src=0)
+        dist.broadcast_object_list(choice, src=0, group=self._host)
         if choice[0] is None:
             return None
         return StepInfo(choice[0][0], Path(choice[0][1]), True)
@@ -243,7 +249,7 @@ class CheckpointManager:
         if not any(k.startswith("optim.") for k in saved_keys):  # weights only (e.g. imported): fresh optimizer
             state = {k: v for k, v in state.items() if k.startswith("model.")}
         try:
-            dcp.load(state, checkpoint_id=str(info.path))
+            dcp.load(state, checkpoint_id=str(info.path), process_group=self._host)
         except Exception as err:  # DCP wraps per-rank failures (shape mismatch, unreadable shard) in one error
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"loading {info.path} failed: {first}") from None

@@ -30,7 +30,7 @@ from triarch.parallel.init import full_parameters, materialize
 from triarch.parallel.pipeline import build_chunk, build_schedule, chunk_specs
 from triarch.parallel.tensor_parallel import apply_tensor_parallel
 from triarch.parallel.topology import Topology
-from triarch.training.grad_norm import clip_gradients, global_grad_norm, settle_partial_grads
+from triarch.training.grad_norm import GradNormer, clip_factor, scale_gradients, settle_partial_grads
 from triarch.training.loss import IGNORE_INDEX, TokenLossFn, cross_entropy_sum
 from triarch.training.optimizer import build_optimizer, build_scheduler
 
@@ -47,6 +47,7 @@ class StepResult:
     grad_norm: float
     lr: float
     tokens: int
+    stop: bool = False
 
 
 def llama_args(cfg: TriarchConfig) -> LlamaArgs:
@@ -90,6 +91,7 @@ class NativeEngine:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self._loss_fn: TokenLossFn = cross_entropy_sum
         self._loss_scale = 1.0
+        self._grad_normer = GradNormer(self.chunks, topo)
         self._schedule = None
         if topo.pp > 1:
             self._schedule = build_schedule(
@@ -125,25 +127,25 @@ class NativeEngine:
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self._loss_fn(output, target) * self._loss_scale
 
-    def _global_tokens(self, labels: torch.Tensor) -> int:
-        count = torch.tensor(int((labels != IGNORE_INDEX).sum()), dtype=torch.int64, device=self.topo.device)
-        dist.all_reduce(count, group=self.topo.dp_mesh.get_group())
-        return int(count)
+    def _sync_every_microbatch(self) -> bool:
+        mode = self.cfg.parallel.dp_grad_sync
+        return mode == "every_microbatch" or (mode == "auto" and self.topo.dp_shard > 1)
 
-    def _reduce_loss(self, local_sum: float, global_tokens: int) -> float:
-        """Sum of the loss over the global batch / global tokens, counted once per (dp, last stage, tp0)."""
-        counts = self.topo.is_last_stage and self.topo.tp_rank == 0
-        value = torch.tensor(local_sum if counts else 0.0, dtype=torch.float64, device=self.topo.device)
-        dist.all_reduce(value)
-        return float(value) / max(global_tokens, 1)
+    def _global_token_count(self, labels: torch.Tensor) -> torch.Tensor:
+        """Counted label positions of the whole global batch: a device tensor, never read back here."""
+        count = (labels != IGNORE_INDEX).sum()
+        dist.all_reduce(count, group=self.topo.dp_mesh.get_group())
+        return count
 
     # ------------------------------------------------------------------------------------------
     def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None, *,
-                          backward: bool) -> float:
-        """Run every micro-batch of this rank; returns the unnormalized local loss sum (last stage)."""
+                          backward: bool) -> torch.Tensor | None:
+        """Run every micro-batch of this rank; returns the unnormalized local loss sum (last stage) as a
+        device tensor, or None on stages without the head."""
+        micro_losses: list[torch.Tensor] = []
         if self._schedule is not None:
-            losses: list[torch.Tensor] = []
-            kwargs: dict = {"target": labels, "losses": losses} if self.topo.is_last_stage else {}
+            scaled: list[torch.Tensor] = []
+            kwargs: dict = {"target": labels, "losses": scaled} if self.topo.is_last_stage else {}
             if position_ids is not None:
                 kwargs["position_ids"] = position_ids
             args = (inputs,) if self.topo.is_first_stage else ()
@@ -152,48 +154,79 @@ class NativeEngine:
                     self._schedule.step(*args, **kwargs)
                 else:
                     self._schedule.eval(*args, **kwargs)
-            return sum(_scalar(l) for l in losses) / self._loss_scale if losses else 0.0
+            # the schedule keeps each micro-batch's loss as returned by _pipeline_loss (scaled)
+            micro_losses = [_local_value(l.detach()).double() / self._loss_scale for l in scaled]
+        else:
+            model = self.chunks[0]
+            n = self.n_microbatches
+            positions = position_ids.chunk(n) if position_ids is not None else [None] * n
+            sync_each = self._sync_every_microbatch()
+            for i, (x, y, pos) in enumerate(zip(inputs.chunk(n), labels.chunk(n), positions)):
+                if backward and hasattr(model, "set_requires_gradient_sync"):
+                    model.set_requires_gradient_sync(sync_each or i == n - 1)
+                with self._loss_context():
+                    with self._precision_context():
+                        logits = model(x) if pos is None else model(x, position_ids=pos)
+                    loss_sum = self._loss_fn(logits, y)
+                    if backward:
+                        (loss_sum * self._loss_scale).backward()
+                micro_losses.append(_local_value(loss_sum.detach()).double())
+        return torch.stack(micro_losses).sum() if micro_losses else None
 
-        model = self.chunks[0]
-        total = 0.0
-        n = self.n_microbatches
-        positions = position_ids.chunk(n) if position_ids is not None else [None] * n
-        for i, (x, y, pos) in enumerate(zip(inputs.chunk(n), labels.chunk(n), positions)):
-            if backward and hasattr(model, "set_requires_gradient_sync"):
-                model.set_requires_gradient_sync(i == n - 1)
-            with self._loss_context():
-                with self._precision_context():
-                    logits = model(x) if pos is None else model(x, position_ids=pos)
-                loss_sum = self._loss_fn(logits, y)
-                if backward:
-                    (loss_sum * self._loss_scale).backward()
-            total += _scalar(loss_sum)
-        return total
+    def _agree(self, local_sum: torch.Tensor | None, tokens: torch.Tensor, *extra: torch.Tensor) -> list[float]:
+        """One world all-reduce of [loss sum, global tokens, *extra] and the step's one device->host read.
+
+        The loss sum is counted once per (data-parallel rank, last stage, tp rank 0); the token count (already
+        summed over DP) is contributed by rank 0 only.
+        """
+        zero = torch.zeros((), dtype=torch.float64, device=self.topo.device)
+        counts = self.topo.is_last_stage and self.topo.tp_rank == 0 and local_sum is not None
+        fused = torch.stack([local_sum if counts else zero,
+                             tokens.double() if dist.get_rank() == 0 else zero,
+                             *(e.double() for e in extra)])
+        dist.all_reduce(fused)
+        return fused.tolist()
 
     def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum,
-                   *, step: int, position_ids: torch.Tensor | None = None) -> StepResult:
+                   *, step: int, position_ids: torch.Tensor | None = None, stop_requested: bool = False) -> StepResult:
         """One optimizer step over this DP rank's rows (``inputs``/``labels``/``position_ids``: micro-batches
-        stacked; ``position_ids`` restrict attention to each packed document)."""
+        stacked; ``position_ids`` restrict attention to each packed document).
+
+        ``stop_requested`` (this rank's stop flag) is agreed in the same all-reduce as the loss and the
+        gradient norm; ``StepResult.stop`` is True on every rank when any rank asked.
+
+        The backward runs with a loss scale known on the host (as if every label counted); the true
+        normalisation by the global count of counted tokens is applied to the gradients afterwards, with
+        clipping, in one foreach kernel. So the step reads the device once, after its fused all-reduce.
+        """
         for chunk in self.chunks:
             chunk.train()
         inputs, labels = inputs.to(self.topo.device), labels.to(self.topo.device)
         position_ids = position_ids.to(self.topo.device) if position_ids is not None else None
-        global_tokens = self._global_tokens(labels)
+        tokens = self._global_token_count(labels)
         self._loss_fn = loss_fn
-        self._loss_scale = self.topo.dp / max(global_tokens, 1)
+        all_labels = labels.numel() * self.topo.dp  # label positions of the global batch: a host figure
+        # DP reduction averages over dp ranks, so dp / all_labels makes the gradient (sum of token losses) /
+        # all_labels; the factor all_labels / tokens below turns it into the mean over counted tokens
+        self._loss_scale = self.topo.dp / all_labels
         local_sum = self._forward_backward(inputs, labels, position_ids, backward=True)
-        loss = self._reduce_loss(local_sum, global_tokens)
+        settle_partial_grads(self.chunks)
+        square = self._grad_normer.local_square_sum()
+        stop = torch.tensor(float(stop_requested), dtype=torch.float64, device=self.topo.device)
+        loss_sum, n_tokens, square_sum, stops = self._agree(local_sum, tokens, square, stop)
+        n_tokens = int(n_tokens)
+        loss = loss_sum / max(n_tokens, 1)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping before the optimizer step")
-        settle_partial_grads(self.chunks)
-        norm = global_grad_norm(self.chunks, self.topo)
-        clip_gradients(self.chunks, norm, self.cfg.train.grad_clip)
+        to_mean = all_labels / max(n_tokens, 1)
+        norm = math.sqrt(square_sum) * to_mean
+        scale_gradients(self._grad_normer.grads(), to_mean * clip_factor(norm, self.cfg.train.grad_clip))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=norm, lr=lr, tokens=global_tokens)
+        return StepResult(loss=loss, grad_norm=norm, lr=lr, tokens=n_tokens, stop=stops > 0)
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum, *,
@@ -203,19 +236,18 @@ class NativeEngine:
             chunk.eval()
         inputs, labels = inputs.to(self.topo.device), labels.to(self.topo.device)
         position_ids = position_ids.to(self.topo.device) if position_ids is not None else None
-        global_tokens = self._global_tokens(labels)
+        tokens = self._global_token_count(labels)
         self._loss_fn = loss_fn
         self._loss_scale = 1.0
         local_sum = self._forward_backward(inputs, labels, position_ids, backward=False)
-        return self._reduce_loss(local_sum, global_tokens)
+        loss_sum, n_tokens = self._agree(local_sum, tokens)
+        return loss_sum / max(int(n_tokens), 1)
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Full (gathered) parameters of this rank's chunks keyed by canonical name (collective)."""
         return full_parameters(list(self.chunks))
 
 
-def _scalar(value: torch.Tensor) -> float:
-    if isinstance(value, DTensor):
-        value = value.full_tensor()
-    return float(value.detach())
-
+def _local_value(value: torch.Tensor) -> torch.Tensor:
+    """A loss as a plain device tensor (a DTensor loss from the vocabulary-parallel loss is gathered)."""
+    return value.full_tensor() if isinstance(value, DTensor) else value

@@ -18,6 +18,7 @@ from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.watchdog import HangWatchdog
 from triarch.launcher.stop_signal import StopRequest
+from triarch.parallel.process_groups import host_group
 from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
 
@@ -26,8 +27,19 @@ EXIT_NON_FINITE = 3
 EXIT_CHECKPOINT = 4
 HEARTBEAT_DIR = "heartbeats"
 
-# fail fast instead of hanging on a broken NCCL communicator (the settings the large-scale launchers use)
-NCCL_DEFAULTS = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1"}
+FLIGHT_RECORDER_DIR = "flight_recorder"
+FLIGHT_RECORDER_ENTRIES = 20000  # collectives each rank remembers for the dump after a timeout
+
+
+def nccl_environment(run_dir: Path) -> dict[str, str]:
+    """NCCL settings for a rank (each applied only where the user has not set it): fail fast instead of
+    hanging on a broken communicator, and on a collective timeout dump the flight recorder (the last
+    collectives of every rank, which shows who was missing) into ``RUN_DIR/flight_recorder/rank_<r>``
+    rather than node-local /tmp."""
+    prefix = str(Path(run_dir).resolve() / FLIGHT_RECORDER_DIR / "rank_")
+    return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_NCCL_TRACE_BUFFER_SIZE": str(FLIGHT_RECORDER_ENTRIES),
+            "TORCH_FR_DUMP_TEMP_FILE": prefix, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix}
 
 log = logging.getLogger("triarch.train")
 
@@ -71,14 +83,16 @@ class RankOutcome:
 
 
 def build_control(cfg: TriarchConfig, run_dir: Path, device: torch.device, stop: StopRequest) -> RunControl:
-    """Stop requests plus, when ``fault.hang_timeout_s`` is set, the heartbeat watchdog."""
+    """Stop requests, collective timeouts, the host (gloo) group and, when ``fault.hang_timeout_s`` is set,
+    the heartbeat watchdog (collective: call it on every rank right after joining the process group)."""
     fault = cfg.fault
     watchdog = None
     if fault.hang_timeout_s > 0:
         watchdog = HangWatchdog(run_dir / HEARTBEAT_DIR, dist.get_rank(), dist.get_world_size(),
                                 timeout_s=fault.hang_timeout_s, startup_timeout_s=fault.startup_timeout_s,
                                 interval_s=fault.beat_interval_s)
-    return RunControl(device, stop=stop, watchdog=watchdog, collective_timeout_s=fault.collective_timeout_s)
+    return RunControl(device, stop=stop, watchdog=watchdog, collective_timeout_s=fault.collective_timeout_s,
+                      startup_timeout_s=fault.startup_timeout_s, host_group=host_group())
 
 
 def run_rank(run_dir: Path) -> int:
@@ -104,9 +118,11 @@ def execute_rank(run_dir: Path, stop: StopRequest | None = None) -> RankOutcome:
 
 def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
     cfg = load_config(run_dir / "config.yaml")
-    for key, value in NCCL_DEFAULTS.items():
-        os.environ.setdefault(key, value)
     device = pick_device(cfg.train.device)
+    if device.type == "cuda":
+        for key, value in nccl_environment(run_dir).items():
+            os.environ.setdefault(key, value)
+        (run_dir / FLIGHT_RECORDER_DIR).mkdir(exist_ok=True)
     configure_threads(device)
     init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     rank = dist.get_rank()

@@ -1,6 +1,6 @@
 """Data parallelism through FSDP2: sharded (dp_shard), hybrid (dp_replicate x dp_shard) or replicated.
 
-One code path covers all three: ``fully_shard`` over a 1-D mesh shards, over a 2-D
+One code path covers all three (and bf16 at dp = 1, see ``apply_data_parallel``): ``fully_shard`` over a 1-D mesh shards, over a 2-D
 (dp_replicate, dp_shard) mesh it shards within a group and all-reduces across groups (HSDP), and with
 dp_shard = 1 that is plain replication with DDP's gradient all-reduce.
 """
@@ -15,8 +15,14 @@ from triarch.parallel.topology import Topology
 
 
 def apply_data_parallel(model: Llama, topo: Topology, *, param_dtype: torch.dtype | None, reshard_after_forward: bool) -> None:
-    """Wrap each block, then the chunk root, with FSDP2 on the data-parallel mesh (in place)."""
-    if topo.dp == 1:
+    """Wrap each block, then the chunk root, with FSDP2 on the data-parallel mesh (in place).
+
+    With a low-precision ``param_dtype`` the model is wrapped even when dp = 1 (a mesh of one rank), so
+    every layout computes with the same scheme: fp32 master weights, low-precision parameters and
+    activations in forward and backward (also the residual stream and pipeline messages), fp32 gradient
+    reduction. Without it dp = 1 needs no wrapping.
+    """
+    if topo.dp == 1 and param_dtype is None:
         return
     if topo.dp_replicate > 1:
         mesh = topo.mesh["dp_replicate", "dp_shard"]

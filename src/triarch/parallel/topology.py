@@ -1,7 +1,9 @@
 """The process layout: one DeviceMesh over (pp, dp_replicate, dp_shard, tp), tp innermost.
 
 A :class:`Topology` is built once per rank after the process group exists and is passed explicitly to
-everything that needs a group; nothing here is global.
+everything that needs a group; nothing here is global. Besides the mesh (collectives on model tensors, on
+the device) it carries ``host_group``: a gloo group over every rank for agreements about host values,
+which an NCCL default group cannot run (``parallel.process_groups``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from triarch.parallel.process_groups import host_group
 
 MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
 
@@ -26,16 +30,20 @@ class Topology:
     dp_replicate: int
     dp_shard: int
     tp: int
+    host_group: dist.ProcessGroup
 
     @classmethod
-    def build(cls, device: torch.device, *, pp: int, dp_replicate: int, dp_shard: int, tp: int) -> "Topology":
-        """Create the mesh over the default process group (which must already exist)."""
+    def build(cls, device: torch.device, *, pp: int, dp_replicate: int, dp_shard: int, tp: int,
+              host: dist.ProcessGroup | None = None) -> "Topology":
+        """Create the mesh over the default process group (which must already exist); ``host`` is the host
+        (gloo) group when the caller already made one."""
         world = dist.get_world_size()
         if pp * dp_replicate * dp_shard * tp != world:
             raise ValueError(f"layout pp{pp}*dpr{dp_replicate}*dps{dp_shard}*tp{tp} does not cover world {world}")
         mesh = init_device_mesh(device.type, (pp, dp_replicate, dp_shard, tp), mesh_dim_names=MESH_DIMS)
         dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        return cls(mesh=mesh, dp_mesh=dp_mesh, device=device, pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+        return cls(mesh=mesh, dp_mesh=dp_mesh, device=device, pp=pp, dp_replicate=dp_replicate, dp_shard=dp_shard,
+                   tp=tp, host_group=host if host is not None else host_group())
 
     @property
     def world_size(self) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from triarch.training.mfu import PeakFlops, mfu
 
@@ -60,6 +61,27 @@ def peak_memory_bytes(device: torch.device | str) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(maxrss if sys.platform == "darwin" else maxrss * RSS_UNITS_PER_BYTE_LINUX)
+
+
+def local_peak_memory(device: torch.device | str) -> tuple[int, int]:
+    """(allocated, reserved) peak bytes of this rank since the last reset: the CUDA caching allocator's two
+    high-water marks; on CPU both are the process's peak RSS (which cannot be reset)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), int(torch.cuda.max_memory_reserved(device))
+    rss = peak_memory_bytes(device)
+    return rss, rss
+
+
+def window_peak_memory(device: torch.device | str, group: dist.ProcessGroup | None = None) -> tuple[int, int]:
+    """(allocated, reserved) peak bytes of the log window, the maximum over all ranks (host values agreed on
+    the host ``group``, gloo), then a new window starts (CUDA)."""
+    peaks = torch.tensor(local_peak_memory(device), dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
+    reset_peak_memory(device)
+    allocated, reserved = peaks.tolist()
+    return allocated, reserved
 
 
 def reset_peak_memory(device: torch.device | str) -> None:

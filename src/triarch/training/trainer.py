@@ -17,7 +17,7 @@ from triarch.data_pipeline.stream import TokenStream
 from triarch.engine.native import NativeEngine
 from triarch.parallel.topology import Topology
 from triarch.training.loggers import MetricsLogger
-from triarch.training.metrics import ThroughputMeter, peak_memory_bytes, synchronize
+from triarch.training.metrics import ThroughputMeter, synchronize, window_peak_memory
 from triarch.training.mfu import device_peak_flops, flops_per_token
 from triarch.training.run_control import RunControl
 
@@ -37,10 +37,10 @@ class TrainSummary:
     stop_reason: str | None = None
 
 
-def build_topology(cfg: TriarchConfig, device: torch.device) -> Topology:
+def build_topology(cfg: TriarchConfig, device: torch.device, host: dist.ProcessGroup | None = None) -> Topology:
     """The run's Topology over the already-initialized default process group."""
     p = cfg.parallel
-    return Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
+    return Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, host=host)
 
 
 def train_stream(cfg: TriarchConfig, topo: Topology) -> TokenStream:
@@ -77,7 +77,7 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
     """Train ``cfg.train.steps`` steps on this rank (the process group must exist). With ``control``, a stop
     request (a signal on any rank) ends every rank after the same step with a committed checkpoint."""
     cfg = validate_for_world(cfg, dist.get_world_size())
-    topo = build_topology(cfg, device)
+    topo = build_topology(cfg, device, control.host_group if control is not None else None)
     rank0 = dist.get_rank() == 0
     trn = cfg.train
     data = train_stream(cfg, topo)
@@ -87,7 +87,10 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
         log.info("layout %s, %d parameters on rank 0, %d micro-batches per step",
                  topo.describe(), engine.local_parameter_count(), engine.n_microbatches)
     ck = cfg.checkpoint
-    manager = CheckpointManager(run_dir, keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save and ck.interval > 0)
+    manager = CheckpointManager(run_dir, keep=ck.keep, keep_every=ck.keep_every, async_save=ck.async_save and ck.interval > 0,
+                                host_group=topo.host_group)
+    if control is not None:
+        control.groups_ready()
     start_step, first_eval, first_loss = 0, None, float("nan")
     resume_from = manager.newest_usable()
     if resume_from is not None:
@@ -114,16 +117,18 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
             start = time.perf_counter()
             batch = next(batches)
             result = engine.train_step(batch["input_ids"], batch["labels"], step=step,
-                                       position_ids=batch.get("position_ids"))
+                                       position_ids=batch.get("position_ids"),
+                                       stop_requested=control is not None and control.stop_requested)
             synchronize(device)
             meter.update(tokens_per_step, time.perf_counter() - start)
             if step == 1:
                 first_loss = result.loss
             final_loss, last_step = result.loss, step
             if step % cfg.logging.log_interval == 0 or step == trn.steps:
+                allocated, reserved = window_peak_memory(device, topo.host_group)
                 logger.log(step, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                                  **meter.window().as_metrics(), "peak_mem_bytes": peak_memory_bytes(device),
-                                  "consumed_tokens": step * tokens_per_step})
+                                  **meter.window().as_metrics(), "peak_mem_bytes": allocated,
+                                  "peak_mem_reserved_bytes": reserved, "consumed_tokens": step * tokens_per_step})
             if evaluator is not None and (step % trn.eval_interval == 0 or step == trn.steps):
                 final_eval = evaluator(engine)
                 logger.log_eval(step, {"eval_loss": final_eval})
@@ -131,7 +136,7 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
                     control.progress()
             interval = cfg.checkpoint.interval
             exiting = step == trn.exit_at_step
-            stopping = control is not None and control.should_stop(step) and step < trn.steps
+            stopping = control is not None and control.should_stop(step, agreed=result.stop) and step < trn.steps
             if (interval and (step % interval == 0 or step == trn.steps or exiting)) or stopping:
                 manager.save(step, engine, {
                     "world_size": topo.world_size, "layout": topo.describe(),
