@@ -106,7 +106,11 @@ def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
     cfg = load_config(run_dir / "config.yaml")
     for key, value in NCCL_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    device = pick_device(cfg.train.device)
+    try:
+        device = pick_device(cfg.train.device)
+    except ConfigError as err:  # before the process group: every rank that cannot place itself says why
+        print(f"error: {err}", file=sys.stderr)
+        return RankOutcome(EXIT_CONFIG)
     configure_threads(device)
     init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     rank = dist.get_rank()
