@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from triarch.slurm.commands import parse_duration_s
-from triarch.slurm.environment import SlurmTask, master_port, rendezvous_env, tasks_on_this_node
+from triarch.slurm.environment import (
+    EPHEMERAL_PORT_START,
+    PORT_BASE,
+    SlurmTask,
+    master_port,
+    rendezvous_env,
+    tasks_on_this_node,
+)
 from triarch.slurm.requeue import classify_stop
 from triarch.slurm.submit import SubmitOptions, log_folder, plan_runs, render_sbatch
 
@@ -57,6 +64,16 @@ def test_task_environment_and_rendezvous() -> None:
     # every task of an attempt agrees on the port; a requeued attempt moves to another one
     assert rdzv["MASTER_PORT"] == str(master_port("4242", 2)) != str(master_port("4242", 3))
     assert tasks_on_this_node({"SLURM_TASKS_PER_NODE": "4,2(x2)", "SLURM_NODEID": "2"}, 8, 3) == 2
+
+
+def test_rendezvous_port_stays_below_the_ephemeral_range_and_moves_on_restart() -> None:
+    for job in [*range(0, 200_000, 997), 4242, 99_999_999, 2**40 + 3]:
+        ports = [master_port(str(job), restart) for restart in range(12)]
+        assert all(PORT_BASE <= port < EPHEMERAL_PORT_START for port in ports), (job, ports)
+        assert all(a != b for a, b in zip(ports, ports[1:])), (job, ports)
+    assert master_port("123_4", 0) == master_port("1234", 0)  # array tasks: the digits of their id
+    # consecutive job ids land on distinct ports
+    assert len({master_port(str(job), 0) for job in range(5000, 6000)}) == 1000
 
 
 def test_stop_signal_near_the_time_limit_counts_as_timeout() -> None:
