@@ -18,6 +18,7 @@ from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.watchdog import HangWatchdog
 from triarch.launcher.stop_signal import StopRequest
+from triarch.training.precision import configure_tf32
 from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
 
@@ -112,6 +113,7 @@ def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
         print(f"error: {err}", file=sys.stderr)
         return RankOutcome(EXIT_CONFIG)
     configure_threads(device)
+    configure_tf32(device, cfg.train.tf32)
     init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     rank = dist.get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
