@@ -17,7 +17,8 @@ from triarch.slurm.environment import (
     tasks_on_this_node,
 )
 from triarch.slurm.requeue import classify_stop
-from triarch.slurm.submit import SubmitOptions, log_folder, plan_runs, render_sbatch
+from triarch.slurm.resources import smallest_cpus_per_node, task_resources
+from triarch.slurm.submit import SubmitOptions, log_folder, plan_runs, render_sbatch, with_node_cpus
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
@@ -32,6 +33,12 @@ def render(options: SubmitOptions, run_dir: str, config: str) -> str:
 
 CASES = [
     ("submit_8b_8x8_gpu.sbatch", "8b.yaml", SubmitOptions(nodes=8, **OPTIONS)),
+    # GPU defaults: sinfo reported 112 CPUs per node -> 14 per rank, all of the node's memory, 14 threads
+    ("submit_8b_gpu_known_cpus.sbatch", "8b.yaml",
+     SubmitOptions(nodes=2, gpus_per_node=8, partition="gpu", time="2:00:00", cpus_per_node=112)),
+    # GPU defaults without SLURM at submission: whole nodes, CPUs divided in the batch script
+    ("submit_8b_gpu_unknown_cpus.sbatch", "8b.yaml",
+     SubmitOptions(nodes=2, gpus_per_node=8, partition="gpu", time="2:00:00")),
     ("submit_tiny_elastic_cpu.sbatch", "tiny.yaml", SubmitOptions(nodes=2, elastic=True, max_retries=1, time="30")),
     ("submit_tiny_sweep.sbatch", "tiny.yaml", SubmitOptions(nodes=1, sweep={"train.lr": ["1e-3", "3e-4"]})),
 ]
@@ -42,6 +49,34 @@ def test_sbatch_script_matches_golden_file(name: str, config: str, options: Subm
     text = render(options, "/shared/runs/demo", config)
     golden = GOLDEN / name
     assert text == golden.read_text(), f"sbatch script changed; review and update {golden}:\n{text}"
+
+
+def test_explicit_cpus_and_memory_win_over_the_gpu_defaults() -> None:
+    given = task_resources(8, 8, cpus_per_node=112, cpus_per_task=6, mem="400G", exclusive=False)
+    assert given.sbatch == {"cpus_per_task": 6, "mem": "400G"}
+    assert given.srun_args == ["--gpu-bind=none", "--cpus-per-task=6"]
+    assert given.setup == ["export OMP_NUM_THREADS=6"]
+    # explicit --cpus-per-task needs no CPU count from SLURM, and nothing is asked
+    options = SubmitOptions(nodes=1, gpus_per_node=8, cpus_per_task=6)
+    assert with_node_cpus(options) is options
+
+
+def test_cpu_jobs_get_what_was_asked() -> None:
+    assert task_resources(0, 4, cpus_per_node=None, cpus_per_task=None, mem=None, exclusive=False).sbatch == {}
+    asked = task_resources(0, 4, cpus_per_node=64, cpus_per_task=16, mem="64G", exclusive=True)
+    assert asked.sbatch == {"cpus_per_task": 16, "mem": "64G", "exclusive": True}
+    assert asked.srun_args == ["--cpus-per-task=16"] and asked.setup == []  # srun >= 22.05 does not inherit -c
+    assert with_node_cpus(SubmitOptions(nodes=2)).cpus_per_node is None  # no sinfo for CPU jobs
+
+
+def test_cpus_per_node_from_sinfo() -> None:
+    text = "gpu* 112\ngpu* 96\ncpu 64\ncpu 128\nbig 224+\n"
+    assert smallest_cpus_per_node(text, "gpu") == 96
+    assert smallest_cpus_per_node(text, None) == 96  # the default partition, marked *
+    assert smallest_cpus_per_node(text, "cpu") == 64
+    assert smallest_cpus_per_node(text, "big") == 224
+    assert smallest_cpus_per_node(text, "missing") is None
+    assert smallest_cpus_per_node("cpu 64\n", None) is None  # no default partition
 
 
 def test_slurm_durations() -> None:

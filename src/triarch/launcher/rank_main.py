@@ -44,9 +44,11 @@ def cores_for_this_rank() -> int:
     return max(1, len(os.sched_getaffinity(0)) // local_world)
 
 
-def configure_threads(device: torch.device) -> None:
-    """Share the CPU cores among the local ranks instead of oversubscribing them."""
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+def configure_threads() -> None:
+    """Share the CPU cores among the local ranks instead of oversubscribing them, on CPU and GPU ranks alike
+    (a GPU rank's CPU work: data loading, pinned staging copies, the optimizer's host-side bits).
+    OMP_NUM_THREADS, when set (a GPU job's batch script sets it from the allocation), wins."""
+    if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cores_for_this_rank())
 
 
@@ -112,7 +114,7 @@ def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
     except ConfigError as err:  # before the process group: every rank that cannot place itself says why
         print(f"error: {err}", file=sys.stderr)
         return RankOutcome(EXIT_CONFIG)
-    configure_threads(device)
+    configure_threads()
     configure_tf32(device, cfg.train.tf32)
     init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     rank = dist.get_rank()
