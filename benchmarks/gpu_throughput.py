@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from triarch.config import load_config, validate_for_world
+from triarch.config import ConfigError, load_config, validate_for_world
 from triarch.engine.native import NativeEngine, llama_args
-from triarch.launcher.distributed import init_distributed, shutdown_distributed
+from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.models.llama import Llama
 from triarch.parallel.topology import Topology
 from triarch.training.mfu import device_peak_flops, flops_per_token, mfu
@@ -77,7 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")  # cuda:LOCAL_RANK (an index init_process_group accepts), else the CPU
     shape = SHAPE_SMALL if args.small else SHAPE_886M
     cfg = load_config(None, [*shape, "train.precision=bf16", "train.compile=true", "train.warmup_steps=0",
                              f"train.steps={args.steps}"])
@@ -103,4 +104,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as err:  # e.g. a LOCAL_RANK without a GPU: one line, not a traceback
+        sys.exit(f"error: {err}")

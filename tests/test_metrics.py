@@ -21,9 +21,11 @@ from triarch.training.mfu import (
     cpu_cache_path,
     device_peak_flops,
     flops_per_token,
+    matmul_parameter_count,
     mfu,
     parameter_count,
 )
+from triarch.training.gpu_peaks import GPU_PEAK_TABLE, matmul_precision, table_peak
 
 SHAPES = [
     dict(vocab_size=1000, dim=64, n_layers=2, n_heads=4, n_kv_heads=None, ffn_hidden=128, tie_embeddings=False),
@@ -60,8 +62,27 @@ def test_flops_per_token_by_hand():
     # per layer: wq 64*64 + wo 64*64 + wk, wv 64*(2*16) each + 3*64*128 + two norms 2*64 = 36992
     n = 1000 * 64 + 2 * 36992 + 64 + 1000 * 64
     assert n == 202048 == parameter_count(cfg)
-    assert flops_per_token(cfg) == 6 * 202048 + 12 * 2 * 64 * 32 == 1261440
+    # N leaves out the input embedding (a lookup, not a matmul)
+    assert matmul_parameter_count(cfg) == n - 1000 * 64
+    assert flops_per_token(cfg) == 6 * (n - 1000 * 64) + 12 * 2 * 64 * 32 == 877440
     assert flops_per_token(cfg, n_params=10) == 60 + 12 * 2 * 64 * 32
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_flops_per_token_of_the_886m_shape(tied):
+    """PaLM's 6N + 12·L·d·T with N = the parameters in matmuls, written out for the benchmark shape."""
+    V, d, L, heads, kv_heads, ffn, T = 32000, 2048, 16, 16, 8, 5632, 2048
+    cfg = ModelConfig(vocab_size=V, dim=d, n_layers=L, n_heads=heads, n_kv_heads=kv_heads, ffn_hidden=ffn,
+                      seq_len=T, max_seq_len=T, tie_embeddings=tied)
+    kv_dim = kv_heads * (d // heads)
+    per_layer = 2 * d * d + 2 * d * kv_dim + 3 * d * ffn + 2 * d  # wq, wo; wk, wv; w1, w2, w3; two norms
+    output = V * d  # the head; a tied embedding is this same matrix, counted once
+    n = L * per_layer + d + output  # + the final norm; the input embedding is a lookup and is left out
+    assert parameter_count(cfg) == n + (0 if tied else V * d)
+    assert flops_per_token(cfg) == 6 * n + 12 * L * d * T
+    # the embedding no longer inflates the figure (it added ~7% on this shape)
+    inflated = 6 * (n + V * d) + 12 * L * d * T
+    assert inflated / flops_per_token(cfg) == pytest.approx(1.0686, abs=1e-4)
 
 
 def test_mfu_known_case():
@@ -110,29 +131,68 @@ def test_cpu_peak_env_override(fresh_home, monkeypatch):
         device_peak_flops("cpu", "fp32")
 
 
-@pytest.mark.parametrize(
-    "name, precision, flops, source",
-    [
-        ("NVIDIA H100 80GB HBM3", "bf16", 989e12, "table:H100 bf16"),
-        ("NVIDIA H100 80GB HBM3", "fp8", 1979e12, "table:H100 fp8"),
-        ("NVIDIA H100 80GB HBM3", "fp32", 494.5e12, "table:H100 fp32"),
-        ("NVIDIA H200", "bf16", 989e12, "table:H200 bf16"),
-        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12, "table:A100 bf16"),
-        ("NVIDIA A100-SXM4-80GB", "fp32", 156e12, "table:A100 fp32"),
-        ("NVIDIA A100-SXM4-80GB", "fp8", 312e12, "table:A100 bf16 (no fp8)"),
-    ],
-)
-def test_gpu_peak_table(monkeypatch, name, precision, flops, source):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert device_peak_flops(torch.device("cuda", 0), precision) == PeakFlops(flops, source)
+# (name as torch.cuda.get_device_name reports it, table row, dense bf16, fp8, tf32, plain fp32)
+GPU_NAMES = [
+    ("NVIDIA H100 80GB HBM3", "H100", 989e12, 1979e12, 494.5e12, 67e12),
+    ("NVIDIA H100 PCIe", "H100 PCIe", 756e12, 1513e12, 378e12, 51e12),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.5e12, 1670.5e12, 417.5e12, 60e12),
+    ("NVIDIA H200", "H200", 989e12, 1979e12, 494.5e12, 67e12),
+    ("NVIDIA H200 NVL", "H200 NVL", 835.5e12, 1670.5e12, 417.5e12, 60e12),
+    ("NVIDIA GH200 480GB", "GH200", 989e12, 1979e12, 494.5e12, 67e12),
+    ("NVIDIA H800", "H800", 989e12, 1979e12, 494.5e12, 67e12),
+    ("NVIDIA H800 PCIe", "H800 PCIe", 756e12, 1513e12, 378e12, 51e12),
+    ("NVIDIA H20", "H20", 148e12, 296e12, 74e12, 44e12),
+    ("NVIDIA B200", "B200", 2.25e15, 4.5e15, 1.125e15, 75e12),
+    ("NVIDIA GB200", "GB200", 2.5e15, 5e15, 1.25e15, 80e12),
+    ("NVIDIA A100-SXM4-80GB", "A100", 312e12, None, 156e12, 19.5e12),
+    ("NVIDIA A100-PCIE-40GB", "A100", 312e12, None, 156e12, 19.5e12),
+    ("NVIDIA A800-SXM4-80GB", "A800", 312e12, None, 156e12, 19.5e12),
+]
+
+
+@pytest.mark.parametrize(("name", "row", "bf16", "fp8", "tf32", "fp32"), GPU_NAMES, ids=[g[0] for g in GPU_NAMES])
+def test_gpu_peak_table(name, row, bf16, fp8, tf32, fp32):
+    assert table_peak(name, "bf16") == (bf16, f"table:{row} bf16")
+    assert table_peak(name, "fp8") == ((fp8, f"table:{row} fp8") if fp8 else (bf16, f"table:{row} bf16 (no fp8)"))
+    # fp32 runs: the TF32 tensor-core peak with train.tf32 on, the plain FP32 peak with it off
+    assert table_peak(name, matmul_precision("fp32", tf32=True)) == (tf32, f"table:{row} tf32")
+    assert table_peak(name, matmul_precision("fp32", tf32=False)) == (fp32, f"table:{row} fp32")
+
+
+def test_every_table_row_is_reached_and_complete():
+    reached = {table_peak(f"NVIDIA {key}", "bf16")[1].removeprefix("table:").removesuffix(" bf16")
+               for key, _ in GPU_PEAK_TABLE}
+    assert reached == {key for key, _ in GPU_PEAK_TABLE}  # no row hidden behind an earlier, shorter name
+    assert {g[1] for g in GPU_NAMES} == reached
+    for key, peaks in GPU_PEAK_TABLE:
+        assert {"bf16", "tf32", "fp32"} <= set(peaks), key
+        assert peaks["fp32"] < peaks["tf32"] < peaks["bf16"] <= peaks.get("fp8", peaks["bf16"]), key
+    assert table_peak("Mystery GPU 9000", "bf16") is None
+
+
+def test_matmul_precision():
+    assert [matmul_precision(p, True) for p in ("fp32", "bf16", "fp16", "fp8")] == ["tf32", "bf16", "bf16", "fp8"]
+    assert matmul_precision("fp32", False) == "fp32"
+    assert matmul_precision("bf16", False) == "bf16"
+    with pytest.raises(ValueError, match="int4"):
+        matmul_precision("int4", True)
+
+
+def test_gpu_peak_through_device_peak_flops(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert device_peak_flops(torch.device("cuda", 0), "fp32") == PeakFlops(494.5e12, "table:H100 tf32")
+    assert device_peak_flops(torch.device("cuda", 0), "fp32", tf32=False) == PeakFlops(67e12, "table:H100 fp32")
+    assert device_peak_flops(torch.device("cuda", 0), "bf16", tf32=False) == PeakFlops(989e12, "table:H100 bf16")
 
 
 def test_unknown_gpu_is_probed(monkeypatch):
     monkeypatch.setattr(mfu_mod, "_process_cache", {})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Mystery GPU 9000")
-    monkeypatch.setattr(mfu_mod, "_probe_matmul", lambda device, dtype, sizes, budget: 1e14)
+    monkeypatch.setattr(mfu_mod, "_probe_matmul", lambda device, dtype, sizes, budget: {torch.bfloat16: 1e14}.get(dtype, 1e13))
     peak = device_peak_flops(torch.device("cuda", 0), "bf16")
     assert peak == PeakFlops(1e14, "cuda-matmul-probe:Mystery GPU 9000 bf16")
+    # an fp32 run is measured with float32 matmuls (under the process's TF32 setting), not against bf16
+    assert device_peak_flops(torch.device("cuda", 0), "fp32") == PeakFlops(1e13, "cuda-matmul-probe:Mystery GPU 9000 tf32")
 
 
 def test_throughput_meter_and_timer():

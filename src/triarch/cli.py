@@ -109,8 +109,9 @@ def _add_slurm_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--qos")
     submit.add_argument("--exclusive", action="store_true")
     submit.add_argument("--constraint")
-    submit.add_argument("--mem", help="memory per node, e.g. 64G")
-    submit.add_argument("--cpus-per-task", type=_positive_int, default=None)
+    submit.add_argument("--mem", help="memory per node, e.g. 64G (GPU jobs default to 0: all of it)")
+    submit.add_argument("--cpus-per-task", type=_positive_int, default=None,
+                        help="CPUs per rank (GPU jobs default to the node's CPUs / ranks per node)")
     submit.add_argument("--job-name")
     submit.add_argument("--max-retries", type=_non_negative_int, default=0,
                         help="requeues after a failure (crash, dead node, hang); each resumes from the newest checkpoint")
@@ -218,7 +219,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from triarch.slurm.submit import SubmitOptions, log_folder, parse_sweep, plan_runs, render_sbatch, submit
+    from triarch.slurm.submit import (
+        SubmitOptions,
+        log_folder,
+        parse_sweep,
+        plan_runs,
+        render_sbatch,
+        submit,
+        with_node_cpus,
+    )
 
     options = SubmitOptions(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
@@ -226,6 +235,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         constraint=args.constraint, mem=args.mem, cpus_per_task=args.cpus_per_task, job_name=args.job_name,
         max_retries=args.max_retries, max_timeouts=args.max_timeouts, signal_delay_s=args.signal_delay_s,
         elastic=args.elastic, sweep=parse_sweep(args.sweep))
+    options = with_node_cpus(options)
     if args.dry_run:
         runs = plan_runs(args.config, args.overrides, args.run_dir, options)
         print(render_sbatch(options, runs, log_folder(runs), sys.executable), end="")

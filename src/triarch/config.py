@@ -96,12 +96,15 @@ class ParallelConfig(_Section):
 
 class TrainConfig(_Section):
     """Optimisation and step loop. ``exit_at_step`` ends this process after that step (saving a checkpoint
-    when checkpointing is on); starting the run again continues it, as after a time limit."""
+    when checkpointing is on); starting the run again continues it, as after a time limit. ``tf32`` lets
+    float32 matmuls on CUDA use TF32 tensor cores (false: full FP32, and fp32 MFU against the plain FP32
+    peak); it does nothing on CPU."""
 
     steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(4, gt=0)
     global_batch_size: int = Field(8, gt=0)
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    tf32: bool = True
     seed: int = 1234
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)

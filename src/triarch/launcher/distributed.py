@@ -8,15 +8,57 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from triarch.config import ConfigError
+
 
 def pick_device(requested: str) -> torch.device:
-    """``auto`` means the local CUDA device when there is one, else the CPU."""
+    """``auto`` means this rank's CUDA device when there is one, else the CPU; see :func:`cuda_index`."""
     use_cuda = requested == "cuda" or (requested == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    if not use_cuda:
+        return torch.device("cpu")
+    visible = torch.cuda.device_count()
+    if visible == 0:
+        raise ConfigError(f"train.device is {requested} but this process sees no CUDA device")
+    local_rank = _env_int("LOCAL_RANK")
+    local_world = _env_int("LOCAL_WORLD_SIZE") or _env_int("WORLD_SIZE") or 1
+    index = cuda_index(local_rank, visible, local_world)
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def cuda_index(local_rank: int | None, visible: int, local_world: int) -> int:
+    """The CUDA device index of a rank, from its LOCAL_RANK (None when unset), the number of CUDA devices it
+    sees and the number of ranks on its node (the world size when the node's share is unknown).
+
+    One visible device is this rank's whatever its LOCAL_RANK (SLURM's ``--gpus-per-task 1`` / ``--gpu-bind``
+    give each task its own); with several visible, LOCAL_RANK picks one. Raises :class:`ConfigError` when
+    LOCAL_RANK names a device that is not visible, or is missing while several ranks could share the node.
+    """
+    if visible < 1:
+        raise ConfigError(f"no CUDA device is visible to this rank (LOCAL_RANK {local_rank})")
+    if visible == 1:
+        return 0
+    if local_rank is None:
+        if local_world > 1:
+            raise ConfigError(f"LOCAL_RANK is not set and {visible} CUDA devices are visible to one of "
+                              f"{local_world} ranks: start ranks through triarch or torchrun, or set LOCAL_RANK")
+        return 0
+    if not 0 <= local_rank < visible:
+        raise ConfigError(f"LOCAL_RANK {local_rank} has no CUDA device: this rank sees {visible} "
+                          f"(indices 0-{visible - 1}) with {local_world} ranks on the node; make every GPU of the "
+                          "node visible to each rank, or give each rank exactly one")
+    return local_rank
+
+
+def _env_int(name: str) -> int | None:
+    """An integer environment variable set by the launcher (None when unset)."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name} ({text!r}) must be an integer") from None
 
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:

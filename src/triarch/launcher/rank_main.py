@@ -19,6 +19,7 @@ from triarch.launcher.distributed import init_distributed, pick_device, shutdown
 from triarch.launcher.watchdog import HangWatchdog
 from triarch.launcher.stop_signal import StopRequest
 from triarch.parallel.process_groups import host_group
+from triarch.training.precision import configure_tf32
 from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
 
@@ -55,9 +56,11 @@ def cores_for_this_rank() -> int:
     return max(1, len(os.sched_getaffinity(0)) // local_world)
 
 
-def configure_threads(device: torch.device) -> None:
-    """Share the CPU cores among the local ranks instead of oversubscribing them."""
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+def configure_threads() -> None:
+    """Share the CPU cores among the local ranks instead of oversubscribing them, on CPU and GPU ranks alike
+    (a GPU rank's CPU work: data loading, pinned staging copies, the optimizer's host-side bits).
+    OMP_NUM_THREADS, when set (a GPU job's batch script sets it from the allocation), wins."""
+    if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cores_for_this_rank())
 
 
@@ -118,12 +121,17 @@ def execute_rank(run_dir: Path, stop: StopRequest | None = None) -> RankOutcome:
 
 def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
     cfg = load_config(run_dir / "config.yaml")
-    device = pick_device(cfg.train.device)
+    try:
+        device = pick_device(cfg.train.device)
+    except ConfigError as err:  # before the process group: every rank that cannot place itself says why
+        print(f"error: {err}", file=sys.stderr)
+        return RankOutcome(EXIT_CONFIG)
     if device.type == "cuda":
         for key, value in nccl_environment(run_dir).items():
             os.environ.setdefault(key, value)
         (run_dir / FLIGHT_RECORDER_DIR).mkdir(exist_ok=True)
-    configure_threads(device)
+    configure_threads()
+    configure_tf32(device, cfg.train.tf32)
     init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     rank = dist.get_rank()
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)

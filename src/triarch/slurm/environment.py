@@ -2,7 +2,8 @@
 
 The master is the first host of the job's node list; the port is derived from the job id and the restart
 count, so every task of one attempt agrees without talking, and a requeued attempt does not collide with
-sockets of the previous one still in TIME_WAIT.
+sockets of the previous one still in TIME_WAIT. Ports stay below Linux's ephemeral range (32768 and up by
+default), where outgoing connections of this or another job could already hold the port.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 from triarch.slurm.commands import expand_hostnames, node_address
 
 PORT_BASE = 20000
-PORT_SPAN = 20000
+EPHEMERAL_PORT_START = 32768  # Linux's default net.ipv4.ip_local_port_range starts here
+PORT_SPAN = 12000  # ports 20000-31999; coprime with the strides below, so they reach every port
+JOB_STRIDE = 7
+RESTART_STRIDE = 101
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ def tasks_on_this_node(env: Mapping[str, str], world: int, nodes: int) -> int:
 def master_port(job_id: str, restart_count: int) -> int:
     """A port every task computes alike; it moves on each requeue of the job."""
     digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
-    return PORT_BASE + (int(digits) * 7 + restart_count * 101) % PORT_SPAN
+    return PORT_BASE + (int(digits) * JOB_STRIDE + restart_count * RESTART_STRIDE) % PORT_SPAN
 
 
 def resolve_master(nodelist: str) -> str:

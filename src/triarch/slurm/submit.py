@@ -1,7 +1,8 @@
 """``triarch submit``: validate a run against the requested nodes, render the sbatch job, submit it through
 submitit, and remember where its run directory and logs are.
 
-One task per GPU on GPU clusters, ``tasks_per_node`` tasks (default one) per node on CPU clusters. The job
+One task per GPU on GPU clusters (each with its share of the node's CPUs and memory, ``resources``),
+``tasks_per_node`` tasks (default one) per node on CPU clusters. The job
 asks SLURM for USR2 ``signal_delay_s`` before its time limit, requeues itself on preemption and, through
 the batch script's teardown, after a failure while ``max_retries`` allows. With ``elastic`` it accepts any
 node count from the smallest that fits TP×PP up to ``nodes``, and the data-parallel size follows.
@@ -15,7 +16,7 @@ import itertools
 import math
 import shlex
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from triarch.slurm.commands import SlurmError, parse_duration_s
 from triarch.slurm.job import TrainJob
 from triarch.slurm.registry import JobRecord, active_job_for, register
 from triarch.slurm.requeue import RequeuePolicy
+from triarch.slurm.resources import partition_cpus_per_node, task_resources
 
 LOG_DIR = "slurm"
 
@@ -43,6 +45,7 @@ class SubmitOptions:
     constraint: str | None = None
     mem: str | None = None
     cpus_per_task: int | None = None
+    cpus_per_node: int | None = None  # the partition's, as sinfo reports them; None when unknown
     job_name: str | None = None
     max_retries: int = 0
     max_timeouts: int = 3
@@ -159,13 +162,24 @@ def executor_parameters(options: SubmitOptions, runs: list[PlannedRun], python: 
                             "export SLURM_NPROCS=$SLURM_NTASKS"]
     if options.gpus_per_node:
         params["gpus_per_node"] = options.gpus_per_node
-    for key in ("partition", "account", "qos", "constraint", "mem", "cpus_per_task"):
+    for key in ("partition", "account", "qos", "constraint"):
         value = getattr(options, key)
         if value is not None:
             params[key] = value
-    if options.exclusive:
-        params["exclusive"] = True
+    resources = task_resources(options.gpus_per_node, options.ranks_per_node, cpus_per_node=options.cpus_per_node,
+                               cpus_per_task=options.cpus_per_task, mem=options.mem, exclusive=options.exclusive)
+    params.update(resources.sbatch)
+    params["srun_args"] += resources.srun_args
+    params["setup"] += resources.setup
     return params
+
+
+def with_node_cpus(options: SubmitOptions) -> SubmitOptions:
+    """``options`` with the partition's CPUs per node from sinfo, when a GPU job needs them to size its tasks
+    and SLURM answers."""
+    if not options.gpus_per_node or options.cpus_per_task is not None or options.cpus_per_node is not None:
+        return options
+    return replace(options, cpus_per_node=partition_cpus_per_node(options.partition))
 
 
 def make_executor(folder: Path, params: dict[str, Any], python: str | None = None):  # noqa: ANN201 (submitit type)

@@ -1,9 +1,11 @@
 """Model FLOPs, device peak FLOP/s, and model FLOPs utilisation (MFU).
 
 MFU = achieved model FLOP/s / (peak dense FLOP/s of one device x devices), with model FLOPs per token
-6*N + 12*L*d*T (PaLM / MosaicML form). GPU peaks come from a table of datasheet dense figures; on CPU the
-peak is measured once by a float32 matmul probe, cached on disk per (CPU model, thread count), and every
-figure carries a ``source`` label saying which of the two it is.
+6*N + 12*L*d*T (PaLM's form): N counts the parameters that take part in matmuls, so the input embedding (a
+lookup) is left out; a tied embedding counts once, as the output projection. GPU peaks come from a table of
+datasheet dense figures (``gpu_peaks``) for the run's matmul precision; on CPU the peak is measured once by a
+float32 matmul probe, cached on disk per (CPU model, thread count), and every figure carries a ``source``
+label saying which of the two it is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 
+from triarch.training.gpu_peaks import matmul_precision, table_peak
+
 log = logging.getLogger(__name__)
 
 CPU_PEAK_ENV = "TRIARCH_CPU_PEAK_FLOPS"
@@ -29,17 +33,6 @@ PROBE_LARGER_IF_BELOW_S = 0.03  # switch to the larger size when one small matmu
 PROBE_WARMUP = 2
 PROBE_MAX_REPEATS = 10
 GPU_PROBE_SIZE = 8192
-
-# Dense (no sparsity) datasheet peaks in FLOP/s, per precision. fp32 means TF32 tensor-core matmul.
-# Order matters: the first name that is a substring of the device name wins, so specific names go first.
-GPU_PEAK_TABLE: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bf16": 756e12, "fp8": 1513e12, "fp32": 378e12}),
-    ("H100", {"bf16": 989e12, "fp8": 1979e12, "fp32": 494.5e12}),
-    ("H200", {"bf16": 989e12, "fp8": 1979e12, "fp32": 494.5e12}),
-    ("A100", {"bf16": 312e12, "fp32": 156e12}),  # no fp8 units: fp8 runs fall back to the bf16 figure
-)
-PRECISION_ALIASES = {"bf16": "bf16", "fp16": "bf16", "fp8": "fp8", "fp32": "fp32", "tf32": "fp32"}
-
 
 @dataclass(frozen=True)
 class PeakFlops:
@@ -71,9 +64,17 @@ def parameter_count(model_cfg: Any) -> int:
     return embedding + model_cfg.n_layers * per_layer + dim + output
 
 
+def matmul_parameter_count(model_cfg: Any) -> int:
+    """Parameters that take part in matmuls: all but the input embedding, which is a lookup. A tied embedding
+    is the output projection too, so it stays, counted once."""
+    embedding = 0 if model_cfg.tie_embeddings else model_cfg.vocab_size * model_cfg.dim
+    return parameter_count(model_cfg) - embedding
+
+
 def flops_per_token(model_cfg: Any, n_params: int | None = None) -> float:
-    """Training FLOPs per token: 6*N + 12*L*d*T (forward + backward, attention included)."""
-    n = parameter_count(model_cfg) if n_params is None else n_params
+    """Training FLOPs per token: 6*N + 12*L*d*T (forward + backward, attention included), N from
+    :func:`matmul_parameter_count` unless ``n_params`` gives it."""
+    n = matmul_parameter_count(model_cfg) if n_params is None else n_params
     return float(6 * n + 12 * model_cfg.n_layers * model_cfg.dim * model_cfg.seq_len)
 
 
@@ -92,33 +93,33 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | PeakFlo
 _process_cache: dict[Any, PeakFlops] = {}
 
 
-def device_peak_flops(device: torch.device | str, precision: str = "bf16") -> PeakFlops:
-    """Peak dense FLOP/s of one ``device`` at ``precision`` (fp32 | bf16 | fp8).
+def device_peak_flops(device: torch.device | str, precision: str = "bf16", tf32: bool = True) -> PeakFlops:
+    """Peak dense FLOP/s of one ``device`` at ``precision`` (fp32 | bf16 | fp8); fp32 means the TF32 tensor-core
+    peak when ``tf32`` (``train.tf32``) lets float32 matmuls use them, the plain FP32 peak otherwise.
 
     On CPU the precision is ignored: the figure is the measured fp32 matmul peak.
     """
     device = torch.device(device)
-    if precision not in PRECISION_ALIASES:
-        raise ValueError(f"precision '{precision}' is not one of {sorted(PRECISION_ALIASES)}")
+    column = matmul_precision(precision, tf32)
     if device.type == "cuda":
-        return _cuda_peak(device, PRECISION_ALIASES[precision])
+        return _cuda_peak(device, column)
     if device.type == "cpu":
         return cpu_peak_flops()
     raise ValueError(f"no peak FLOP/s known for device type '{device.type}'")
 
 
-def _cuda_peak(device: torch.device, precision: str) -> PeakFlops:
+def _cuda_peak(device: torch.device, column: str) -> PeakFlops:
     name = torch.cuda.get_device_name(device)
-    for key, peaks in GPU_PEAK_TABLE:
-        if key in name:
-            used = precision if precision in peaks else "bf16"
-            note = "" if used == precision else f" (no {precision})"
-            return PeakFlops(peaks[used], f"table:{key} {used}{note}")
-    cache_key = ("cuda", name)
+    found = table_peak(name, column)
+    if found is not None:
+        return PeakFlops(*found)
+    dtype = torch.float32 if column in ("tf32", "fp32") else torch.bfloat16
+    label = column if dtype == torch.float32 else "bf16"
+    cache_key = ("cuda", name, label)
     if cache_key not in _process_cache:
-        log.warning("GPU '%s' is not in the peak table; MFU uses a measured bf16 matmul peak", name)
-        flops = _probe_matmul(device, torch.bfloat16, (GPU_PROBE_SIZE,), PROBE_BUDGET_S)
-        _process_cache[cache_key] = PeakFlops(flops, f"cuda-matmul-probe:{name} bf16")
+        log.warning("GPU '%s' is not in the peak table; MFU uses a measured %s matmul peak", name, label)
+        flops = _probe_matmul(device, dtype, (GPU_PROBE_SIZE,), PROBE_BUDGET_S)
+        _process_cache[cache_key] = PeakFlops(flops, f"cuda-matmul-probe:{name} {label}")
     return _process_cache[cache_key]
 
 

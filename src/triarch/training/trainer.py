@@ -100,7 +100,8 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
         start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)
         if rank0:
             log.info("resumed from %s (step %d, saved with layout %s)", resume_from.path, start_step, saved.get("layout"))
-    meter = ThroughputMeter(flops_per_token(cfg.model), device_peak_flops(device, trn.precision), topo.world_size)
+    meter = ThroughputMeter(flops_per_token(cfg.model), device_peak_flops(device, trn.precision, trn.tf32),
+                           topo.world_size)
     tokens_per_step = trn.global_batch_size * cfg.model.seq_len
     final_loss = first_loss
     final_eval = first_eval
