@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-compatible server (moto's server mode) on loopback for object-store tests."""
+"""Shared fixtures: CPU tests pinned to the CPU, and a real S3-compatible server (moto's server mode) on
+loopback for object-store tests."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+
+HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test not marked ``gpu`` runs its ranks, CLI runs and SLURM jobs on the CPU even on a GPU host:
+    they inherit an environment with no visible CUDA device (``train.device: auto`` then means CPU; bit-exact
+    and 4-rank assertions are CPU guarantees). In-process code of such tests pins ``cpu`` itself."""
+    if request.node.get_closest_marker("gpu") is None:
+        for key, value in HIDE_GPUS.items():
+            monkeypatch.setenv(key, value)
+
 
 S3_REGION = "us-east-1"
 S3_TEST_KEY = "testing"  # moto accepts any credentials; these never leave the loopback server

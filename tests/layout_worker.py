@@ -49,6 +49,10 @@ def main() -> None:
     topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
     engine = NativeEngine(cfg, topo)
     init_norm = sum(float(v.norm()) for v in engine.full_parameters().values())
+    hidden_dtypes: set[str] = set()  # dtype of every block's output: the residual stream (and PP messages)
+    for chunk in engine.chunks:
+        for block in chunk.layers.values():
+            block.register_forward_hook(lambda _m, _i, out: hidden_dtypes.add(str(out.dtype)))
     losses, norms = [], []
     for step in range(cfg.train.steps):
         batch = fixed_batch(step, cfg)
@@ -64,7 +68,8 @@ def main() -> None:
     if topo.dp_rank == 0 and topo.tp_rank == 0:
         torch.save(params, out / f"params_pp{topo.pp_rank}.pt")
     if dist.get_rank() == 0:
-        (out / "losses.json").write_text(json.dumps({"loss": losses, "grad_norm": norms, "init_norm": init_norm}))
+        (out / "losses.json").write_text(json.dumps({"loss": losses, "grad_norm": norms, "init_norm": init_norm,
+                                                     "hidden_dtypes": sorted(hidden_dtypes)}))
     shutdown_distributed(sync=True)
 
 

@@ -81,3 +81,30 @@ def test_layout_matches_single_process(name: str, reference, tmp_path: Path) -> 
     # the run moved the weights: parity is not trivially "nothing changed"
     init = ref_losses["init_norm"]
     assert abs(sum(float(v.norm()) for v in ref_params.values()) - init) > 1e-3
+
+
+BF16 = ["train.precision=bf16"]
+BF16_LAYOUTS = {  # name: (ranks, overrides, relative tolerance of losses and gradient norms vs one process)
+    # the same bf16 computation, only fp32 gradient sums in another order
+    "dp_shard2": (2, ["parallel.dp_shard=2"], 1e-6),
+    "pp2": (2, ["parallel.pp=2"], 1e-6),
+    # bf16 matmuls split over ranks round differently (bf16 has 8 bits of mantissa)
+    "tp2": (2, ["parallel.tp=2"], 2e-3),
+}
+
+
+@pytest.fixture(scope="module")
+def bf16_reference(tmp_path_factory) -> dict:
+    return run_layout(tmp_path_factory.mktemp("single_bf16"), 1, BF16)[0]
+
+
+@pytest.mark.parametrize("name", list(BF16_LAYOUTS))
+def test_bf16_is_one_scheme_on_every_layout(name: str, bf16_reference: dict, tmp_path: Path) -> None:
+    """bf16 parameters, activations, residual stream and pipeline messages on every layout (dp 1 too), fp32
+    master weights and gradient reduction: layouts agree to the stated bf16 tolerance."""
+    nproc, overrides, tol = BF16_LAYOUTS[name]
+    got, _ = run_layout(tmp_path, nproc, [*BF16, *overrides])
+    assert bf16_reference["hidden_dtypes"] == got["hidden_dtypes"] == ["torch.bfloat16"]
+    for key in ("loss", "grad_norm"):
+        for step, (a, b) in enumerate(zip(got[key], bf16_reference[key])):
+            assert _rel(a, b) <= tol, f"{name} {key} step {step}: {a} vs {b}"

@@ -9,6 +9,7 @@ which an NCCL default group cannot run (``parallel.process_groups``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -58,18 +59,19 @@ class Topology:
         return self.dp_replicate * self.dp_shard
 
     def coord(self, dim: str) -> int:
-        """This rank's index along one mesh dimension."""
+        """This rank's index along one mesh dimension (the ``*_rank`` properties keep theirs: slicing the
+        mesh builds a new DeviceMesh each time)."""
         return self.mesh[dim].get_local_rank()
 
-    @property
+    @cached_property
     def pp_rank(self) -> int:
         return self.coord("pp")
 
-    @property
+    @cached_property
     def tp_rank(self) -> int:
         return self.coord("tp")
 
-    @property
+    @cached_property
     def dp_rank(self) -> int:
         return self.coord("dp_replicate") * self.dp_shard + self.coord("dp_shard")
 

@@ -12,7 +12,8 @@ from triarch.config import TrainConfig
 
 
 def build_optimizer(modules: list[nn.Module], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over every parameter of ``modules``; fused on CUDA, foreach elsewhere."""
+    """AdamW over every parameter of ``modules``, with the fused kernel (CUDA and CPU): its step counters
+    stay tensors the kernel reads itself, so an optimizer step never copies a value to the host."""
     decay, no_decay, seen = [], [], set()
     for module in modules:
         for p in module.parameters():
@@ -21,10 +22,7 @@ def build_optimizer(modules: list[nn.Module], cfg: TrainConfig, device: torch.de
             seen.add(id(p))
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True
-    )
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
