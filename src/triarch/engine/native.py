@@ -7,7 +7,7 @@ layout-independent initial weights.
 A training step takes this data-parallel rank's rows and a caller-supplied token loss that returns the
 sum over counted tokens; the engine normalizes by the global token count, so pretraining, SFT (masked
 labels) and later alignment losses share one step. Optional ``position_ids`` (per-document positions of
-packed rows) reach every chunk: the model then masks attention to each document (``models.llama``); with
+packed rows) reach every chunk: the model then keeps attention within each document (``models.llama``); with
 pipeline parallelism they go to every stage as a keyword argument the schedule splits per micro-batch.
 """
 

@@ -6,8 +6,10 @@ each missing piece is ``None`` and is skipped in ``forward``.
 
 ``forward`` optionally takes ``position_ids`` (batch, seq) for rows packed with several documents, whose
 positions restart at 0 where each document starts: rotary embeddings then use those positions, and
-attention is restricted to earlier tokens of the same document (a block-diagonal causal mask), so each
-document is computed exactly as if it were alone in its row.
+attention is restricted to earlier tokens of the same document, so each document is computed exactly as
+if it were alone in its row. No (seq, seq) mask is built: ``models.document_attention`` runs FlexAttention
+with a block mask on CUDA and causal attention per document segment elsewhere. What the attention layers
+need (rotary table or rows, the documents) is computed once per forward into one ``AttentionInputs``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from triarch.models.document_attention import Documents, document_attention, documents
 
 
 @dataclass(frozen=True)
@@ -61,13 +65,13 @@ def rotary_rows(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor
     return table[position_ids]
 
 
-def document_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean (batch, 1, seq, seq) attention mask: query i sees key j when j <= i and no document starts
-    (position id 0) after j up to i, i.e. both lie in the same document."""
-    documents = (position_ids == 0).cumsum(dim=1)
-    seq = position_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
-    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
+@dataclass(frozen=True)
+class AttentionInputs:
+    """What every attention layer reads, computed once per forward: ``rope`` (the cos/sin table, or per-token
+    rows from ``rotary_rows``) and the packed ``documents`` (``None``: one causal sequence per row)."""
+
+    rope: torch.Tensor
+    documents: Documents | None = None
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +89,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention through scaled_dot_product_attention (``mask``: see ``document_mask``)."""
+    """Causal grouped-query attention: scaled_dot_product_attention, or within each packed document."""
 
     def __init__(self, args: LlamaArgs) -> None:
         super().__init__()
@@ -95,18 +99,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        q, k = apply_rotary(q, inputs.rope), apply_rotary(k, inputs.rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        gqa = q.shape[1] != k.shape[1]
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if inputs.documents is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            out = document_attention(q, k, v, inputs.documents)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
 
@@ -133,8 +136,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rope, mask)
+    def forward(self, x: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), inputs)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -162,13 +165,13 @@ class Llama(nn.Module):
         self.rope = rotary_table(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope.device)
 
     def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        rope, mask = self.rope, None
+        inputs = AttentionInputs(self.rope)
         if position_ids is not None:
-            rope, mask = rotary_rows(self.rope, position_ids), document_mask(position_ids)
+            inputs = AttentionInputs(rotary_rows(self.rope, position_ids), documents(position_ids))
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(h)
         for layer in self.layers.values():
-            h = layer(h, rope, mask)
+            h = layer(h, inputs)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:

@@ -3,6 +3,10 @@
 - ``full``: recompute the whole block in backward.
 - ``selective``: keep the outputs of matmuls and attention (the expensive ops), recompute the cheap
   element-wise ones (norms, activations, rotary), trading a little compute for most of the memory.
+  Document attention (``models.document_attention``) is kept too: on CPU its per-document SDPA calls are
+  the listed CPU flash op (O(seq) outputs in all); on CUDA FlexAttention is the ``flex_attention``
+  higher-order op when the block is compiled, and the ``inductor_compiled_code`` op around the separately
+  compiled FlexAttention when it is not.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ _SAVED_OPS = {
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch._higher_order_ops.flex_attention,
+    torch._higher_order_ops.inductor_compiled_code,
 }
 
 

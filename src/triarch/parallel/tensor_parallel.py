@@ -39,8 +39,8 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_paralle
     replicate_kv = model.args.n_kv_heads < tp_mesh.size()
     for block in model.layers.values():
         plan: dict[str, object] = {
-            "attention": PrepareModuleInput(  # (x, rope, document mask or None)
-                input_layouts=(between, None, None), desired_input_layouts=(Replicate(), None, None),
+            "attention": PrepareModuleInput(  # (x, AttentionInputs)
+                input_layouts=(between, None), desired_input_layouts=(Replicate(), None),
                 use_local_output=True,
             ),
             "attention.wq": ColwiseParallel(),
