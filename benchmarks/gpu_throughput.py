@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
     args = parser.parse_args()
+    if args.steps < 2:
+        sys.exit(f"error: --steps ({args.steps}) must be at least 2 (one warm-up step and one timed)")
+    args.warmup = max(1, min(args.warmup, args.steps - 1))  # a smoke run (--steps 3) still times a step
     device = pick_device("auto")  # cuda:LOCAL_RANK (an index init_process_group accepts), else the CPU
     shape = SHAPE_SMALL if args.small else SHAPE_886M
     cfg = load_config(None, [*shape, "train.precision=bf16", "train.compile=true", "train.warmup_steps=0",
