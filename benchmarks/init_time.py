@@ -62,7 +62,8 @@ def old_full_draw(name: str, shape: torch.Size, index: list[torch.Tensor], *, se
         gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
         scale = std / math.sqrt(2 * n_layers) if name.endswith(ROWWISE) else std
         full = torch.randn(shape, generator=gen) * scale
-    return full[torch.meshgrid(*index, indexing="ij")]
+    box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in index)  # TP shards are contiguous
+    return full[box].clone()  # the copy into the rank's shard
 
 
 def timed(fn) -> tuple[float, object]:
