@@ -1,4 +1,4 @@
-"""One rank of a layout-parity run: a few steps on fixed batches, then losses and full weights to disk.
+"""One rank of a layout-parity run: initial full weights, a few steps on fixed batches, losses, final weights.
 
 Run through ``triarch.launcher.local.launch_local``; argv: OUT_DIR then dotted config overrides.
 """
@@ -48,7 +48,10 @@ def main() -> None:
     p = cfg.parallel
     topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
     engine = NativeEngine(cfg, topo)
-    init_norm = sum(float(v.norm()) for v in engine.full_parameters().values())
+    initial = engine.full_parameters()
+    init_norm = sum(float(v.norm()) for v in initial.values())
+    if topo.dp_rank == 0 and topo.tp_rank == 0:
+        torch.save(initial, out / f"initial_pp{topo.pp_rank}.pt")
     hidden_dtypes: set[str] = set()  # dtype of every block's output: the residual stream (and PP messages)
     for chunk in engine.chunks:
         for block in chunk.layers.values():

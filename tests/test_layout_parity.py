@@ -1,7 +1,7 @@
 """Layout parity: every TP/PP/DP layout that fits 4 gloo ranks matches one process (fp32).
 
-Same seed -> same full initial weights; step k -> same global batch. Compared: the loss of each of the
-first 3 steps and the gradient norm (1e-5 relative), and every parameter after 3 clipped AdamW steps,
+Same seed -> same full initial weights (checked bit for bit against the one-process value, each rank
+having drawn only its own shard); step k -> same global batch. Compared: the loss of each of the first 3 steps and the gradient norm (1e-5 relative), and every parameter after 3 clipped AdamW steps,
 gathered to full tensors (1e-5 relative, by norm of the difference over norm of the reference).
 Clipping is active in every step (grad_clip below the gradient norm), so equal parameters after the
 steps also mean an equal clipped update.
@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from layout_worker import BASE
+from triarch.config import apply_overrides, config_from_dict
 from triarch.launcher.local import launch_local
+from triarch.parallel.init import full_init_value
 
 WORKER = str(Path(__file__).with_name("layout_worker.py"))
 REL_TOL = 1e-5
@@ -50,6 +53,18 @@ def run_layout(out: Path, nproc: int, overrides: list[str]) -> tuple[dict, dict[
     return json.loads((out / "losses.json").read_text()), params
 
 
+def assert_initial_weights_exact(out: Path, overrides: list[str]) -> None:
+    """The run's gathered initial weights equal the one-process full value of every parameter, bit for bit."""
+    cfg = config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), overrides))
+    initial: dict[str, torch.Tensor] = {}
+    for f in sorted(out.glob("initial_pp*.pt")):
+        initial.update(torch.load(f))
+    assert initial, f"no initial weights under {out}"
+    for key, got in initial.items():
+        want = full_init_value(key, got.shape, seed=cfg.train.seed, std=cfg.model.init_std, n_layers=cfg.model.n_layers)
+        assert torch.equal(got, want), f"{key}: initial value differs from the one-process value"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
     return run_layout(tmp_path_factory.mktemp("single"), 1, [])
@@ -66,6 +81,7 @@ def test_layout_matches_single_process(name: str, reference, tmp_path: Path) -> 
     ref_losses, ref_params = reference
     nproc, overrides = LAYOUTS[name]
     losses, params = run_layout(tmp_path, nproc, overrides)
+    assert_initial_weights_exact(tmp_path, overrides)
     assert len(losses["loss"]) == 3
     assert all(g > 0.5 for g in ref_losses["grad_norm"]), "clipping must be active in every step"
     for step, (got, want) in enumerate(zip(losses["loss"], ref_losses["loss"]), start=1):
@@ -81,6 +97,15 @@ def test_layout_matches_single_process(name: str, reference, tmp_path: Path) -> 
     # the run moved the weights: parity is not trivially "nothing changed"
     init = ref_losses["init_norm"]
     assert abs(sum(float(v.norm()) for v in ref_params.values()) - init) > 1e-3
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_initial_weights_with_kv_heads_replicated_over_tp2(tmp_path: Path) -> None:
+    """One KV head on two TP ranks: K/V stay whole on each rank and still start from the one-process value."""
+    overrides = ["parallel.tp=2", "model.n_kv_heads=1"]
+    run_layout(tmp_path, 2, [*CLIP, *overrides])
+    assert_initial_weights_exact(tmp_path, overrides)
 
 
 BF16 = ["train.precision=bf16"]
