@@ -67,3 +67,15 @@ def test_commit_records_the_bytes_each_rank_hashed(engine, tmp_path) -> None:
 def test_keep_below_two_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"checkpoint.keep \(1\) must be at least 2"):
         CheckpointManager(tmp_path, keep=1)
+
+
+def test_saving_a_step_again_replaces_it(engine, tmp_path) -> None:
+    """As after a fallback to an older step: the folder is rewritten whole (never racing a deletion)."""
+    manager = CheckpointManager(tmp_path, keep=2, async_save=True)
+    for step in (1, 2, 3, 2, 3):
+        manager.save(step, engine, {"layout": "one"})
+    manager.wait()
+    ckpt_dir = tmp_path / "checkpoints"
+    assert [s.step for s in list_steps(ckpt_dir) if s.committed] == [2, 3]
+    for info in list_steps(ckpt_dir):
+        verify(info.path)

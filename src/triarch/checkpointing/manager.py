@@ -270,7 +270,7 @@ class CheckpointManager:
         else:
             try:
                 verify_files(step_dir, share_of(record["files"], rank, world))
-            except CheckpointError as err:
+            except (CheckpointError, OSError) as err:  # an unreadable file too: every rank must reach the gather
                 problem = str(err)
         found: list[Any] = [None] * world
         dist.all_gather_object(found, problem, group=self._host)

@@ -64,7 +64,14 @@ class BackgroundRetention:
 
     def request(self, just_committed: int) -> None:
         """Queue one pass; ``just_committed`` is never deleted by it."""
-        self._last = self._executor.submit(apply_retention, self.dir, self.keep, self.keep_every, just_committed)
+        self._last = self._executor.submit(self._pass, just_committed)
+
+    def _pass(self, just_committed: int) -> None:
+        """One retention pass; a failure is a warning (the run goes on, the next pass retries)."""
+        try:
+            apply_retention(self.dir, self.keep, self.keep_every, just_committed)
+        except OSError as err:
+            log.warning("retention in %s failed (%s); the next pass retries", self.dir, err)
 
     def wait(self) -> None:
         """Block until every queued pass has finished."""
