@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from triarch.checkpointing.commit import CheckpointError
-from triarch.checkpointing.manager import TRAINER_STATE, StepInfo, list_steps
+from triarch.checkpointing.manager import TRAINER_STATE
 from triarch.checkpointing.offline import read_full_tensors, write_model_checkpoint
+from triarch.checkpointing.steps import StepInfo, list_steps
 from triarch.config import TriarchConfig, dump_config
 from triarch.models.hf_llama import args_from_hf_config, from_hf_state_dict, hf_config_dict, to_hf_state_dict
 from triarch.models.llama import LlamaArgs

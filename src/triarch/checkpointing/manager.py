@@ -3,13 +3,16 @@
 Layout of one step: ``RUN_DIR/checkpoints/step_<N>/`` with DCP shard files and ``.metadata``,
 ``trainer_state.pt`` (rank 0: step, LR schedule, data position, config, layout), ``rng/rank_<r>.pt``
 (every RNG state of each rank), and ``COMMITTED.json`` written last by rank 0.
+
+The commit costs every rank the same whatever the checkpoint's size: each rank hashes the files it wrote
+as it writes them (in DCP's writer thread when async), rank 0 gathers the digests and writes the commit
+file, retention deletes in a background thread, and verify-on-load splits the files over the ranks.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import re
 import shutil
 import time
 from concurrent.futures import Future
@@ -24,27 +27,19 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from triarch.checkpointing.commit import CheckpointError, read_commit, verify, write_commit
+from triarch.checkpointing.commit import (CheckpointError, merge_digests, read_commit, share_of, verify_files,
+                                          write_commit)
+from triarch.checkpointing.digests import DigestingWriter, FileRecord, file_record
 from triarch.checkpointing.offline import tensor_metadata
+from triarch.checkpointing.retention import BackgroundRetention
 from triarch.checkpointing.state import engine_state, load_scheduler_state, scheduler_state
+from triarch.checkpointing.steps import StepInfo, list_steps  # noqa: F401  (re-exported)
 from triarch.engine.native import NativeEngine
 from triarch.parallel.process_groups import host_group as default_host_group
 
 log = logging.getLogger("triarch.checkpoint")
 
-STEP_PATTERN = re.compile(r"^step_(\d+)$")
 TRAINER_STATE = "trainer_state.pt"
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """One step folder and whether it counts."""
-
-    step: int
-    path: Path
-    committed: bool
-
-
 LOW_SPACE_BYTES = 64 << 20
 
 
@@ -79,16 +74,16 @@ def _persistent_stager() -> DefaultStager:
                                         use_non_blocking_copy=cuda))
 
 
-def list_steps(ckpt_dir: Path) -> list[StepInfo]:
-    """Every ``step_<N>`` folder, oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    steps = []
-    for path in ckpt_dir.iterdir():
-        match = STEP_PATTERN.match(path.name)
-        if match and path.is_dir():
-            steps.append(StepInfo(int(match.group(1)), path, read_commit(path) is not None))
-    return sorted(steps, key=lambda s: s.step)
+@dataclass(frozen=True)
+class _PendingSave:
+    """An async save whose write (and hashing) runs in DCP's background thread."""
+
+    step: int
+    step_dir: Path
+    info: dict[str, Any]
+    future: Future
+    writer: DigestingWriter
+    own: dict[str, FileRecord]  # files this rank wrote itself (RNG state, trainer state), already hashed
 
 
 def rng_state() -> dict[str, Any]:
@@ -111,12 +106,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class CheckpointManager:
     """Saves and restores the whole training state of a run directory, on every rank (collective).
 
-    With ``async_save`` the loop is blocked only while the state is staged (copied); DCP writes in a
-    background thread over a dedicated gloo group, and the step is committed at the first step boundary
-    where every rank's write has finished (``poll``). A new save first waits for the previous one.
+    With ``async_save`` the loop is blocked only while the state is staged (copied); DCP writes (and each
+    rank hashes what it wrote) in a background thread over a dedicated gloo group, and the step is
+    committed at the first step boundary where every rank's write has finished (``poll``). A new save
+    first waits for the previous one. Rank 0 deletes old steps in a background thread (``wait`` drains it).
 
-    Agreements between ranks (a save failed, a write finished, which step to load) and DCP's own planning
-    run on ``host_group``, a gloo group (the default one may be NCCL, which cannot reduce CPU tensors).
+    Agreements between ranks (a save failed, a write finished, the digests, which step to load) and DCP's
+    own planning run on ``host_group``, a gloo group (the default one may be NCCL, which cannot reduce CPU
+    tensors).
     """
 
     def __init__(self, run_dir: Path, *, keep: int, keep_every: int = 0, async_save: bool = False,
@@ -128,69 +125,90 @@ class CheckpointManager:
         self._host = host_group if host_group is not None else default_host_group()
         self._group = dist.new_group(backend="gloo") if async_save else None
         self._stager = _persistent_stager() if async_save else None
-        self._pending: tuple[int, Path, dict[str, Any], Future] | None = None
+        self._pending: _PendingSave | None = None
+        self._retention = BackgroundRetention(self.dir, keep, keep_every)
         self.last_stall_s = 0.0
         self.last_wait_s = 0.0
+        self.last_commit_s = 0.0
 
     # ------------------------------------------------------------------------------------------ save
     def save(self, step: int, engine: NativeEngine, trainer_state: dict[str, Any]) -> Path:
         """Write step ``step`` (in the background when async) and commit it once every rank is done."""
         started = time.perf_counter()
-        self.wait()
+        self._finish_write()
         self.last_wait_s = time.perf_counter() - started
         rank = dist.get_rank()
         step_dir = self.dir / f"step_{step}"
         if rank == 0:
-            if step_dir.exists():  # an uncommitted leftover of a killed save of the same step
-                shutil.rmtree(step_dir)
-            (step_dir / "rng").mkdir(parents=True)
+            self._prepare_folder(step_dir)
         dist.barrier(group=self._host)
         commit_info = {"step": step, "world_size": dist.get_world_size(), "layout": trainer_state.get("layout")}
+        writer = DigestingWriter(step_dir)
         error = None
         try:
-            torch.save(rng_state(), step_dir / "rng" / f"rank_{rank}.pt")
-            if rank == 0:
-                full = {**trainer_state, "step": step, "scheduler": scheduler_state(engine)}
-                torch.save(full, step_dir / TRAINER_STATE)
+            own = self._write_own_files(step, step_dir, engine, trainer_state)
             if self.async_save:
-                # DCP stages a CPU copy before returning; only the write runs in the background
-                future = dcp.async_save(engine_state(engine), checkpoint_id=str(step_dir), process_group=self._group,
-                                        async_stager=self._stager)
-                self._pending = (step, step_dir, commit_info, future)
+                # DCP stages a CPU copy before returning; only the write (and its hashing) runs in the background
+                future = dcp.async_save(engine_state(engine), checkpoint_id=str(step_dir), storage_writer=writer,
+                                        process_group=self._group, async_stager=self._stager)
+                self._pending = _PendingSave(step, step_dir, commit_info, future, writer, own)
             else:
-                dcp.save(engine_state(engine), checkpoint_id=str(step_dir), process_group=self._host)
+                dcp.save(engine_state(engine), checkpoint_id=str(step_dir), storage_writer=writer,
+                         process_group=self._host)
         except (Exception, CheckpointException) as err:  # OSError from our files; DCP: any rank's failure
             error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
         self._agree_or_raise(error)
         self.last_stall_s = time.perf_counter() - started
         if not self.async_save:
-            self._commit(step_dir, commit_info)
+            self._commit(step, step_dir, commit_info, {**own, **writer.digests})
         return step_dir
+
+    def _prepare_folder(self, step_dir: Path) -> None:
+        """Rank 0: an empty folder for the step (a leftover of a killed save of the same step is removed)."""
+        if step_dir.exists():
+            self._retention.wait()  # never race a background deletion for the same folder
+        if step_dir.exists():
+            shutil.rmtree(step_dir)
+        (step_dir / "rng").mkdir(parents=True)
+
+    def _write_own_files(self, step: int, step_dir: Path, engine: NativeEngine,
+                         trainer_state: dict[str, Any]) -> dict[str, FileRecord]:
+        """This rank's RNG state (and on rank 0 the trainer state), hashed: small files, written here."""
+        rank = dist.get_rank()
+        paths = [step_dir / "rng" / f"rank_{rank}.pt"]
+        torch.save(rng_state(), paths[0])
+        if rank == 0:
+            paths.append(step_dir / TRAINER_STATE)
+            torch.save({**trainer_state, "step": step, "scheduler": scheduler_state(engine)}, paths[1])
+        return {p.relative_to(step_dir).as_posix(): file_record(p) for p in paths}
 
     def poll(self) -> None:
         """At a step boundary: commit the background save if every rank finished writing it."""
         if self._pending is None:
             return
-        done = torch.tensor(int(self._pending[3].done()))
+        done = torch.tensor(int(self._pending.future.done()))
         dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._host)
         if int(done):
             self._finish_pending()
 
     def wait(self) -> None:
-        """Block until the background save (if any) is written, then commit it."""
+        """Block until the background save (if any) is written and committed, and old steps are deleted."""
+        self._finish_write()
+        self._retention.wait()
+
+    def _finish_write(self) -> None:
         if self._pending is not None:
             self._finish_pending()
 
     def _finish_pending(self) -> None:
-        step, step_dir, info, future = self._pending
-        self._pending = None
+        pending, self._pending = self._pending, None
         error = None
         try:
-            future.result()
+            pending.future.result()
         except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
-            error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
+            error = f"saving {pending.step_dir} failed: {_reason(err, self.dir)}"
         self._agree_or_raise(error)
-        self._commit(step_dir, info)
+        self._commit(pending.step, pending.step_dir, pending.info, {**pending.own, **pending.writer.digests})
 
     def _agree_or_raise(self, error: str | None) -> None:
         """Every rank raises when any rank failed (so none waits forever at a barrier)."""
@@ -199,40 +217,64 @@ class CheckpointManager:
         if int(flag):
             raise CheckpointError(error or "a checkpoint save failed on another rank; see its log")
 
-    def _commit(self, step_dir: Path, info: dict[str, Any]) -> None:
-        dist.barrier(group=self._host)  # every rank's files are on disk
-        if dist.get_rank() == 0:
-            write_commit(step_dir, info)
-            self._apply_retention()
-        dist.barrier(group=self._host)
-
-    def _apply_retention(self) -> None:
-        committed = [s for s in list_steps(self.dir) if s.committed]
-        for info in committed[: -self.keep]:
-            if self.keep_every and info.step % self.keep_every == 0:
-                continue
-            shutil.rmtree(info.path, ignore_errors=True)
+    def _commit(self, step: int, step_dir: Path, info: dict[str, Any], digests: dict[str, FileRecord]) -> None:
+        """Gather every rank's digests (its files are on disk), rank 0 writes the commit file and queues
+        retention; every rank returns once the step is committed (or raises with all the others)."""
+        started = time.perf_counter()
+        rank = dist.get_rank()
+        gathered: list[Any] | None = [None] * dist.get_world_size() if rank == 0 else None
+        dist.gather_object(digests, gathered, dst=0, group=self._host)
+        error = None
+        if rank == 0:
+            try:
+                files, hashed_by_rank = merge_digests(step_dir, gathered)
+                write_commit(step_dir, {**info, "hashed_by_rank": hashed_by_rank}, files)
+            except (OSError, CheckpointError) as err:
+                error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
+            else:
+                self._retention.request(just_committed=step)
+        self._agree_or_raise(error)
+        self.last_commit_s = time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------ load
     def newest_usable(self) -> StepInfo | None:
-        """Newest committed step that passes verification (rank 0 decides, every rank learns)."""
-        choice: list[Any] = [None]
-        if dist.get_rank() == 0:
-            for info in reversed(list_steps(self.dir)):
-                if not info.committed:
+        """Newest committed step that passes verification; every rank checks a share of its files and all
+        agree. Rank 0 lists the steps and warns about each one skipped, naming it and the reason."""
+        rank0 = dist.get_rank() == 0
+        for info in self._agreed_listing():
+            if not info.committed:
+                if rank0:
                     log.warning("checkpoint %s is not committed (no commit file); skipping it", info.path)
-                    continue
-                try:
-                    verify(info.path)
-                except CheckpointError as err:
-                    log.warning("checkpoint %s is unusable (%s); falling back to an older one", info.path, err)
-                    continue
-                choice[0] = (info.step, str(info.path))
-                break
-        dist.broadcast_object_list(choice, src=0, group=self._host)
-        if choice[0] is None:
-            return None
-        return StepInfo(choice[0][0], Path(choice[0][1]), True)
+                continue
+            problem = self._verify_together(info.path)
+            if problem is None:
+                return info
+            if rank0:
+                log.warning("checkpoint %s is unusable (%s); falling back to an older one", info.path, problem)
+        return None
+
+    def _agreed_listing(self) -> list[StepInfo]:
+        """Rank 0's listing of the step folders, newest first, on every rank."""
+        listing: list[Any] = [list(reversed(list_steps(self.dir))) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(listing, src=0, group=self._host)
+        return listing[0]
+
+    def _verify_together(self, step_dir: Path) -> str | None:
+        """Each rank checks its share (:func:`share_of`) of the step's files; the first problem any rank
+        found (with the rank that found it), or None on every rank when all match."""
+        rank, world = dist.get_rank(), dist.get_world_size()
+        problem = None
+        record = read_commit(step_dir)
+        if record is None:
+            problem = f"{step_dir} has no commit file"
+        else:
+            try:
+                verify_files(step_dir, share_of(record["files"], rank, world))
+            except (CheckpointError, OSError) as err:  # an unreadable file too: every rank must reach the gather
+                problem = str(err)
+        found: list[Any] = [None] * world
+        dist.all_gather_object(found, problem, group=self._host)
+        return next((f"{p}; found by rank {r}" for r, p in enumerate(found) if p is not None), None)
 
     def load(self, info: StepInfo, engine: NativeEngine) -> dict[str, Any]:
         """Load step ``info`` into ``engine`` (any layout); returns the trainer state saved with it."""

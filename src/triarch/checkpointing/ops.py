@@ -7,7 +7,7 @@ from pathlib import Path
 
 from triarch.checkpointing.commit import CheckpointError, read_commit, verify
 from triarch.checkpointing.hf_io import export_hf, import_hf, pick_step
-from triarch.checkpointing.manager import list_steps
+from triarch.checkpointing.steps import list_steps
 from triarch.checkpointing.offline import tensor_metadata
 
 
