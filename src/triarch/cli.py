@@ -160,30 +160,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg = validate_for_world(cfg, args.nproc)
     check_data(cfg)
-    run_dir = args.run_dir or Path("runs") / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
+    from triarch.launcher.run_dir import usable_run_dir, write_attempt_config
     from triarch.launcher.run_lock import RunDirBusy, run_dir_lock
 
+    run_dir = usable_run_dir(args.run_dir or Path("runs") / cfg.name)
+
     try:
-        with run_dir_lock(run_dir):
-            dump_config(cfg, run_dir / "config.yaml")
-            return _launch(args.nproc, run_dir)
+        with run_dir_lock(run_dir) as lock_fd:
+            return _launch(args.nproc, run_dir, write_attempt_config(cfg, run_dir), lock_fd)
     except RunDirBusy as err:
         raise CliError(str(err)) from None
 
 
-def _launch(nproc: int, run_dir: Path) -> int:
+def _launch(nproc: int, run_dir: Path, config: Path, lock_fd: int) -> int:
     if nproc == 1:
         from triarch.launcher.rank_main import run_rank
 
-        return run_rank(run_dir)
+        return run_rank(run_dir, config)
     from triarch.launcher.local import LaunchError, launch_local
 
     try:
-        launch_local(nproc, ["-m", "triarch.launcher.rank_main", str(run_dir)])
+        launch_local(nproc, ["-m", "triarch.launcher.rank_main", str(run_dir), str(config)], keep_fds=[lock_fd])
     except LaunchError as err:
-        print(f"error: {err}; see the rank logs above", file=sys.stderr)
-        return 1
+        if not err.agreed:  # every rank ending alike has said why itself
+            print(f"error: {err}; see the rank logs above", file=sys.stderr)
+        return err.exit_code
     return 0
 
 
@@ -295,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the ranks listen for it (loading, checking data)
+        print("interrupted before training started; nothing was written to the run", file=sys.stderr)
+        code = 130
     except BrokenPipeError:  # the reader went away (``| head``): not an error of ours
         sys.stderr.close()
         code = 0

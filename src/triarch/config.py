@@ -300,18 +300,38 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML config (or defaults when ``path`` is None), apply overrides, validate."""
     data: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{p}' does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {str(err).splitlines()[0]}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
-        data = loaded or {}
-        data.setdefault("name", p.stem)
+        data = read_config_file(Path(path))
     return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def read_config_file(p: Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (``name`` defaults to the file's stem); one-line errors for a
+    missing, unreadable, binary, non-UTF-8, empty or non-mapping file."""
+    if p.is_dir():
+        raise ConfigError(f"config file '{p}' is a folder; give a YAML file")
+    if not p.is_file():
+        raise ConfigError(f"config file '{p}' does not exist")
+    try:
+        raw = p.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"config file '{p}' cannot be read: {err.strerror or err}") from None
+    if b"\0" in raw:
+        raise ConfigError(f"config file '{p}' is binary, not a YAML text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{p}' is not valid YAML: {str(err).splitlines()[0]}") from None
+    if loaded is None or loaded == {}:
+        raise ConfigError(f"config file '{p}' is empty; a run needs at least a model and a data path "
+                          "(see examples/tiny.yaml)")
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{p}' must hold a mapping at the top level, not a {type(loaded).__name__}")
+    loaded.setdefault("name", p.stem)
+    return loaded
 
 
 def dump_config(cfg: TriarchConfig, path: str | Path) -> None:

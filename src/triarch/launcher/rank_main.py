@@ -17,15 +17,18 @@ from triarch.config import ConfigError, TriarchConfig, load_config
 from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.watchdog import HangWatchdog
-from triarch.launcher.stop_signal import StopRequest
+from triarch.launcher import exit_codes
+from triarch.launcher.parent_watch import die_with_parent
+from triarch.launcher.stop_signal import LOCAL_STOP_SIGNALS, StopRequest
 from triarch.parallel.process_groups import host_group
 from triarch.training.precision import configure_tf32
 from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
 
-EXIT_CONFIG = 2
-EXIT_NON_FINITE = 3
-EXIT_CHECKPOINT = 4
+EXIT_CONFIG = exit_codes.CONFIG
+EXIT_NON_FINITE = exit_codes.NON_FINITE
+EXIT_CHECKPOINT = exit_codes.CHECKPOINT
+EXIT_STOPPED = exit_codes.STOPPED
 HEARTBEAT_DIR = "heartbeats"
 
 FLIGHT_RECORDER_DIR = "flight_recorder"
@@ -66,14 +69,15 @@ def configure_threads() -> None:
 
 def report(summary: TrainSummary) -> None:
     """The closing lines rank 0 prints."""
+    if summary.stop_reason:
+        print(f"stopped at step {summary.steps} ({summary.stop_reason}); the checkpoint is committed; run the same "
+              "command to resume", file=sys.stderr)
+        return
     print(f"trained {summary.steps} steps: loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}")
     if summary.first_eval_loss is not None and summary.final_eval_loss is not None:
         ratio = summary.final_eval_loss / summary.first_eval_loss
         print(f"validation loss {summary.first_eval_loss:.4f} at step 0 -> {summary.final_eval_loss:.4f} "
               f"at step {summary.steps} ({ratio:.0%} of step 0)")
-    if summary.stop_reason:
-        print(f"stopped after step {summary.steps} ({summary.stop_reason}); the checkpoint is committed and "
-              "running again resumes from it")
     print(f"run directory: {summary.run_dir}")
 
 
@@ -98,29 +102,39 @@ def build_control(cfg: TriarchConfig, run_dir: Path, device: torch.device, stop:
                       startup_timeout_s=fault.startup_timeout_s, host_group=host_group())
 
 
-def run_rank(run_dir: Path) -> int:
-    """Train with the resolved config of ``run_dir``; returns the process exit code."""
-    return execute_rank(run_dir).code
+def run_rank(run_dir: Path, config: Path | None = None) -> int:
+    """One rank of a local run (``triarch train``): USR2, Ctrl-C, TERM and HUP are stop requests (every rank
+    stops after the same step and saves; a second Ctrl-C, TERM or HUP exits at once); returns the process
+    exit code (:mod:`triarch.launcher.exit_codes`)."""
+    stop = StopRequest()
+    if threading.current_thread() is threading.main_thread():
+        stop.install(LOCAL_STOP_SIGNALS)
+    try:
+        outcome = execute_rank(run_dir, stop, config=config)
+    finally:
+        stop.uninstall()
+    return EXIT_STOPPED if outcome.stop_reason and not outcome.code else outcome.code
 
 
-def execute_rank(run_dir: Path, stop: StopRequest | None = None) -> RankOutcome:
+def execute_rank(run_dir: Path, stop: StopRequest | None = None, *, config: Path | None = None) -> RankOutcome:
     """Join the process group, train, leave the group; errors every rank agrees on become exit codes.
     Stop signals (USR2) end the run after a committed checkpoint; pass ``stop`` when the caller already
-    listens for them."""
+    listens for them. ``config`` is this attempt's resolved config (default ``RUN_DIR/config.yaml``); it
+    becomes the run's ``config.yaml`` only once the run is accepted (resume checks passed)."""
     owns_signals = stop is None
     if stop is None:
         stop = StopRequest()
         if threading.current_thread() is threading.main_thread():
             stop.install()
     try:
-        return _execute(run_dir, stop)
+        return _execute(run_dir, stop, config)
     finally:
         if owns_signals:
             stop.uninstall()
 
 
-def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
-    cfg = load_config(run_dir / "config.yaml")
+def _execute(run_dir: Path, stop: StopRequest, config: Path | None) -> RankOutcome:
+    cfg = load_config(config or run_dir / "config.yaml")
     try:
         device = pick_device(cfg.train.device)
     except ConfigError as err:  # before the process group: every rank that cannot place itself says why
@@ -137,7 +151,7 @@ def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s", force=True)
     control = build_control(cfg, run_dir, device, stop).start()
     try:
-        summary = train(cfg, run_dir, device, control)
+        summary = train(cfg, run_dir, device, control, publish_config=config is not None)
     except ConfigError as err:  # the layout does not fit this world (e.g. an elastic restart's node count)
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
@@ -165,7 +179,10 @@ def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
 
 
 def main() -> None:
-    sys.exit(run_rank(Path(sys.argv[1])))
+    """``python -m triarch.launcher.rank_main RUN_DIR [CONFIG]`` (started by the local launcher)."""
+    die_with_parent()
+    config = Path(sys.argv[2]) if len(sys.argv) > 2 else None
+    sys.exit(run_rank(Path(sys.argv[1]), config))
 
 
 if __name__ == "__main__":

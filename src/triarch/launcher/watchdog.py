@@ -22,7 +22,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-EXIT_HANG = 5
+from triarch.launcher import exit_codes
+
+EXIT_HANG = exit_codes.HANG
 REPORT_NAME = "hang_report.txt"
 
 log = logging.getLogger("triarch.watchdog")

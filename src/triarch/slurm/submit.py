@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from triarch.config import ConfigError, TriarchConfig, dump_config, load_config, validate_for_world
+from triarch.config import ConfigError, TriarchConfig, load_config, validate_for_world
+from triarch.launcher.run_dir import usable_run_dir, write_attempt_config
+from triarch.launcher.run_lock import RunDirBusy, run_dir_lock
 from triarch.slurm.commands import SlurmError, parse_duration_s
 from triarch.slurm.job import TrainJob
 from triarch.slurm.registry import JobRecord, active_job_for, register
@@ -224,17 +226,18 @@ def submit(config: str, overrides: list[str], run_dir: Path | None, options: Sub
     python = shlex.quote(sys.executable)
     params = executor_parameters(options, runs, python, min_nodes(runs[0].cfg, options))
     executor = make_executor(folder, params)
-    for run in runs:
-        run.run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(run.cfg, run.run_dir / "config.yaml")
+    configs = [attempt_for(run) for run in runs]
     policy = RequeuePolicy(max_retries=options.max_retries, max_timeouts=options.max_timeouts,
                            signal_delay_s=options.signal_delay_s)
-    jobs_in = [TrainJob(str(run.run_dir.resolve()), policy) for run in runs]
+    jobs_in = [TrainJob(str(run.run_dir.resolve()), policy, str(config.resolve()))
+               for run, config in zip(runs, configs, strict=True)]
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
             jobs = executor.submit_array(jobs_in) if len(runs) > 1 else [executor.submit(jobs_in[0])]
     except Exception as err:  # submitit wraps sbatch's refusal; keep sbatch's own last line
+        for config in configs:  # nothing ran: no attempt to remember
+            config.unlink(missing_ok=True)
         raise SlurmError(_sbatch_reason(str(err) or captured.getvalue(), options)) from None
     records = []
     for run, job in zip(runs, jobs, strict=True):
@@ -243,6 +246,16 @@ def submit(config: str, overrides: list[str], run_dir: Path | None, options: Sub
         register(record)
         records.append(record)
     return records
+
+
+def attempt_for(run: PlannedRun) -> Path:
+    """Check the run directory (usable, not held by a live local run) and write this attempt's config."""
+    usable_run_dir(run.run_dir)
+    try:
+        with run_dir_lock(run.run_dir):
+            return write_attempt_config(run.cfg, run.run_dir)
+    except RunDirBusy as err:
+        raise SlurmError(str(err)) from None
 
 
 def _sbatch_reason(text: str, options: SubmitOptions) -> str:

@@ -43,3 +43,14 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
     """Per-step LR schedule: linear warmup, then cosine or linear decay to ``min_lr_ratio``."""
     return LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def set_schedule_step(scheduler: LambdaLR, step: int) -> None:
+    """Put the schedule at ``step`` optimizer steps done: the next step's learning rate is
+    ``base lr x lr_factor(step)`` of the *current* config, whatever schedule a checkpoint was saved with."""
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1  # noqa: SLF001 (LambdaLR's own bookkeeping: no warning on the next step)
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # noqa: SLF001

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from triarch.checkpointing.manager import CheckpointManager
-from triarch.config import TriarchConfig, validate_for_world
+from triarch.config import TriarchConfig, dump_config, validate_for_world
 from triarch.data_pipeline.dali_stage import loader_stage
 from triarch.data_pipeline.stream import TokenStream
 from triarch.engine.native import NativeEngine
@@ -19,6 +19,7 @@ from triarch.parallel.topology import Topology
 from triarch.training.loggers import MetricsLogger
 from triarch.training.metrics import ThroughputMeter, synchronize, window_peak_memory
 from triarch.training.mfu import device_peak_flops, flops_per_token
+from triarch.training.optimizer import set_schedule_step
 from triarch.training.run_control import RunControl
 
 log = logging.getLogger("triarch.train")
@@ -73,9 +74,16 @@ class Evaluator:
         return sum(losses) / len(losses)
 
 
-def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunControl | None = None) -> TrainSummary:
+def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunControl | None = None, *,
+          publish_config: bool = False) -> TrainSummary:
     """Train ``cfg.train.steps`` steps on this rank (the process group must exist). With ``control``, a stop
-    request (a signal on any rank) ends every rank after the same step with a committed checkpoint."""
+    request (a signal on any rank) ends every rank after the same step with a committed checkpoint.
+
+    On resume the learning rate is a pure function of the step and the current config (a longer
+    ``train.steps`` stretches the schedule from the resumed step on), and the data position is the count
+    of sequences consumed so far, whatever global batch size earlier attempts used. With
+    ``publish_config`` rank 0 writes the config as the run's ``config.yaml`` once the run is accepted
+    (the resume checks passed), so a refused attempt leaves the run's config untouched."""
     cfg = validate_for_world(cfg, dist.get_world_size())
     topo = build_topology(cfg, device, control.host_group if control is not None else None)
     rank0 = dist.get_rank() == 0
@@ -98,11 +106,19 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
         if "data" in saved:
             data.load_state_dict(saved["data"])
         start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)
+        set_schedule_step(engine.scheduler, start_step)
         if rank0:
             log.info("resumed from %s (step %d, saved with layout %s)", resume_from.path, start_step, saved.get("layout"))
+    if publish_config and rank0:
+        dump_config(cfg, run_dir / "config.yaml")
+    consumed_at_start = data.consumed_sequences  # sequences consumed before this attempt's first step
     meter = ThroughputMeter(flops_per_token(cfg.model), device_peak_flops(device, trn.precision, trn.tf32),
                            topo.world_size)
     tokens_per_step = trn.global_batch_size * cfg.model.seq_len
+
+    def consumed(step: int) -> int:  # the trained position after ``step`` (a prefetching stage reads ahead)
+        return consumed_at_start + (step - start_step) * trn.global_batch_size
+
     final_loss = first_loss
     final_eval = first_eval
     last_step = start_step
@@ -111,7 +127,6 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
         if evaluator is not None and start_step == 0:
             first_eval = final_eval = evaluator(engine)
             logger.log_eval(0, {"eval_loss": first_eval})
-        # the checkpoint records the trained position (step * G), not how far a prefetching stage has read
         batches = iter(loader_stage(data.batches(trn.steps - start_step), cfg.data.loader))
         for step in range(start_step + 1, trn.steps + 1):
             manager.poll()
@@ -129,7 +144,8 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
                 allocated, reserved = window_peak_memory(device, topo.host_group)
                 logger.log(step, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                                   **meter.window().as_metrics(), "peak_mem_bytes": allocated,
-                                  "peak_mem_reserved_bytes": reserved, "consumed_tokens": step * tokens_per_step})
+                                  "peak_mem_reserved_bytes": reserved,
+                                  "consumed_tokens": consumed(step) * cfg.model.seq_len})
             if evaluator is not None and (step % trn.eval_interval == 0 or step == trn.steps):
                 final_eval = evaluator(engine)
                 logger.log_eval(step, {"eval_loss": final_eval})
@@ -141,8 +157,8 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
             if (interval and (step % interval == 0 or step == trn.steps or exiting)) or stopping:
                 manager.save(step, engine, {
                     "world_size": topo.world_size, "layout": topo.describe(),
-                    "data": {**data.state_dict(), "consumed_sequences": step * trn.global_batch_size},
-                    "consumed_tokens": step * tokens_per_step, "first_loss": first_loss,
+                    "data": {**data.state_dict(), "consumed_sequences": consumed(step)},
+                    "consumed_tokens": consumed(step) * cfg.model.seq_len, "first_loss": first_loss,
                     "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json")})
                 if control is not None:
                     control.progress()

@@ -1,0 +1,46 @@
+"""The run directory before any rank starts: a usable folder, and each attempt's resolved config.
+
+Every ``triarch train`` (or ``submit``) of a run writes its resolved config to
+``RUN_DIR/attempts/NNNN.yaml`` (kept: the run's history). The ranks read that file; rank 0 makes it the
+run's ``config.yaml`` only once the run is accepted (a resume whose config does not fit the checkpoints is
+refused before), so a refused attempt never replaces the config the run was trained with.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from triarch.config import ConfigError, TriarchConfig, dump_config
+
+ATTEMPTS_DIR = "attempts"
+
+
+class RunDirError(ConfigError):
+    """The run directory cannot be used (one line naming it and why)."""
+
+
+def usable_run_dir(run_dir: Path) -> Path:
+    """Create ``run_dir`` if needed (owner-only permissions) and check it is a writable folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory {run_dir} is a file, not a folder; choose another --run-dir")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise RunDirError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunDirError(f"run directory {run_dir} is not writable")
+    return run_dir
+
+
+def write_attempt_config(cfg: TriarchConfig, run_dir: Path) -> Path:
+    """Write this attempt's resolved config as the next ``RUN_DIR/attempts/NNNN.yaml`` and return its path."""
+    folder = run_dir / ATTEMPTS_DIR
+    try:
+        folder.mkdir(exist_ok=True)
+        number = 1 + max((int(p.stem) for p in folder.glob("*.yaml") if p.stem.isdigit()), default=0)
+        path = folder / f"{number:04d}.yaml"
+        dump_config(cfg, path)
+    except OSError as err:
+        raise RunDirError(f"cannot write to run directory {run_dir}: {err.strerror or err}") from None
+    return path
