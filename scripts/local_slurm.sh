@@ -90,15 +90,48 @@ wait_idle() {
   return 1
 }
 
+# pid files of the daemons this cluster started (SlurmctldPidFile, SlurmdPidFile in slurm.conf)
+ctld_pidfile() { echo "$STATE/slurmctld.pid"; }
+slurmd_pidfile() { echo "$STATE/spool/$1.pid"; }
+
+# the pid in a pid file when that process is alive and is the named daemon, else nothing
+own_pid() {
+  local file=$1 name=$2 pid
+  [ -s "$file" ] || return 0
+  pid=$(cat "$file")
+  if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$name" ]; then
+    echo "$pid"
+  fi
+}
+
+# refuse to start beside a SLURM this script did not start (a real cluster's node, another test cluster)
+check_no_foreign_slurm() {
+  local ours foreign pid
+  ours=$(own_pid "$(ctld_pidfile)" slurmctld)
+  foreign=""
+  for pid in $(pgrep -x slurmctld || true); do
+    [ "$pid" = "$ours" ] || foreign="$foreign $pid"
+  done
+  if [ -n "$foreign" ]; then
+    echo "local_slurm: error: a slurmctld this script did not start is running (pid$foreign); not starting a test cluster beside it (state $STATE)" >&2
+    exit 3
+  fi
+  if [ -z "$ours" ] && env -u SLURM_CONF sinfo -h >/dev/null 2>&1; then
+    echo "local_slurm: error: a SLURM cluster already answers here (sinfo with the system config works); not starting a test cluster beside it" >&2
+    exit 3
+  fi
+}
+
 start() {
   need_packages
+  check_no_foreign_slurm
   write_conf
   start_munge
-  if ! pgrep -x slurmctld >/dev/null; then
+  if [ -z "$(own_pid "$(ctld_pidfile)" slurmctld)" ]; then
     slurmctld -f "$CONF" -i  # -i: ignore state files left by an earlier cluster
   fi
   for node in "${NODES[@]}"; do
-    if ! pgrep -f "slurmd -N $node" >/dev/null; then
+    if [ -z "$(own_pid "$(slurmd_pidfile "$node")" slurmd)" ]; then
       slurmd -f "$CONF" -N "$node"
     fi
   done
@@ -106,17 +139,28 @@ start() {
   echo "export SLURM_CONF=$CONF"
 }
 
+# stop only the daemons this cluster started (their pid files), never others of the same name
 stop() {
-  pkill -x slurmd 2>/dev/null || true
-  pkill -x slurmctld 2>/dev/null || true
+  local pids="" pid node
+  pid=$(own_pid "$(ctld_pidfile)" slurmctld); [ -n "$pid" ] && pids="$pids $pid"
+  for node in "${NODES[@]}"; do
+    pid=$(own_pid "$(slurmd_pidfile "$node")" slurmd); [ -n "$pid" ] && pids="$pids $pid"
+  done
+  [ -n "$pids" ] || return 0
+  # shellcheck disable=SC2086
+  kill $pids 2>/dev/null || true
   for _ in $(seq 1 20); do
-    pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break
+    local alive=""
+    for pid in $pids; do
+      kill -0 "$pid" 2>/dev/null && alive=1
+    done
+    [ -n "$alive" ] || break
     sleep 0.5
   done
 }
 
 status() {
-  if ! pgrep -x slurmctld >/dev/null; then
+  if [ -z "$(own_pid "$(ctld_pidfile)" slurmctld)" ]; then
     echo "local_slurm: not running"
     return 1
   fi

@@ -15,6 +15,7 @@ import pytest
 from triarch.checkpointing.commit import verify
 from triarch.checkpointing.manager import list_steps
 from triarch.data_pipeline import prepare_pydocs
+from triarch.data_pipeline.fileio import file_sha256
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALL = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
@@ -112,5 +113,86 @@ def test_disk_full_while_saving(data: Path, small_disk: Path, async_save: bool) 
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: saving ") and "No space left on device" in last, last
     steps = {s.step: s for s in list_steps(run_dir / "checkpoints")}
-    assert steps[3].committed and not steps[6].committed
+    assert steps[3].committed and 6 not in steps  # the failed step's partial folder no longer holds the disk
     verify(steps[3].path)
+
+
+@pytest.fixture()
+def immutable():
+    """``chattr +i`` on a folder: nothing can be created in it, even by root (real EPERM, unlike chmod)."""
+    marked: list[Path] = []
+
+    def mark(folder: Path) -> None:
+        done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"chattr +i is not available here: {done.stderr.strip()}")
+        marked.append(folder)
+
+    yield mark
+    for folder in marked:
+        subprocess.run(["chattr", "-i", str(folder)], check=False)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_save_without_write_permission_is_one_line_and_exit_4(nproc: int, data: Path, tmp_path: Path,
+                                                              immutable) -> None:
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True, mode=0o700)
+    run_dir.chmod(0o700)
+    immutable(run_dir / "checkpoints")
+    result = subprocess.run(command(run_dir, data, nproc, "train.steps=4", "checkpoint.interval=2"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Operation not permitted" in errors[0] and "step_2" in errors[0], result.stderr[-2000:]
+
+
+def test_pickled_code_in_a_checkpoint_is_refused(data: Path, tmp_path: Path) -> None:
+    """trainer_state.pt is unpickled as plain data only: a checkpoint whose state would run code on load is
+    refused in one line (the run does not load it, and nothing runs)."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run(command(run_dir, data, 1, "train.steps=2", "checkpoint.interval=2"),
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    import torch
+
+    marker = tmp_path / "pwned"
+    state_file = run_dir / "checkpoints" / "step_2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    state["evil"] = _RunsCode(f"touch {marker}")
+    torch.save(state, state_file)
+    commit_file = state_file.parent / "COMMITTED.json"  # whoever wrote the folder rewrites its manifest too
+    commit = json.loads(commit_file.read_text())
+    commit["files"]["trainer_state.pt"] = {"bytes": state_file.stat().st_size, "sha256": file_sha256(state_file)}
+    commit_file.write_text(json.dumps(commit))
+    resumed = subprocess.run(command(run_dir, data, 1, "train.steps=4", "checkpoint.interval=2"),
+                             capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    assert resumed.returncode == 4, resumed.stderr[-2000:]
+    errors = [ln for ln in resumed.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "refusing to unpickle" in errors[0] and "trainer_state.pt" in errors[0], errors
+
+
+class _RunsCode:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (self.command,))
+
+
+def test_run_directory_writable_by_others_is_refused(data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "shared_run"
+    run_dir.mkdir()
+    run_dir.chmod(0o777)
+    result = subprocess.run(command(run_dir, data, 1, "train.steps=3"), capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert "can be written by other users" in lines[0] and f"chmod go-w {run_dir}" in lines[0]
+    fresh = tmp_path / "fresh" / "run"
+    created = subprocess.run(command(fresh, data, 1, "train.steps=3"), capture_output=True, text=True, timeout=300)
+    assert created.returncode == 0, created.stderr[-2000:]
+    assert fresh.stat().st_mode & 0o777 == 0o700

@@ -27,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
+from triarch.checkpointing.safe_load import load_plain
 from triarch.checkpointing.commit import (CheckpointError, merge_digests, read_commit, share_of, verify_files,
                                           write_commit)
 from triarch.checkpointing.digests import DigestingWriter, FileRecord, file_record
@@ -87,8 +88,10 @@ class _PendingSave:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG state of this process."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state of this process, as plain data (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -97,7 +100,9 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -139,12 +144,15 @@ class CheckpointManager:
         self.last_wait_s = time.perf_counter() - started
         rank = dist.get_rank()
         step_dir = self.dir / f"step_{step}"
+        error = None
         if rank == 0:
-            self._prepare_folder(step_dir)
-        dist.barrier(group=self._host)
+            try:
+                self._prepare_folder(step_dir)
+            except OSError as err:  # e.g. no write permission on the checkpoints folder
+                error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
+        self._agree_or_raise(error, step_dir)  # also the barrier: the folder exists for every rank
         commit_info = {"step": step, "world_size": dist.get_world_size(), "layout": trainer_state.get("layout")}
         writer = DigestingWriter(step_dir)
-        error = None
         try:
             own = self._write_own_files(step, step_dir, engine, trainer_state)
             if self.async_save:
@@ -157,7 +165,7 @@ class CheckpointManager:
                          process_group=self._host)
         except (Exception, CheckpointException) as err:  # OSError from our files; DCP: any rank's failure
             error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
-        self._agree_or_raise(error)
+        self._agree_or_raise(error, step_dir)
         self.last_stall_s = time.perf_counter() - started
         if not self.async_save:
             self._commit(step, step_dir, commit_info, {**own, **writer.digests})
@@ -207,14 +215,18 @@ class CheckpointManager:
             pending.future.result()
         except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
             error = f"saving {pending.step_dir} failed: {_reason(err, self.dir)}"
-        self._agree_or_raise(error)
+        self._agree_or_raise(error, pending.step_dir)
         self._commit(pending.step, pending.step_dir, pending.info, {**pending.own, **pending.writer.digests})
 
-    def _agree_or_raise(self, error: str | None) -> None:
-        """Every rank raises when any rank failed (so none waits forever at a barrier)."""
+    def _agree_or_raise(self, error: str | None, step_dir: Path | None = None) -> None:
+        """Every rank raises when any rank failed (so none waits forever at a barrier). The failed step's
+        partial folder is removed by rank 0 once every rank stopped writing it (a disk-full save must not
+        keep the disk full); committed steps are never touched."""
         flag = torch.tensor(int(error is not None))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._host)
         if int(flag):
+            if dist.get_rank() == 0 and step_dir is not None:
+                shutil.rmtree(step_dir, ignore_errors=True)
             raise CheckpointError(error or "a checkpoint save failed on another rank; see its log")
 
     def _commit(self, step: int, step_dir: Path, info: dict[str, Any], digests: dict[str, FileRecord]) -> None:
@@ -233,7 +245,7 @@ class CheckpointManager:
                 error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
             else:
                 self._retention.request(just_committed=step)
-        self._agree_or_raise(error)
+        self._agree_or_raise(error, step_dir if error is not None else None)
         self.last_commit_s = time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------ load
@@ -295,10 +307,10 @@ class CheckpointManager:
         except Exception as err:  # DCP wraps per-rank failures (shape mismatch, unreadable shard) in one error
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"loading {info.path} failed: {first}") from None
-        trainer_state = torch.load(info.path / TRAINER_STATE, weights_only=False)
+        trainer_state = load_plain(info.path / TRAINER_STATE)
         if "scheduler" in trainer_state:
             load_scheduler_state(engine, trainer_state["scheduler"])
         rng_file = info.path / "rng" / f"rank_{dist.get_rank()}.pt"
         if trainer_state.get("world_size") == dist.get_world_size() and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(load_plain(rng_file))
         return trainer_state

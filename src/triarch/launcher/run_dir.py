@@ -9,6 +9,7 @@ refused before), so a refused attempt never replaces the config the run was trai
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from triarch.config import ConfigError, TriarchConfig, dump_config
@@ -21,7 +22,8 @@ class RunDirError(ConfigError):
 
 
 def usable_run_dir(run_dir: Path) -> Path:
-    """Create ``run_dir`` if needed (owner-only permissions) and check it is a writable folder."""
+    """Create ``run_dir`` if needed (owner-only permissions: 0700) and check it is a folder this user can
+    write and no other user can (it holds what every rank loads, and under SLURM the pickles submitit runs)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} is a file, not a folder; choose another --run-dir")
     try:
@@ -30,6 +32,10 @@ def usable_run_dir(run_dir: Path) -> Path:
         raise RunDirError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise RunDirError(f"run directory {run_dir} is not writable")
+    mode = stat.S_IMODE(run_dir.stat().st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RunDirError(f"run directory {run_dir} can be written by other users (mode {mode:o}): they could "
+                          f"replace the config, checkpoints or job files a run loads; fix it with: chmod go-w {run_dir}")
     return run_dir
 
 
