@@ -150,30 +150,38 @@ def test_save_without_write_permission_is_one_line_and_exit_4(nproc: int, data: 
     assert len(errors) == 1 and "Operation not permitted" in errors[0] and "step_2" in errors[0], result.stderr[-2000:]
 
 
-def test_pickled_code_in_a_checkpoint_is_refused(data: Path, tmp_path: Path) -> None:
-    """trainer_state.pt is unpickled as plain data only: a checkpoint whose state would run code on load is
-    refused in one line (the run does not load it, and nothing runs)."""
+@pytest.mark.parametrize("target", ["trainer_state.pt", ".metadata"])
+def test_pickled_code_in_a_checkpoint_is_refused(target: str, data: Path, tmp_path: Path) -> None:
+    """The small pickles of a checkpoint (trainer state, RNG) are unpickled as plain data only, and DCP's
+    ``.metadata`` (which DCP itself unpickles unrestricted) is checked first: a checkpoint that would run
+    code on load is refused in one line, and nothing runs. Whoever crafted it rewrote the commit file too."""
     run_dir = tmp_path / "run"
     first = subprocess.run(command(run_dir, data, 1, "train.steps=2", "checkpoint.interval=2"),
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
+    import pickle
+
     import torch
 
     marker = tmp_path / "pwned"
-    state_file = run_dir / "checkpoints" / "step_2" / "trainer_state.pt"
-    state = torch.load(state_file, weights_only=True)
-    state["evil"] = _RunsCode(f"touch {marker}")
-    torch.save(state, state_file)
-    commit_file = state_file.parent / "COMMITTED.json"  # whoever wrote the folder rewrites its manifest too
+    victim = run_dir / "checkpoints" / "step_2" / target
+    if target == "trainer_state.pt":
+        state = torch.load(victim, weights_only=True)
+        state["evil"] = _RunsCode(f"touch {marker}")
+        torch.save(state, victim)
+    else:
+        victim.write_bytes(pickle.dumps(_RunsCode(f"touch {marker}")))
+    commit_file = victim.parent / "COMMITTED.json"
     commit = json.loads(commit_file.read_text())
-    commit["files"]["trainer_state.pt"] = {"bytes": state_file.stat().st_size, "sha256": file_sha256(state_file)}
+    commit["files"][target] = {"bytes": victim.stat().st_size, "sha256": file_sha256(victim)}
     commit_file.write_text(json.dumps(commit))
     resumed = subprocess.run(command(run_dir, data, 1, "train.steps=4", "checkpoint.interval=2"),
                              capture_output=True, text=True, timeout=300)
     assert not marker.exists()
     assert resumed.returncode == 4, resumed.stderr[-2000:]
     errors = [ln for ln in resumed.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "refusing to unpickle" in errors[0] and "trainer_state.pt" in errors[0], errors
+    assert len(errors) == 1 and "refusing" in errors[0] and target in errors[0], errors
+    assert "Traceback" not in resumed.stderr
 
 
 class _RunsCode:

@@ -12,12 +12,14 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from triarch.checkpointing.commit import CheckpointError, read_commit, write_commit
+from triarch.checkpointing.safe_load import check_dcp_metadata
 
 MODEL_PREFIX = "model."
 
 
 def tensor_metadata(step_dir: Path) -> dict[str, TensorStorageMetadata]:
-    """Global shape and dtype of every tensor in a DCP folder."""
+    """Global shape and dtype of every tensor in a DCP folder (its metadata checked to hold data only)."""
+    check_dcp_metadata(step_dir)
     try:
         meta = FileSystemReader(str(step_dir)).read_metadata()
     except (OSError, EOFError, RuntimeError, ValueError) as err:

@@ -48,3 +48,40 @@ def _offender(message: str) -> str:
         if "GLOBAL" in line or "Unsupported" in line:
             return line.split("error:", 1)[-1].strip()[:200]
     return "not plain data"
+
+
+# DCP reads its ``.metadata`` with plain ``pickle.load`` (torch 2.13), which would run whatever a crafted file
+# asks for. Before any DCP read, the file is unpickled here with only the classes DCP's metadata uses.
+_DCP_METADATA_GLOBALS: dict[str, set[str] | None] = {
+    "torch.distributed.checkpoint.metadata": None,  # every class of DCP's metadata module
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _DCP_METADATA_GLOBALS.get(module, set())
+        if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        if allowed is None or name in allowed:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def check_dcp_metadata(step_dir: Path) -> None:
+    """Refuse (one line) a DCP ``.metadata`` that would import anything but DCP's metadata classes."""
+    path = Path(step_dir) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing") from None
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path} asks to import {err}, which DCP's metadata never does; refusing to "
+                              "load it") from None
+    except (OSError, EOFError, ValueError, AttributeError, ImportError) as err:
+        raise CheckpointError(f"{path} is not a readable DCP metadata file ({type(err).__name__})") from None
