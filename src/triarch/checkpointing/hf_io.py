@@ -1,4 +1,4 @@
-"""Hugging Face Llama export/import of triarch checkpoints (safetensors + config.json + tokenizer)."""
+"""Hugging Face Llama export of triarch checkpoints (safetensors + config.json + tokenizer)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from triarch.checkpointing.commit import CheckpointError
 from triarch.checkpointing.manager import TRAINER_STATE, StepInfo, list_steps
-from triarch.checkpointing.offline import read_full_tensors, write_model_checkpoint
-from triarch.config import TriarchConfig, dump_config
-from triarch.models.hf_llama import args_from_hf_config, from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from triarch.checkpointing.offline import read_full_tensors
+from triarch.config import TriarchConfig
+from triarch.models.hf_llama import hf_config_dict, to_hf_state_dict
 from triarch.models.llama import LlamaArgs
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -64,37 +64,3 @@ def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str =
     if tokenizer.is_file():
         shutil.copy(tokenizer, out / "tokenizer.json")
     return out
-
-
-def import_hf(hf_dir: Path, run_dir: Path) -> Path:
-    """Write a committed step-0 checkpoint and a matching ``config.yaml`` into ``run_dir``."""
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{hf_dir} has no config.json")
-    try:
-        args = args_from_hf_config(json.loads(config_path.read_text()))
-    except ValueError as err:  # includes JSON errors
-        raise CheckpointError(f"{config_path}: {err}") from None
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{hf_dir} has no .safetensors files")
-    hf_tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        hf_tensors.update(load_file(str(f)))
-    try:
-        tensors = {k: v.float() for k, v in from_hf_state_dict(hf_tensors, args.n_layers).items()}
-    except ValueError as err:
-        raise CheckpointError(f"{hf_dir}: {err}") from None
-    if args.tie_embeddings:
-        tensors.pop("output.weight", None)
-    cfg = TriarchConfig.model_validate({"name": run_dir.name, "model": {
-        "vocab_size": args.vocab_size, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
-        "n_kv_heads": args.n_kv_heads, "ffn_hidden": args.ffn_hidden, "max_seq_len": args.max_seq_len,
-        "seq_len": min(args.max_seq_len, 2048), "rope_theta": args.rope_theta, "norm_eps": args.norm_eps,
-        "tie_embeddings": args.tie_embeddings}})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    step_dir = run_dir / "checkpoints" / "step_0"
-    write_model_checkpoint(step_dir, tensors, {"step": 0, "config": cfg.model_dump(mode="json"),
-                                               "layout": "imported", "source": str(hf_dir)})
-    dump_config(cfg, run_dir / "config.yaml")
-    return step_dir

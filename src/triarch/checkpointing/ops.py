@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from triarch.checkpointing.commit import CheckpointError, read_commit, verify
-from triarch.checkpointing.hf_io import export_hf, import_hf, pick_step
+from triarch.checkpointing.hf_import import import_hf
+from triarch.checkpointing.hf_io import export_hf, pick_step
 from triarch.checkpointing.manager import list_steps
 from triarch.checkpointing.offline import tensor_metadata
 
