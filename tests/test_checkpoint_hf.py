@@ -120,3 +120,41 @@ def test_list_verify_inspect(trained, tmp_path: Path) -> None:
     assert bad.returncode == 2 and shard.name in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = cli("ckpt", "export", str(tmp_path / "nothing"), "--hf", str(tmp_path / "o"))
     assert missing.returncode == 2 and "has no committed checkpoint" in missing.stderr
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_import_only_into_a_new_or_empty_run_directory(trained, tmp_path: Path) -> None:
+    run, _ = trained
+    src = tmp_path / "hf"
+    assert cli("ckpt", "export", str(run), "--hf", str(src)).returncode == 0
+    # a run with checkpoints: its config.yaml would be replaced and resume would ignore the import
+    files_before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}  # config.yaml, lock, metrics
+    line = one_error_line(cli("ckpt", "import", "--hf", str(src), "--run-dir", str(run)))
+    assert f"run directory {run} is not empty" in line and "checkpoints/" in line and "config.yaml" in line
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files_before
+    assert not (run / "checkpoints" / "step_0").exists()
+    # strict: a folder holding only an unrelated file is refused too, and gets no lock file
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    line = one_error_line(cli("ckpt", "import", "--hf", str(src), "--run-dir", str(other)))
+    assert f"run directory {other} is not empty (holds notes.txt)" in line
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # a directory a live run holds
+    from triarch.launcher.run_lock import run_dir_lock
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with run_dir_lock(busy):
+        line = one_error_line(cli("ckpt", "import", "--hf", str(src), "--run-dir", str(busy)))
+    assert f"run directory {busy} is in use by another triarch run (pid " in line
+    assert not (busy / "config.yaml").exists()
+    # once released it holds only the lock file: empty, so the import goes ahead
+    result = cli("ckpt", "import", "--hf", str(src), "--run-dir", str(busy))
+    assert result.returncode == 0, result.stderr
+    assert (busy / "config.yaml").is_file() and (busy / "checkpoints" / "step_0" / "COMMITTED.json").is_file()

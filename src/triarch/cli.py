@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--hf", type=Path, required=True, help="output folder")
     exp.add_argument("--step", type=int, default=None)
     exp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    imp = ck.add_parser("import", help="start a run directory from a Hugging Face Llama (or Mistral) folder")
+    imp = ck.add_parser("import", help="start a new run directory from a Hugging Face Llama (or Mistral) folder")
     imp.add_argument("--hf", type=Path, required=True,
                      help="folder with config.json and model.safetensors or model.safetensors.index.json + shards")
-    imp.add_argument("--run-dir", type=Path, required=True)
+    imp.add_argument("--run-dir", type=Path, required=True, help="a new or empty run directory")
 
     _add_slurm_commands(sub)
 

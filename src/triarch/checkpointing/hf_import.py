@@ -1,11 +1,16 @@
 """``triarch ckpt import --hf``: a Hugging Face Llama folder -> a new run directory (committed step 0).
 
 The folder is checked before anything is written: ``config.json`` (family, required fields, features
-triarch lacks), the safetensors headers (truncation, names, shapes) and the tied-embedding rule.
+triarch lacks), the safetensors headers (truncation, names, shapes) and the tied-embedding rule. The run
+directory must be new or empty (a lock file left by an earlier run aside) and not held by a live run:
+importing over a run would replace its ``config.yaml`` while resume kept loading its own checkpoints.
 """
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -14,17 +19,52 @@ from triarch.checkpointing.commit import CheckpointError
 from triarch.checkpointing.hf_folder import (
     CONFIG_FILE,
     HFWeights,
+    folder_entries,
     hf_weights,
+    listing,
     load_tensors,
     read_hf_config,
 )
 from triarch.checkpointing.offline import write_model_checkpoint
 from triarch.config import ConfigError, TriarchConfig, config_from_dict, dump_config
+from triarch.launcher.run_lock import LOCK_NAME, RunDirBusy, lock_holder, run_dir_lock
 from triarch.models.hf_llama import args_from_hf_config, from_hf_state_dict, hf_tensor_shapes, ignored_hf_tensor
 from triarch.models.llama import LlamaArgs
 
 HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"
+
+
+def _require_empty(run_dir: Path) -> None:
+    """Refuse a run directory holding anything but a lock file (strictly: unrelated files count too)."""
+    entries = folder_entries(run_dir, ignore=(LOCK_NAME,))
+    if entries:
+        raise CheckpointError(
+            f"run directory {run_dir} is not empty (holds {listing(entries)}); ckpt import writes only into a "
+            f"new or empty directory, even unrelated files count: choose another --run-dir")
+
+
+@contextmanager
+def _claimed(run_dir: Path) -> Iterator[bool]:
+    """Hold the run directory's lock while it is empty; yields whether this call created the directory.
+
+    A busy or non-empty directory is refused before anything in it is created or changed.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--run-dir {run_dir} is a file, not a directory")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise CheckpointError(f"run directory {run_dir} is in use by another triarch run (pid {holder}); "
+                              f"ckpt import needs a directory no run is using")
+    _require_empty(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_dir_lock(run_dir):
+            _require_empty(run_dir)  # again, now that no one else can start a run here
+            yield created
+    except RunDirBusy as err:
+        raise CheckpointError(f"{err}; ckpt import needs a directory no run is using") from None
 
 
 def _checked_names(weights: HFWeights, args: LlamaArgs, config_path: Path) -> list[str]:
@@ -76,16 +116,22 @@ def _run_config(args: LlamaArgs, run_dir: Path, config_path: Path) -> TriarchCon
 
 
 def _write_run(run_dir: Path, tensors: dict[str, torch.Tensor], cfg: TriarchConfig, source: Path) -> Path:
-    """Committed step 0, then ``config.yaml``."""
+    """Committed step 0, then ``config.yaml``; on failure what was written is removed again."""
     step_dir = run_dir / "checkpoints" / "step_0"
-    write_model_checkpoint(step_dir, tensors, {"step": 0, "config": cfg.model_dump(mode="json"),
-                                               "layout": "imported", "source": str(source)})
-    dump_config(cfg, run_dir / "config.yaml")
+    try:
+        write_model_checkpoint(step_dir, tensors, {"step": 0, "config": cfg.model_dump(mode="json"),
+                                                   "layout": "imported", "source": str(source)})
+        dump_config(cfg, run_dir / "config.yaml")
+    except BaseException:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for name in ("config.yaml", "config.yaml.tmp"):
+            (run_dir / name).unlink(missing_ok=True)
+        raise
     return step_dir
 
 
 def import_hf(hf_dir: Path, run_dir: Path) -> Path:
-    """Write a committed step-0 checkpoint and a matching ``config.yaml`` into ``run_dir``."""
+    """Write a committed step-0 checkpoint and a matching ``config.yaml`` into a new or empty ``run_dir``."""
     config_path = hf_dir / CONFIG_FILE
     try:
         args = args_from_hf_config(read_hf_config(hf_dir))
@@ -94,6 +140,12 @@ def import_hf(hf_dir: Path, run_dir: Path) -> Path:
     weights = hf_weights(hf_dir)
     names = _checked_names(weights, args, config_path)
     cfg = _run_config(args, run_dir, config_path)
-    tensors = _triarch_tensors(weights, names, args, config_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return _write_run(run_dir, tensors, cfg, hf_dir)
+    with _claimed(run_dir) as created:
+        try:
+            return _write_run(run_dir, _triarch_tensors(weights, names, args, config_path), cfg, hf_dir)
+        except BaseException:
+            if created:  # leave no empty run directory behind a failed import
+                (run_dir / LOCK_NAME).unlink(missing_ok=True)
+                with suppress(OSError):  # not empty after all: keep it
+                    run_dir.rmdir()
+            raise

@@ -15,6 +15,23 @@ class RunDirBusy(RuntimeError):
     """Another live process holds the run directory."""
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid (as text) of a live process holding ``run_dir``'s lock, or None; creates and changes nothing."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[None]:
     """Hold an advisory lock on ``run_dir`` (released when the process ends, even if killed)."""
