@@ -158,3 +158,28 @@ def test_import_only_into_a_new_or_empty_run_directory(trained, tmp_path: Path) 
     result = cli("ckpt", "import", "--hf", str(src), "--run-dir", str(busy))
     assert result.returncode == 0, result.stderr
     assert (busy / "config.yaml").is_file() and (busy / "checkpoints" / "step_0" / "COMMITTED.json").is_file()
+
+
+def test_export_refuses_non_empty_folder_and_force_removes_stale_shards(trained, tmp_path: Path) -> None:
+    run, _ = trained
+    out = tmp_path / "hf"
+    bigger = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         vocab_size=2048, max_position_embeddings=128)
+    LlamaForCausalLM(bigger).save_pretrained(out, max_shard_size="1MB")  # an earlier, bigger sharded export
+    stale = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(stale) > 2 and (out / "model.safetensors.index.json").is_file()
+    (out / "tokenizer_config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = one_error_line(cli("ckpt", "export", str(run), "--hf", str(out)))
+    assert f"{out} is not empty" in line and "--force" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = cli("ckpt", "export", str(run), "--hf", str(out), "--dtype", "fp32", "--force")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.json"]
+    assert not list(tmp_path.glob("hf.tmp-*"))  # the temporary sibling is gone
+    hf = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = triarch_logits(read_full_tensors(run / "checkpoints" / "step_2"),
+                          json.loads((out / "config.json").read_text()), tokens)
+    assert (ours - hf(tokens).logits.detach()).abs().max().item() <= 1e-5

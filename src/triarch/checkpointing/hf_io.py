@@ -1,22 +1,35 @@
-"""Hugging Face Llama export of triarch checkpoints (safetensors + config.json + tokenizer)."""
+"""``triarch ckpt export --hf``: a committed step -> a Hugging Face Llama folder (safetensors, config, tokenizer).
+
+The export is written into a temporary sibling folder first. A new or empty target is then replaced by a
+rename, so it never holds half an export. A non-empty target is refused unless ``force``: then the files an
+export owns (weights, index, configs, tokenizer files) are removed and the new ones renamed in, and files
+the export does not own stay.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from triarch.checkpointing.commit import CheckpointError
+from triarch.checkpointing.hf_folder import folder_entries, listing
 from triarch.checkpointing.manager import TRAINER_STATE, StepInfo, list_steps
 from triarch.checkpointing.offline import read_full_tensors
 from triarch.config import TriarchConfig
+from triarch.data_pipeline.fileio import fsync_dir, temp_path
 from triarch.models.hf_llama import hf_config_dict, to_hf_state_dict
 from triarch.models.llama import LlamaArgs
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What an export writes, or what a previous export or save_pretrained would leave stale beside it.
+_OWNED_NAMES = ("config.json", "generation_config.json", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+_OWNED_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 def pick_step(run_dir: Path, step: int | None) -> StepInfo:
@@ -46,21 +59,82 @@ def _args(cfg: TriarchConfig) -> LlamaArgs:
     return llama_args(cfg)
 
 
-def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str = "bf16") -> Path:
-    """Write ``out/model.safetensors``, ``out/config.json`` and the run's tokenizer (when found)."""
+def export_owned_files(folder: Path) -> list[Path]:
+    """Files directly in ``folder`` that an export writes or would leave stale (what ``--force`` removes)."""
+    owned = {p for pattern in _OWNED_PATTERNS for p in folder.glob(pattern)}
+    owned |= {folder / name for name in _OWNED_NAMES}
+    return sorted(p for p in owned if p.is_file() or p.is_symlink())
+
+
+def _check_target(out: Path, force: bool) -> None:
+    """Refuse a file, or a non-empty folder without ``force``."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--hf {out} is a file, not a folder")
+    entries = folder_entries(out)
+    if entries and not force:
+        raise CheckpointError(
+            f"{out} is not empty (holds {listing(entries)}); pass --force to replace the export there (removes "
+            f"its *.safetensors, index, config.json, generation_config.json and tokenizer files; other files "
+            f"stay) or choose a new folder")
+
+
+def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: Path | None) -> None:
+    """The export's files, each fsynced."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        shutil.copy(tokenizer, folder / "tokenizer.json")
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished export into ``out``: one rename when ``out`` is missing or empty."""
+    if not folder_entries(out):
+        os.replace(tmp, out)  # rename(2) replaces an empty folder
+    else:
+        for stale in export_owned_files(out):
+            stale.unlink()
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, out / path.name)
+        fsync_dir(out)
+    fsync_dir(out.parent)
+
+
+def _write_via_sibling(out: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: Path | None) -> None:
+    """Write the export into a temporary sibling of ``out``, then publish it; OS errors become one line."""
+    out = Path(os.path.abspath(out))  # "." and "dir/" have a name, and so a sibling
+    tmp = temp_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed export with the same pid
+        tmp.mkdir()
+        _write_folder(tmp, tensors, config, tokenizer)
+        _publish(tmp, out)
+    except OSError as err:  # a full disk, a read-only folder, a folder where a file goes
+        where = f" ({err.filename})" if err.filename else ""
+        raise CheckpointError(f"cannot write the export to {out}: {err.strerror or err}{where}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str = "bf16", force: bool = False) -> Path:
+    """Write ``out/model.safetensors``, ``out/config.json`` and the run's tokenizer (when found).
+
+    A non-empty ``out`` is refused unless ``force``, which removes the files a previous export left there.
+    """
     if dtype not in _DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} must be one of {sorted(_DTYPES)}")
     info = pick_step(run_dir, step)
+    _check_target(out, force)
     cfg = saved_config(info)
     args = _args(cfg)
-    tensors = read_full_tensors(info.path)
-    hf = to_hf_state_dict(tensors, tie_embeddings=args.tie_embeddings)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    hf = to_hf_state_dict(read_full_tensors(info.path), tie_embeddings=args.tie_embeddings)
+    tensors = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}
     config = hf_config_dict(args, dtype="bfloat16" if dtype == "bf16" else "float32")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer = Path(cfg.data.path) / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copy(tokenizer, out / "tokenizer.json")
+    _write_via_sibling(out, tensors, config, tokenizer if tokenizer.is_file() else None)
     return out
