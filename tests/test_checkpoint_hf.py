@@ -120,3 +120,66 @@ def test_list_verify_inspect(trained, tmp_path: Path) -> None:
     assert bad.returncode == 2 and shard.name in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     missing = cli("ckpt", "export", str(tmp_path / "nothing"), "--hf", str(tmp_path / "o"))
     assert missing.returncode == 2 and "has no committed checkpoint" in missing.stderr
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_import_only_into_a_new_or_empty_run_directory(trained, tmp_path: Path) -> None:
+    run, _ = trained
+    src = tmp_path / "hf"
+    assert cli("ckpt", "export", str(run), "--hf", str(src)).returncode == 0
+    # a run with checkpoints: its config.yaml would be replaced and resume would ignore the import
+    files_before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}  # config.yaml, lock, metrics
+    line = one_error_line(cli("ckpt", "import", "--hf", str(src), "--run-dir", str(run)))
+    assert f"run directory {run} is not empty" in line and "checkpoints/" in line and "config.yaml" in line
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files_before
+    assert not (run / "checkpoints" / "step_0").exists()
+    # strict: a folder holding only an unrelated file is refused too, and gets no lock file
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    line = one_error_line(cli("ckpt", "import", "--hf", str(src), "--run-dir", str(other)))
+    assert f"run directory {other} is not empty (holds notes.txt)" in line
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
+    # a directory a live run holds
+    from triarch.launcher.run_lock import run_dir_lock
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with run_dir_lock(busy):
+        line = one_error_line(cli("ckpt", "import", "--hf", str(src), "--run-dir", str(busy)))
+    assert f"run directory {busy} is in use by another triarch run (pid " in line
+    assert not (busy / "config.yaml").exists()
+    # once released it holds only the lock file: empty, so the import goes ahead
+    result = cli("ckpt", "import", "--hf", str(src), "--run-dir", str(busy))
+    assert result.returncode == 0, result.stderr
+    assert (busy / "config.yaml").is_file() and (busy / "checkpoints" / "step_0" / "COMMITTED.json").is_file()
+
+
+def test_export_refuses_non_empty_folder_and_force_removes_stale_shards(trained, tmp_path: Path) -> None:
+    run, _ = trained
+    out = tmp_path / "hf"
+    bigger = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                         vocab_size=2048, max_position_embeddings=128)
+    LlamaForCausalLM(bigger).save_pretrained(out, max_shard_size="1MB")  # an earlier, bigger sharded export
+    stale = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(stale) > 2 and (out / "model.safetensors.index.json").is_file()
+    (out / "tokenizer_config.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = one_error_line(cli("ckpt", "export", str(run), "--hf", str(out)))
+    assert f"{out} is not empty" in line and "--force" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    result = cli("ckpt", "export", str(run), "--hf", str(out), "--dtype", "fp32", "--force")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "notes.txt", "tokenizer.json"]
+    assert not list(tmp_path.glob("hf.tmp-*"))  # the temporary sibling is gone
+    hf = LlamaForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, 2048, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = triarch_logits(read_full_tensors(run / "checkpoints" / "step_2"),
+                          json.loads((out / "config.json").read_text()), tokens)
+    assert (ours - hf(tokens).logits.detach()).abs().max().item() <= 1e-5

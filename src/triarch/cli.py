@@ -58,9 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--hf", type=Path, required=True, help="output folder")
     exp.add_argument("--step", type=int, default=None)
     exp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    imp = ck.add_parser("import", help="start a run directory from a Hugging Face Llama folder")
-    imp.add_argument("--hf", type=Path, required=True, help="folder with config.json and *.safetensors")
-    imp.add_argument("--run-dir", type=Path, required=True)
+    exp.add_argument("--force", action="store_true",
+                     help="export into a non-empty folder, replacing its *.safetensors, index, config.json, "
+                          "generation_config.json and tokenizer files (other files stay)")
+    imp = ck.add_parser("import", help="start a new run directory from a Hugging Face Llama (or Mistral) folder")
+    imp.add_argument("--hf", type=Path, required=True,
+                     help="folder with config.json and model.safetensors or model.safetensors.index.json + shards")
+    imp.add_argument("--run-dir", type=Path, required=True, help="a new or empty run directory")
 
     _add_slurm_commands(sub)
 

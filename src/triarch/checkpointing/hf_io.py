@@ -1,23 +1,36 @@
-"""Hugging Face Llama export/import of triarch checkpoints (safetensors + config.json + tokenizer)."""
+"""``triarch ckpt export --hf``: a committed step -> a Hugging Face Llama folder (safetensors, config, tokenizer).
+
+The export is written into a temporary sibling folder first. A new or empty target is then replaced by a
+rename, so it never holds half an export. A non-empty target is refused unless ``force``: then the files an
+export owns (weights, index, configs, tokenizer files) are removed and the new ones renamed in, and files
+the export does not own stay.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from triarch.checkpointing.commit import CheckpointError
-from triarch.checkpointing.manager import TRAINER_STATE
-from triarch.checkpointing.offline import read_full_tensors, write_model_checkpoint
-from triarch.checkpointing.steps import StepInfo, list_steps
-from triarch.config import TriarchConfig, dump_config
-from triarch.models.hf_llama import args_from_hf_config, from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from triarch.checkpointing.hf_folder import folder_entries, listing
+from triarch.checkpointing.manager import TRAINER_STATE, StepInfo, list_steps
+from triarch.checkpointing.offline import read_full_tensors
+from triarch.checkpointing.safe_load import load_plain
+from triarch.config import TriarchConfig
+from triarch.data_pipeline.fileio import fsync_dir, temp_path
+from triarch.models.hf_llama import hf_config_dict, to_hf_state_dict
 from triarch.models.llama import LlamaArgs
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What an export writes, or what a previous export or save_pretrained would leave stale beside it.
+_OWNED_NAMES = ("config.json", "generation_config.json", "model.safetensors.index.json",
+                "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
+_OWNED_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
 def pick_step(run_dir: Path, step: int | None) -> StepInfo:
@@ -35,7 +48,7 @@ def pick_step(run_dir: Path, step: int | None) -> StepInfo:
 
 def saved_config(info: StepInfo) -> TriarchConfig:
     """The resolved config stored with a checkpoint."""
-    state = torch.load(info.path / TRAINER_STATE, weights_only=False)
+    state = load_plain(info.path / TRAINER_STATE)
     if "config" not in state:
         raise CheckpointError(f"{info.path} has no saved config")
     return TriarchConfig.model_validate(state["config"])
@@ -47,55 +60,82 @@ def _args(cfg: TriarchConfig) -> LlamaArgs:
     return llama_args(cfg)
 
 
-def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str = "bf16") -> Path:
-    """Write ``out/model.safetensors``, ``out/config.json`` and the run's tokenizer (when found)."""
+def export_owned_files(folder: Path) -> list[Path]:
+    """Files directly in ``folder`` that an export writes or would leave stale (what ``--force`` removes)."""
+    owned = {p for pattern in _OWNED_PATTERNS for p in folder.glob(pattern)}
+    owned |= {folder / name for name in _OWNED_NAMES}
+    return sorted(p for p in owned if p.is_file() or p.is_symlink())
+
+
+def _check_target(out: Path, force: bool) -> None:
+    """Refuse a file, or a non-empty folder without ``force``."""
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--hf {out} is a file, not a folder")
+    entries = folder_entries(out)
+    if entries and not force:
+        raise CheckpointError(
+            f"{out} is not empty (holds {listing(entries)}); pass --force to replace the export there (removes "
+            f"its *.safetensors, index, config.json, generation_config.json and tokenizer files; other files "
+            f"stay) or choose a new folder")
+
+
+def _write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: Path | None) -> None:
+    """The export's files, each fsynced."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer is not None:
+        shutil.copy(tokenizer, folder / "tokenizer.json")
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Move the finished export into ``out``: one rename when ``out`` is missing or empty."""
+    if not folder_entries(out):
+        os.replace(tmp, out)  # rename(2) replaces an empty folder
+    else:
+        for stale in export_owned_files(out):
+            stale.unlink()
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, out / path.name)
+        fsync_dir(out)
+    fsync_dir(out.parent)
+
+
+def _write_via_sibling(out: Path, tensors: dict[str, torch.Tensor], config: dict, tokenizer: Path | None) -> None:
+    """Write the export into a temporary sibling of ``out``, then publish it; OS errors become one line."""
+    out = Path(os.path.abspath(out))  # "." and "dir/" have a name, and so a sibling
+    tmp = temp_path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed export with the same pid
+        tmp.mkdir()
+        _write_folder(tmp, tensors, config, tokenizer)
+        _publish(tmp, out)
+    except OSError as err:  # a full disk, a read-only folder, a folder where a file goes
+        where = f" ({err.filename})" if err.filename else ""
+        raise CheckpointError(f"cannot write the export to {out}: {err.strerror or err}{where}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str = "bf16", force: bool = False) -> Path:
+    """Write ``out/model.safetensors``, ``out/config.json`` and the run's tokenizer (when found).
+
+    A non-empty ``out`` is refused unless ``force``, which removes the files a previous export left there.
+    """
     if dtype not in _DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} must be one of {sorted(_DTYPES)}")
     info = pick_step(run_dir, step)
+    _check_target(out, force)
     cfg = saved_config(info)
     args = _args(cfg)
-    tensors = read_full_tensors(info.path)
-    hf = to_hf_state_dict(tensors, tie_embeddings=args.tie_embeddings)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    hf = to_hf_state_dict(read_full_tensors(info.path), tie_embeddings=args.tie_embeddings)
+    tensors = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}
     config = hf_config_dict(args, dtype="bfloat16" if dtype == "bf16" else "float32")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer = Path(cfg.data.path) / "tokenizer.json"
-    if tokenizer.is_file():
-        shutil.copy(tokenizer, out / "tokenizer.json")
+    _write_via_sibling(out, tensors, config, tokenizer if tokenizer.is_file() else None)
     return out
-
-
-def import_hf(hf_dir: Path, run_dir: Path) -> Path:
-    """Write a committed step-0 checkpoint and a matching ``config.yaml`` into ``run_dir``."""
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{hf_dir} has no config.json")
-    try:
-        args = args_from_hf_config(json.loads(config_path.read_text()))
-    except ValueError as err:  # includes JSON errors
-        raise CheckpointError(f"{config_path}: {err}") from None
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{hf_dir} has no .safetensors files")
-    hf_tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        hf_tensors.update(load_file(str(f)))
-    try:
-        tensors = {k: v.float() for k, v in from_hf_state_dict(hf_tensors, args.n_layers).items()}
-    except ValueError as err:
-        raise CheckpointError(f"{hf_dir}: {err}") from None
-    if args.tie_embeddings:
-        tensors.pop("output.weight", None)
-    cfg = TriarchConfig.model_validate({"name": run_dir.name, "model": {
-        "vocab_size": args.vocab_size, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
-        "n_kv_heads": args.n_kv_heads, "ffn_hidden": args.ffn_hidden, "max_seq_len": args.max_seq_len,
-        "seq_len": min(args.max_seq_len, 2048), "rope_theta": args.rope_theta, "norm_eps": args.norm_eps,
-        "tie_embeddings": args.tie_embeddings}})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    step_dir = run_dir / "checkpoints" / "step_0"
-    write_model_checkpoint(step_dir, tensors, {"step": 0, "config": cfg.model_dump(mode="json"),
-                                               "layout": "imported", "source": str(hf_dir)})
-    dump_config(cfg, run_dir / "config.yaml")
-    return step_dir

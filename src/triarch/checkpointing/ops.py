@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from triarch.checkpointing.commit import CheckpointError, read_commit, verify
-from triarch.checkpointing.hf_io import export_hf, import_hf, pick_step
-from triarch.checkpointing.steps import list_steps
+from triarch.checkpointing.hf_import import import_hf
+from triarch.checkpointing.hf_io import export_hf, pick_step
+from triarch.checkpointing.manager import list_steps
 from triarch.checkpointing.offline import tensor_metadata
 
 
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ckpt_command == "inspect":
         return inspect_run(args.run_dir, args.step)
     if args.ckpt_command == "export":
-        out = export_hf(args.run_dir, args.hf, step=args.step, dtype=args.dtype)
+        out = export_hf(args.run_dir, args.hf, step=args.step, dtype=args.dtype, force=args.force)
         print(f"exported to {out}")
         return 0
     step_dir = import_hf(args.hf, args.run_dir)

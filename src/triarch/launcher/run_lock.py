@@ -31,6 +31,24 @@ def _busy(run_dir: Path, fd: int) -> RunDirBusy:
                       "its ranks may still be running)")
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid (as text) of a live process holding ``run_dir``'s lock (exclusively, or shared by SLURM
+    tasks), or None; creates and changes nothing."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def run_dir_lock(run_dir: Path) -> Iterator[int]:
     """Hold the exclusive lock on ``run_dir`` and yield its descriptor (pass it to the ranks to share the

@@ -83,7 +83,7 @@ def from_hf_state_dict(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor
     Without ``lm_head.weight`` (tied embeddings) ``output.weight`` is the embedding tensor itself, so
     ``Llama(tie_embeddings=True).load_state_dict(..., strict=True)`` works.
     """
-    sd = {k: v for k, v in sd.items() if not _HF_IGNORED_RE.search(k)}
+    sd = {k: v for k, v in sd.items() if not ignored_hf_tensor(k)}
     tied = "lm_head.weight" not in sd
     to_hf = _name_map(n_layers, with_head=not tied)
     out = _convert(sd, {v: k for k, v in to_hf.items()}, "HF")
@@ -116,43 +116,145 @@ def hf_config_dict(args: LlamaArgs, dtype: str = "float32") -> dict:
     }
 
 
-def _rope(cfg: dict) -> tuple[float, str]:
-    """(theta, rope type) from either the transformers 5 ``rope_parameters`` or the older keys."""
+# Accepted ``model_type`` values -> the defaults their transformers config class gives the optional fields
+# triarch reads (what a config.json written with ``use_diff`` may leave out). Mistral is Llama's
+# architecture plus a sliding attention window, accepted when that window never shortens attention.
+_FAMILY_DEFAULTS: dict[str, dict[str, object]] = {
+    "llama": {"num_key_value_heads": None, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+              "sliding_window": None},
+    "mistral": {"num_key_value_heads": 8, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                "sliding_window": 4096},
+}
+# Why some near-Llama families are refused (named in the error).
+_REFUSED_FAMILIES = {
+    "qwen2": "its q/k/v projections have biases",
+    "qwen3": "it normalises queries and keys (q_norm, k_norm)",
+    "gemma": "it scales embeddings and uses (1 + weight) RMSNorm and GELU",
+    "gpt2": "it has learned positions, LayerNorm, GELU and fused attention",
+}
+_REQUIRED_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                  "max_position_embeddings")
+
+
+def _model_type(cfg: dict) -> str:
+    """The config's ``model_type`` when it is one triarch imports."""
+    if "model_type" not in cfg:
+        raise ValueError("missing required field 'model_type' (triarch imports llama and mistral)")
+    kind = cfg["model_type"]
+    if kind not in _FAMILY_DEFAULTS:
+        why = _REFUSED_FAMILIES.get(kind, "it is not a Llama-architecture model")
+        raise ValueError(f"model_type {kind!r} is not supported: {why} "
+                         f"(triarch imports {' and '.join(map(repr, _FAMILY_DEFAULTS))})")
+    return kind
+
+
+def _positive_int(cfg: dict, field: str) -> int:
+    """A required positive-integer field."""
+    if field not in cfg:
+        raise ValueError(f"missing required field {field!r}")
+    value = cfg[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{field} must be a positive integer, not {value!r}")
+    return value
+
+
+def _positive_float(cfg: dict, field: str, default: float) -> float:
+    """An optional positive number."""
+    value = cfg.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{field} must be a positive number, not {value!r}")
+    return float(value)
+
+
+def _rope(cfg: dict) -> float:
+    """Rotary theta from the transformers 5 ``rope_parameters`` or the older keys; only default rope."""
     params = cfg.get("rope_parameters")
     if isinstance(params, dict):
+        source, scaling = "rope_parameters", params
         theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-        return float(theta), str(params.get("rope_type", params.get("type", "default")))
-    scaling = cfg.get("rope_scaling") or {}
-    return float(cfg.get("rope_theta", 10000.0)), str(scaling.get("rope_type", scaling.get("type", "default")))
+    else:
+        source, scaling = "rope_scaling", cfg.get("rope_scaling") or {}
+        theta = cfg.get("rope_theta", 10000.0)
+    if not isinstance(scaling, dict):
+        raise ValueError(f"{source} must be an object or null, not {scaling!r}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "none"):
+        raise ValueError(f"unsupported rope_scaling type {kind!r} in {source} (triarch implements only "
+                         f"default rotary embeddings)")
+    return _positive_float({"rope_theta": theta}, "rope_theta", 10000.0)
+
+
+def _check_features(cfg: dict, defaults: dict) -> None:
+    """Refuse, by field name, what triarch's Llama does not implement."""
+    for field in ("attention_bias", "mlp_bias"):
+        if cfg.get(field, False):
+            raise ValueError(f"unsupported {field}={cfg[field]!r} (triarch's Llama has no biases)")
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"unsupported hidden_act={act!r} (only 'silu')")
+    window = cfg.get("sliding_window", defaults["sliding_window"])
+    longest = cfg["max_position_embeddings"]
+    if window is not None and (not isinstance(window, int) or window < longest):
+        raise ValueError(f"unsupported sliding_window={window!r}: shorter than max_position_embeddings "
+                         f"({longest}); triarch attends over the whole sequence")
+    tie = cfg.get("tie_word_embeddings", defaults["tie_word_embeddings"])
+    if not isinstance(tie, bool):
+        raise ValueError(f"tie_word_embeddings must be true or false, not {tie!r}")
+
+
+def _heads(cfg: dict, defaults: dict) -> tuple[int, int]:
+    """(query heads, key/value heads), checked against hidden_size and head_dim."""
+    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads", defaults["num_key_value_heads"]) or heads
+    if isinstance(kv, bool) or not isinstance(kv, int) or kv <= 0 or heads % kv:
+        raise ValueError(f"num_key_value_heads ({kv!r}) must be a positive divisor of "
+                         f"num_attention_heads ({heads})")
+    head_dim = cfg.get("head_dim") or dim // heads
+    if dim % heads or head_dim != dim // heads:
+        raise ValueError(f"unsupported head_dim ({head_dim}): must equal hidden_size ({dim}) / "
+                         f"num_attention_heads ({heads})")
+    if head_dim % 2:
+        raise ValueError(f"head_dim ({head_dim}) must be even for rotary embeddings")
+    return heads, kv
 
 
 def args_from_hf_config(cfg: dict) -> LlamaArgs:
-    """:class:`LlamaArgs` from a HF Llama config dict; a one-line ``ValueError`` for what triarch lacks."""
-    for field in ("attention_bias", "mlp_bias"):
-        if cfg.get(field, False):
-            raise ValueError(f"unsupported HF config: {field}={cfg[field]!r} (triarch Llama has no biases)")
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"unsupported HF config: hidden_act={act!r} (only 'silu')")
-    theta, rope_type = _rope(cfg)
-    if rope_type not in ("default", "none"):
-        raise ValueError(f"unsupported HF config: rope_scaling type {rope_type!r} (only default)")
-    dim, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or dim // heads
-    if dim % heads or head_dim != dim // heads:
-        raise ValueError(
-            f"unsupported HF config: head_dim ({head_dim}) must equal "
-            f"hidden_size ({dim}) / num_attention_heads ({heads})"
-        )
+    """:class:`LlamaArgs` from a HF Llama (or window-free Mistral) config dict.
+
+    Anything missing, malformed or not implemented is a one-line ``ValueError`` naming the field.
+    """
+    defaults = _FAMILY_DEFAULTS[_model_type(cfg)]
+    ints = {field: _positive_int(cfg, field) for field in _REQUIRED_INTS}
+    _check_features(cfg, defaults)
+    heads, kv = _heads(cfg, defaults)
     return LlamaArgs(
-        vocab_size=cfg["vocab_size"],
-        dim=dim,
-        n_layers=cfg["num_hidden_layers"],
+        vocab_size=ints["vocab_size"],
+        dim=ints["hidden_size"],
+        n_layers=ints["num_hidden_layers"],
         n_heads=heads,
-        n_kv_heads=cfg.get("num_key_value_heads") or heads,
-        ffn_hidden=cfg["intermediate_size"],
-        max_seq_len=cfg.get("max_position_embeddings", 2048),
-        rope_theta=theta,
-        norm_eps=cfg.get("rms_norm_eps", 1e-6),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        n_kv_heads=kv,
+        ffn_hidden=ints["intermediate_size"],
+        max_seq_len=ints["max_position_embeddings"],
+        rope_theta=_rope(cfg),
+        norm_eps=_positive_float(cfg, "rms_norm_eps", defaults["rms_norm_eps"]),
+        tie_embeddings=cfg.get("tie_word_embeddings", defaults["tie_word_embeddings"]),
     )
+
+
+def ignored_hf_tensor(name: str) -> bool:
+    """Whether an HF tensor is one both sides recompute (rotary inverse frequencies)."""
+    return bool(_HF_IGNORED_RE.search(name))
+
+
+def hf_tensor_shapes(args: LlamaArgs) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name of an untied model of this shape -> its shape."""
+    dim, q, kv, ffn = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden
+    layer = {"self_attn.q_proj.weight": (q, dim), "self_attn.k_proj.weight": (kv, dim),
+             "self_attn.v_proj.weight": (kv, dim), "self_attn.o_proj.weight": (dim, q),
+             "mlp.gate_proj.weight": (ffn, dim), "mlp.up_proj.weight": (ffn, dim), "mlp.down_proj.weight": (dim, ffn),
+             "input_layernorm.weight": (dim,), "post_attention_layernorm.weight": (dim,)}
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, dim), "model.norm.weight": (dim,),
+              "lm_head.weight": (args.vocab_size, dim)}
+    for i in range(args.n_layers):
+        shapes.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
+    return shapes

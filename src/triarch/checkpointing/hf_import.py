@@ -1,0 +1,151 @@
+"""``triarch ckpt import --hf``: a Hugging Face Llama folder -> a new run directory (committed step 0).
+
+The folder is checked before anything is written: ``config.json`` (family, required fields, features
+triarch lacks), the safetensors headers (truncation, names, shapes) and the tied-embedding rule. The run
+directory must be new or empty (a lock file left by an earlier run aside) and not held by a live run:
+importing over a run would replace its ``config.yaml`` while resume kept loading its own checkpoints.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import torch
+
+from triarch.checkpointing.commit import CheckpointError
+from triarch.checkpointing.hf_folder import (
+    CONFIG_FILE,
+    HFWeights,
+    folder_entries,
+    hf_weights,
+    listing,
+    load_tensors,
+    read_hf_config,
+)
+from triarch.checkpointing.offline import write_model_checkpoint
+from triarch.config import ConfigError, TriarchConfig, config_from_dict, dump_config
+from triarch.launcher.run_lock import LOCK_NAME, RunDirBusy, lock_holder, run_dir_lock
+from triarch.models.hf_llama import args_from_hf_config, from_hf_state_dict, hf_tensor_shapes, ignored_hf_tensor
+from triarch.models.llama import LlamaArgs
+
+HEAD = "lm_head.weight"
+EMBEDDING = "model.embed_tokens.weight"
+
+
+def _require_empty(run_dir: Path) -> None:
+    """Refuse a run directory holding anything but a lock file (strictly: unrelated files count too)."""
+    entries = folder_entries(run_dir, ignore=(LOCK_NAME,))
+    if entries:
+        raise CheckpointError(
+            f"run directory {run_dir} is not empty (holds {listing(entries)}); ckpt import writes only into a "
+            f"new or empty directory, even unrelated files count: choose another --run-dir")
+
+
+@contextmanager
+def _claimed(run_dir: Path) -> Iterator[bool]:
+    """Hold the run directory's lock while it is empty; yields whether this call created the directory.
+
+    A busy or non-empty directory is refused before anything in it is created or changed.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--run-dir {run_dir} is a file, not a directory")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise CheckpointError(f"run directory {run_dir} is in use by another triarch run (pid {holder}); "
+                              f"ckpt import needs a directory no run is using")
+    _require_empty(run_dir)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_dir_lock(run_dir):
+            _require_empty(run_dir)  # again, now that no one else can start a run here
+            yield created
+    except RunDirBusy as err:
+        raise CheckpointError(f"{err}; ckpt import needs a directory no run is using") from None
+
+
+def _checked_names(weights: HFWeights, args: LlamaArgs, config_path: Path) -> list[str]:
+    """The HF tensors to load, after checking every name and shape in the headers against the config."""
+    expected = hf_tensor_shapes(args)
+    for name, entry in weights.entries.items():
+        if ignored_hf_tensor(name):
+            continue
+        if name not in expected:
+            raise CheckpointError(f"{entry.file}: unexpected tensor {name} (the Llama that {config_path} "
+                                  f"describes has num_hidden_layers={args.n_layers} and no biases)")
+        if entry.shape != expected[name]:
+            raise CheckpointError(f"{entry.file}: tensor {name} has shape {entry.shape}, {config_path} implies "
+                                  f"{expected[name]}")
+    for name in expected:
+        if name not in weights.entries and name != HEAD:
+            raise CheckpointError(f"{weights.source}: missing tensor {name}")
+    if HEAD not in weights.entries and not args.tie_embeddings:
+        raise CheckpointError(f"{weights.source}: missing tensor {HEAD} ({config_path} has tie_word_embeddings "
+                              f"false, so the output projection is its own tensor)")
+    return [name for name in expected if name in weights.entries]
+
+
+def _triarch_tensors(weights: HFWeights, names: list[str], args: LlamaArgs, config_path: Path
+                     ) -> dict[str, torch.Tensor]:
+    """The weights under triarch's names, float32; a tied model's head must equal its embedding."""
+    hf = load_tensors(weights, names)
+    if args.tie_embeddings and HEAD in hf:
+        head = hf.pop(HEAD)
+        if not torch.equal(head, hf[EMBEDDING]):
+            raise CheckpointError(f"{weights.entries[HEAD].file}: tensor {HEAD} differs from {EMBEDDING}, but "
+                                  f"{config_path} has tie_word_embeddings true")
+    tensors = from_hf_state_dict(hf, args.n_layers)
+    if args.tie_embeddings:
+        tensors.pop("output.weight")
+    return tensors
+
+
+def _run_config(args: LlamaArgs, run_dir: Path, config_path: Path) -> TriarchConfig:
+    """The run config of the imported model (training settings at their defaults)."""
+    model = {"vocab_size": args.vocab_size, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
+             "n_kv_heads": args.n_kv_heads, "ffn_hidden": args.ffn_hidden, "max_seq_len": args.max_seq_len,
+             "seq_len": min(args.max_seq_len, 2048), "rope_theta": args.rope_theta, "norm_eps": args.norm_eps,
+             "tie_embeddings": args.tie_embeddings}
+    try:
+        return config_from_dict({"name": run_dir.resolve().name, "model": model})
+    except ConfigError as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
+
+
+def _write_run(run_dir: Path, tensors: dict[str, torch.Tensor], cfg: TriarchConfig, source: Path) -> Path:
+    """Committed step 0, then ``config.yaml``; on failure what was written is removed again."""
+    step_dir = run_dir / "checkpoints" / "step_0"
+    try:
+        write_model_checkpoint(step_dir, tensors, {"step": 0, "config": cfg.model_dump(mode="json"),
+                                                   "layout": "imported", "source": str(source)})
+        dump_config(cfg, run_dir / "config.yaml")
+    except BaseException:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        for name in ("config.yaml", "config.yaml.tmp"):
+            (run_dir / name).unlink(missing_ok=True)
+        raise
+    return step_dir
+
+
+def import_hf(hf_dir: Path, run_dir: Path) -> Path:
+    """Write a committed step-0 checkpoint and a matching ``config.yaml`` into a new or empty ``run_dir``."""
+    config_path = hf_dir / CONFIG_FILE
+    try:
+        args = args_from_hf_config(read_hf_config(hf_dir))
+    except ValueError as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
+    weights = hf_weights(hf_dir)
+    names = _checked_names(weights, args, config_path)
+    cfg = _run_config(args, run_dir, config_path)
+    with _claimed(run_dir) as created:
+        try:
+            return _write_run(run_dir, _triarch_tensors(weights, names, args, config_path), cfg, hf_dir)
+        except BaseException:
+            if created:  # leave no empty run directory behind a failed import
+                (run_dir / LOCK_NAME).unlink(missing_ok=True)
+                with suppress(OSError):  # not empty after all: keep it
+                    run_dir.rmdir()
+            raise
