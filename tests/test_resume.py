@@ -97,7 +97,7 @@ def test_second_run_on_same_directory_is_refused(data: Path, tmp_path: Path) -> 
                f"data.path={data}", *SMALL]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith(f"error: run directory {run_dir} is in use by another triarch run (pid ")
+    assert result.stderr.strip().startswith(f"error: run directory {run_dir} is in use by another triarch run (started by pid ")
     assert not (run_dir / "metrics.jsonl").exists()
 
 

@@ -79,9 +79,10 @@ def check_dcp_metadata(step_dir: Path) -> None:
         with open(path, "rb") as f:
             _MetadataUnpickler(f).load()
     except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
+        raise CheckpointError(f"{step_dir} is not a readable distributed checkpoint: it has no .metadata") from None
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path} asks to import {err}, which DCP's metadata never does; refusing to "
                               "load it") from None
     except (OSError, EOFError, ValueError, AttributeError, ImportError) as err:
-        raise CheckpointError(f"{path} is not a readable DCP metadata file ({type(err).__name__})") from None
+        raise CheckpointError(f"{step_dir} is not a readable distributed checkpoint: {path.name} is damaged "
+                              f"({type(err).__name__})") from None
