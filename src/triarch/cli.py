@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("inputs", nargs="*",
                       help="files, folders, globs or fsspec URLs: .txt, .jsonl[.gz|.zst], .parquet, .arrow, "
                            "datasets save_to_disk folders (default: the stdlib docstrings)")
-    prep.add_argument("--out", type=Path, required=True, help="output folder")
+    prep.add_argument("--out", type=Path, required=True,
+                      help="output folder (created if missing; not an input folder, nor holding an input)")
     prep.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json (default: train a BPE)")
     prep.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE size when training one")
     prep.add_argument("--validation-fraction", type=float, default=0.05)

@@ -33,6 +33,7 @@ from triarch.data_pipeline.fileio import file_sha256, replace_atomically, temp_p
 from triarch.data_pipeline.folder_lock import prepare_lock
 from triarch.data_pipeline.journal import Journal
 from triarch.data_pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, manifest_path, read_manifest, write_manifest
+from triarch.data_pipeline.out_folder import check_apart, outside
 from triarch.data_pipeline.progress import Counters, Progress
 from triarch.data_pipeline.pydocs import TRAIN, split_train_validation, stdlib_docstrings
 from triarch.data_pipeline.readers import BAD_REASONS, BadDocument, document_bytes
@@ -80,8 +81,11 @@ def _existing_manifest(out_dir: Path, *, upgrade: bool = False) -> dict[str, Any
     unreadable or newer is a DataError.
     """
     path = manifest_path(out_dir)
-    if not path.exists():
-        return None
+    try:
+        if not path.exists():
+            return None
+    except OSError as exc:
+        raise DataError(f"cannot read output folder {out_dir}: {exc.strerror}") from None
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -362,7 +366,10 @@ def prepare_files(inputs: Sequence[str | Path], out_dir: Path, *, tokenizer: Pat
     _check_budgets(shard_tokens, batch_tokens)
     if not 0.0 <= validation_fraction < 1.0:
         raise DataError(f"validation_fraction ({validation_fraction}) must be in [0, 1)")
-    sources = expand_inputs([str(i) for i in inputs], exclude=[str(out_dir)])
+    check_apart([str(i) for i in inputs], out_dir)
+    sources = outside(expand_inputs([str(i) for i in inputs], exclude=[str(out_dir)]), out_dir)
+    if not sources:
+        raise DataError(f"no input files outside the output folder {out_dir} in {', '.join(map(str, inputs))}")
     request = {"name": FILES_SOURCE_NAME, "text_field": text_field, "validation_fraction": validation_fraction,
                "trained_vocab_size": None if tokenizer is not None else vocab_size}
     tokenizer_sha = None
