@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet or Arrow column holding the text")
     prep.add_argument("--workers", type=_positive_int, default=None,
                       help="tokenizer threads (default min(cores, 8))")
-    prep.add_argument("--shard-tokens", type=_positive_int, default=None, help="tokens per shard (default 1Mi)")
+    prep.add_argument("--shard-tokens", type=_positive_int, default=None,
+                      help="tokens per shard (default 1Mi); a longer document spans shards")
     prep.add_argument("--batch-tokens", type=_positive_int, default=None,
                       help="tokens per Arrow record batch inside a shard (default 64Ki)")
     prep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
