@@ -13,6 +13,7 @@ from pathlib import Path
 from triarch.config import ConfigError, TriarchConfig, dump_config, load_config, validate_for_world
 
 EXIT_USAGE = 2
+EXIT_BAD_DATA = 1  # triarch data verify found a bad shard
 
 
 class CliError(Exception):
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp = ck.add_parser("import", help="start a run directory from a Hugging Face Llama folder")
     imp.add_argument("--hf", type=Path, required=True, help="folder with config.json and *.safetensors")
     imp.add_argument("--run-dir", type=Path, required=True)
+
+    data = sub.add_parser("data", help="check prepared data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    verify = data_sub.add_parser("verify", help="check every shard's size, sha256 and token ids against the "
+                                                "manifest; exit 0 if all are good, 1 if any is bad")
+    verify.add_argument("folder", help="a prepared folder or fsspec URL (s3://bucket/prefix)")
 
     _add_slurm_commands(sub)
 
@@ -180,10 +187,13 @@ def _launch(nproc: int, run_dir: Path) -> int:
 
         return run_rank(run_dir)
     from triarch.launcher.local import LaunchError, launch_local
+    from triarch.launcher.rank_main import REPORTED_EXITS
 
     try:
         launch_local(nproc, ["-m", "triarch.launcher.rank_main", str(run_dir)])
     except LaunchError as err:
+        if err.exitcode in REPORTED_EXITS:  # the rank printed its one error line: pass its code on
+            return err.exitcode
         print(f"error: {err}; see the rank logs above", file=sys.stderr)
         return 1
     return 0
@@ -218,6 +228,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     print(f"prepared data in {out}: {totals['documents']} documents, {totals['tokens']} tokens; "
           f"bad documents skipped: {totals['bad_documents']} ({bad})")
     return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """``triarch data verify``: one line per bad shard, then a summary; exit 1 when any shard is bad."""
+    from triarch.data_pipeline.verify import verify_folder
+
+    report = verify_folder(args.folder, report=lambda line: print(line, flush=True))
+    print(report.summary())
+    return EXIT_BAD_DATA if report.bad else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -290,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     from triarch.checkpointing.commit import CheckpointError
     from triarch.slurm.commands import SlurmError
 
-    handlers = {"train": cmd_train, "prepare": cmd_prepare, "ckpt": cmd_ckpt, "submit": cmd_submit,
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
                 "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
     try:
         code = handlers[args.command](args)

@@ -11,7 +11,11 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 
 class LaunchError(RuntimeError):
-    """One or more local ranks failed; the message names the first failing rank."""
+    """One or more local ranks failed; the message names the first failing rank, ``exitcode`` is its code."""
+
+    def __init__(self, message: str, exitcode: int) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
 
 
 def free_port() -> int:
@@ -32,4 +36,4 @@ def launch_local(nproc: int, python_args: list[str], *, max_restarts: int = 0) -
         elastic_launch(config, entrypoint=sys.executable)("-u", *python_args)
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
-        raise LaunchError(f"rank {rank} failed with exit code {failure.exitcode}") from None
+        raise LaunchError(f"rank {rank} failed with exit code {failure.exitcode}", failure.exitcode) from None

@@ -14,11 +14,13 @@ import torch.distributed as dist
 
 from triarch.checkpointing.commit import CheckpointError
 from triarch.config import ConfigError, TriarchConfig, load_config
+from triarch.data_pipeline.errors import DataError
 from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.watchdog import HangWatchdog
 from triarch.launcher.stop_signal import StopRequest
 from triarch.parallel.process_groups import host_group
+from triarch.training.data_checks import AgreedDataError
 from triarch.training.precision import configure_tf32
 from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
@@ -26,6 +28,9 @@ from triarch.training.trainer import TrainSummary, train
 EXIT_CONFIG = 2
 EXIT_NON_FINITE = 3
 EXIT_CHECKPOINT = 4
+EXIT_DATA = 7  # the prepared data failed a check while training: a missing, truncated or damaged shard (5 is
+# the watchdog's hang, 6 a SLURM job stopped unfinished)
+REPORTED_EXITS = (EXIT_CONFIG, EXIT_NON_FINITE, EXIT_CHECKPOINT, EXIT_DATA)  # a rank printed the error line
 HEARTBEAT_DIR = "heartbeats"
 
 FLIGHT_RECORDER_DIR = "flight_recorder"
@@ -153,6 +158,15 @@ def _execute(run_dir: Path, stop: StopRequest) -> RankOutcome:
             print(f"error: {err}; committed checkpoints are untouched", file=sys.stderr)
         shutdown_distributed(sync=True)
         return RankOutcome(EXIT_CHECKPOINT)
+    except AgreedDataError as err:  # every rank raises together, with the lowest failing rank's message
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        shutdown_distributed(sync=True)
+        return RankOutcome(EXIT_DATA)
+    except DataError as err:  # this rank alone: its exit ends the others through the launcher
+        print(f"error: {err}", file=sys.stderr)
+        shutdown_distributed()
+        return RankOutcome(EXIT_DATA)
     except BaseException:
         shutdown_distributed()
         raise
