@@ -73,9 +73,9 @@ class _CountingEncoder:
         self.documents = 0
         self._real = tokenize_pool.encode_texts
 
-    def __call__(self, tokenizer, eos, texts):
+    def __call__(self, tokenizer, eos, texts, closes=True):
         self.documents += len(texts)
-        return self._real(tokenizer, eos, texts)
+        return self._real(tokenizer, eos, texts, closes)
 
 
 def _children(pid: int) -> list[int]:

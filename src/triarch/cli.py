@@ -10,9 +10,10 @@ import logging
 import sys
 from pathlib import Path
 
-from triarch.config import ConfigError, TriarchConfig, dump_config, load_config, validate_for_world
+from triarch.config import ConfigError, TriarchConfig, load_config, validate_for_world
 
 EXIT_USAGE = 2
+EXIT_BAD_DATA = 1  # triarch data verify found a bad shard
 
 
 class CliError(Exception):
@@ -66,20 +67,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder with config.json and model.safetensors or model.safetensors.index.json + shards")
     imp.add_argument("--run-dir", type=Path, required=True, help="a new or empty run directory")
 
+    data = sub.add_parser("data", help="check prepared data")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    verify = data_sub.add_parser("verify", help="check every shard's size, sha256 and token ids against the "
+                                                "manifest; exit 0 if all are good, 1 if any is bad")
+    verify.add_argument("folder", help="a prepared folder or fsspec URL (s3://bucket/prefix)")
+
     _add_slurm_commands(sub)
 
     prep = sub.add_parser("prepare", help="tokenize text into Arrow shards plus a manifest")
     prep.add_argument("inputs", nargs="*",
                       help="files, folders, globs or fsspec URLs: .txt, .jsonl[.gz|.zst], .parquet, .arrow, "
                            "datasets save_to_disk folders (default: the stdlib docstrings)")
-    prep.add_argument("--out", type=Path, required=True, help="output folder")
+    prep.add_argument("--out", type=Path, required=True,
+                      help="output folder (created if missing; not an input folder, nor holding an input)")
     prep.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json (default: train a BPE)")
     prep.add_argument("--vocab-size", type=_positive_int, default=4096, help="BPE size when training one")
     prep.add_argument("--validation-fraction", type=float, default=0.05)
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet or Arrow column holding the text")
     prep.add_argument("--workers", type=_positive_int, default=None,
                       help="tokenizer threads (default min(cores, 8))")
-    prep.add_argument("--shard-tokens", type=_positive_int, default=None, help="tokens per shard (default 1Mi)")
+    prep.add_argument("--shard-tokens", type=_positive_int, default=None,
+                      help="tokens per shard (default 1Mi); a longer document spans shards")
     prep.add_argument("--batch-tokens", type=_positive_int, default=None,
                       help="tokens per Arrow record batch inside a shard (default 64Ki)")
     prep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -223,6 +232,15 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """``triarch data verify``: one line per bad shard, then a summary; exit 1 when any shard is bad."""
+    from triarch.data_pipeline.verify import verify_folder
+
+    report = verify_folder(args.folder, report=lambda line: print(line, flush=True))
+    print(report.summary())
+    return EXIT_BAD_DATA if report.bad else 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from triarch.slurm.submit import (
         SubmitOptions,
@@ -293,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     from triarch.checkpointing.commit import CheckpointError
     from triarch.slurm.commands import SlurmError
 
-    handlers = {"train": cmd_train, "prepare": cmd_prepare, "ckpt": cmd_ckpt, "submit": cmd_submit,
+    handlers = {"train": cmd_train, "prepare": cmd_prepare, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
                 "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
     try:
         code = handlers[args.command](args)

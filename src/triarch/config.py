@@ -156,7 +156,9 @@ class DataConfig(_Section):
     ``blend`` (optional) lists several prepared folders with weights for training; ``path`` is then only
     used for evaluation. Paths may be local or fsspec URLs (``s3://bucket/prefix``). ``document_masks``
     gives the model per-document position ids, so rotary positions restart and attention stays inside each
-    document packed into a row.
+    document packed into a row. ``verify_shards``: which shards are hashed in the background when first read
+    (``local``: local ones, and remote ones up to 64 MiB; ``all``; ``off``); sizes and token ids are always
+    checked (``data_pipeline.shard_check``).
     """
 
     path: str = "data/pydocs"
@@ -167,6 +169,7 @@ class DataConfig(_Section):
     shuffle_block: int | None = Field(None, gt=0)
     loader: Literal["default", "dali"] = "default"
     document_masks: bool = False
+    verify_shards: Literal["local", "all", "off"] = "local"
 
     def train_datasets(self) -> list[tuple[str, float]]:
         """(path, weight) pairs the training stream blends."""

@@ -14,16 +14,21 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from triarch.data_pipeline.errors import DataError
+from triarch.data_pipeline.out_folder import make_out_folder, unwritable
 
 LOCK_NAME = ".prepare.lock"
 
 
 @contextmanager
 def prepare_lock(out_dir: Path) -> Iterator[None]:
-    """Create ``out_dir`` and hold its lock; another live holder is a one-line DataError."""
+    """Create ``out_dir`` and hold its lock; another live holder, or a folder that cannot be created or
+    written, is a one-line DataError."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    make_out_folder(out_dir)
+    try:
+        fd = os.open(out_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise unwritable(out_dir, exc) from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -2,7 +2,8 @@
 
 ``prepare.journal.jsonl`` in the output folder: the first line is the header (everything that determines
 the shards: inputs, tokenizer hash, budgets); each later line records one shard after its file was renamed
-into place, with ``end_document``: how many documents of its split the shards up to and including it hold.
+into place, with ``end_document``: how many documents of its split end in the shards up to and including
+it, and ``carry``: how many tokens of the next document they already hold (a long document spans shards).
 Shard ``k`` of a split is a deterministic function of the inputs, so a rerun with the same header keeps the
 longest prefix of recorded shards whose files still hash right, skips tokenizing their documents, and
 continues from there. A line cut short by a kill is ignored. The journal is deleted after the manifest is
@@ -34,6 +35,7 @@ class JournalEntry:
     index: int
     end_document: int
     shard: ShardInfo
+    carry: int = 0  # tokens of the next (long) document already in the shards up to this one
 
 
 def _parse(line: str) -> JournalEntry | None:
@@ -41,7 +43,8 @@ def _parse(line: str) -> JournalEntry | None:
     try:
         record = json.loads(line)
         return JournalEntry(split=record["split"], index=int(record["index"]),
-                            end_document=int(record["end_document"]), shard=ShardInfo.from_json(record["shard"]))
+                            end_document=int(record["end_document"]), shard=ShardInfo.from_json(record["shard"]),
+                            carry=int(record.get("carry", 0)))
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -118,7 +121,7 @@ class Journal:
         that shard is written again, and a line whose file was lost fails the hash check in ``resumable``.
         """
         line = {"split": entry.split, "index": entry.index, "end_document": entry.end_document,
-                "shard": entry.shard.to_json()}
+                "shard": entry.shard.to_json(), "carry": entry.carry}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(line, sort_keys=True) + "\n")
         self._entries[(entry.split, entry.index)] = entry

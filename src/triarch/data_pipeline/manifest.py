@@ -15,7 +15,9 @@ Layout (``format_version`` 2)::
      "bad_documents": {reason: int},
      "totals": {"documents", "tokens", "bad_documents"}}
 
-``batch_tokens`` lists the token count of every Arrow record batch of the shard file, in file order.
+``batch_tokens`` lists the token count of every Arrow record batch of the shard file, in file order. A
+document longer than ``shard_tokens`` spans consecutive shards (one row in each); a shard's ``documents``
+counts the documents that end in it.
 """
 
 from __future__ import annotations

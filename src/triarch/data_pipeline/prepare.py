@@ -3,7 +3,8 @@
 The calling thread reads the documents in order, assigns each to a split, and hands batches of texts to
 tokenizer threads (``tokenize_pool``); results come back in submission order, so every split's token
 stream, and therefore every shard (see ``shard_writer``), is a deterministic function of the inputs,
-whatever the worker count.
+whatever the worker count. A document longer than ``long_documents.PIECE_CHARS`` characters is
+tokenized in pieces (bounded memory, the same ids) and may span shards (``shard_writer``).
 
 A folder whose manifest exists is complete and never rewritten (a rerun with the same inputs returns at
 once; other inputs are a DataError). Writing holds the folder's lock (``folder_lock``): a second prepare
@@ -32,7 +33,9 @@ from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, replace_atomically, temp_path
 from triarch.data_pipeline.folder_lock import prepare_lock
 from triarch.data_pipeline.journal import Journal
+from triarch.data_pipeline.long_documents import PIECE_CHARS, DocumentPieces
 from triarch.data_pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, manifest_path, read_manifest, write_manifest
+from triarch.data_pipeline.out_folder import check_apart, outside
 from triarch.data_pipeline.progress import Counters, Progress
 from triarch.data_pipeline.pydocs import TRAIN, split_train_validation, stdlib_docstrings
 from triarch.data_pipeline.readers import BAD_REASONS, BadDocument, document_bytes
@@ -80,8 +83,11 @@ def _existing_manifest(out_dir: Path, *, upgrade: bool = False) -> dict[str, Any
     unreadable or newer is a DataError.
     """
     path = manifest_path(out_dir)
-    if not path.exists():
-        return None
+    try:
+        if not path.exists():
+            return None
+    except OSError as exc:
+        raise DataError(f"cannot read output folder {out_dir}: {exc.strerror}") from None
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -134,9 +140,21 @@ def _tokenizer_entry(tokenizer: Tokenizer, eos: int, sha256: str) -> dict[str, A
             "eos_id": eos, "model": model}
 
 
+Task = tuple[tuple[str, int, bool], list[str], bool]  # ((split, text bytes, closes), texts, closes)
+
+
+def _piece_tasks(split: str, text: str, size: int, pieces: DocumentPieces) -> Iterator[Task]:
+    """One task per piece of a long document (sliced as it is submitted); EOS only after the last."""
+    bounds = [0, *pieces.cuts(text), len(text)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        closes = hi == len(text)
+        yield (split, size * (hi - lo) // len(text), closes), [text[lo:hi]], closes
+
+
 def _task_batches(documents: DocumentStream, writers: Mapping[str, SplitWriter], fingerprints: Mapping[str, Any],
-                  seen: dict[str, int], counters: Counters) -> Iterator[tuple[tuple[str, int], list[str]]]:
-    """Per-split batches of texts to tokenize, tagged ``(split, text bytes)``; resumed documents are skipped.
+                  seen: dict[str, int], counters: Counters, pieces: DocumentPieces) -> Iterator[Task]:
+    """Per-split batches of texts to tokenize; resumed documents are skipped; a document longer than
+    ``pieces.piece_chars`` goes in pieces, each a task of its own (``long_documents``).
 
     Every document still feeds its split's fingerprint and count, so the manifest is the same as for an
     uninterrupted run.
@@ -149,15 +167,21 @@ def _task_batches(documents: DocumentStream, writers: Mapping[str, SplitWriter],
             counters.resumed_documents += 1
             continue
         texts, size = pending[split]
+        if len(text) > pieces.piece_chars:
+            if texts:
+                yield (split, size, True), texts, True
+                pending[split] = ([], 0)
+            yield from _piece_tasks(split, text, len(data), pieces)
+            continue
         texts.append(text)
         size += len(data)
         if len(texts) >= TASK_DOCUMENTS or size >= TASK_BYTES:
-            yield (split, size), texts
+            yield (split, size, True), texts, True
             texts, size = [], 0
         pending[split] = (texts, size)
     for split, (texts, size) in pending.items():
         if texts:
-            yield (split, size), texts
+            yield (split, size, True), texts, True
 
 
 def _bad_summary(bad: Mapping[str, int]) -> str:
@@ -179,17 +203,22 @@ def _tokenize(documents: DocumentStream, tokenizer: Tokenizer, eos: int, writers
     done = _Pass(seen=dict.fromkeys(writers, 0), fingerprints={split: hashlib.sha256() for split in writers},
                  counters=Counters())
     counters = done.counters
-    batches = _task_batches(documents, writers, done.fingerprints, done.seen, counters)
+    pieces = DocumentPieces(tokenizer)
+    batches = _task_batches(documents, writers, done.fingerprints, done.seen, counters, pieces)
     with TokenizerPool(tokenizer, eos, workers) as pool, \
             Progress(counters, documents.progress_total, documents.progress_unit, progress) as display:
-        for (split, size), values, lengths in pool.map_ordered(batches):
-            writers[split].add(values, lengths)
-            counters.documents += len(lengths)
+        for (split, size, closes), values, lengths in pool.map_ordered(batches):
+            writers[split].add(values, lengths, closes)
+            counters.documents += len(lengths) - (not closes)
             counters.tokens += len(values)
             counters.text_bytes += size
             counters.bad_documents = sum(documents.bad.values())
             display.update(documents.progress_done())
     counters.bad_documents = sum(documents.bad.values())
+    if pieces.inexact:
+        log.warning("warning: %d of %d cuts of long documents into pieces of %d characters may tokenize "
+                    "differently from the whole document with this tokenizer (see long_documents)",
+                    pieces.inexact, pieces.cuts_made, pieces.piece_chars)
     return done
 
 
@@ -208,6 +237,15 @@ def _finish_splits(out_dir: Path, writers: Mapping[str, SplitWriter], done: _Pas
     return splits
 
 
+def _warn_empty_splits(out_dir: Path, splits: Mapping[str, Any]) -> None:
+    """One warning line per split that ended with no documents."""
+    total = sum(split["documents"] for split in splits.values())
+    for name, split in splits.items():
+        if not split["documents"]:
+            log.warning("warning: split '%s' of %s has no documents (%d in all); training or evaluation that "
+                        "reads it will stop with an error", name, out_dir, total)
+
+
 def _write_corpus(documents: DocumentStream, tokenizer_path: Path, out_dir: Path, *, source: Mapping[str, Any],
                   identity: Mapping[str, Any], shard_tokens: int, batch_tokens: int, workers: int | None,
                   progress: bool | None) -> dict[str, Any]:
@@ -218,12 +256,14 @@ def _write_corpus(documents: DocumentStream, tokenizer_path: Path, out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     _install_tokenizer(tokenizer_path, out_dir)
     journal = Journal(out_dir, {"identity": identity, "tokenizer_sha256": tokenizer_sha,
-                                "shard_tokens": shard_tokens, "record_batch_tokens": batch_tokens})
+                                "shard_tokens": shard_tokens, "record_batch_tokens": batch_tokens,
+                                "long_documents": {"span_shards": True, "piece_chars": PIECE_CHARS}})
     writers = {split: SplitWriter(out_dir, split, shard_tokens, batch_tokens, journal) for split in documents.splits}
     done = _tokenize(documents, tokenizer, eos, writers, default_workers() if workers is None else workers, progress)
     if not any(done.seen.values()):
         raise DataError(f"no documents to prepare in {out_dir} (bad documents: {_bad_summary(documents.bad)})")
     splits = _finish_splits(out_dir, writers, done)
+    _warn_empty_splits(out_dir, splits)
     bad = {reason: documents.bad.get(reason, 0) for reason in BAD_REASONS}
     manifest = {
         "format": FORMAT_NAME,
@@ -362,7 +402,10 @@ def prepare_files(inputs: Sequence[str | Path], out_dir: Path, *, tokenizer: Pat
     _check_budgets(shard_tokens, batch_tokens)
     if not 0.0 <= validation_fraction < 1.0:
         raise DataError(f"validation_fraction ({validation_fraction}) must be in [0, 1)")
-    sources = expand_inputs([str(i) for i in inputs], exclude=[str(out_dir)])
+    check_apart([str(i) for i in inputs], out_dir)
+    sources = outside(expand_inputs([str(i) for i in inputs], exclude=[str(out_dir)]), out_dir)
+    if not sources:
+        raise DataError(f"no input files outside the output folder {out_dir} in {', '.join(map(str, inputs))}")
     request = {"name": FILES_SOURCE_NAME, "text_field": text_field, "validation_fraction": validation_fraction,
                "trained_vocab_size": None if tokenizer is not None else vocab_size}
     tokenizer_sha = None

@@ -182,7 +182,9 @@ def _txt_documents(stream: HashingReader, compression: str | None) -> Iterator[s
     except _Damaged as damage:
         yield BAD[damage.reason]
         return
-    yield _decode(data)
+    text = _decode(data)
+    del data  # not held while the (possibly very long) document is tokenized
+    yield text
 
 
 def _json_document(line: bytes, field: str) -> str | BadDocument:

@@ -2,7 +2,11 @@
 
 Shard ``k`` of a split holds the documents that follow shard ``k - 1``'s, up to the first document end at
 or past ``shard_tokens`` tokens, so its content depends only on the split's document order, never on
-how the work was divided among tokenizer workers.
+how the work was divided among tokenizer workers. A document longer than ``shard_tokens`` ("long") is
+not kept whole: when it crosses a shard's budget the shard closes exactly at ``shard_tokens`` tokens and
+the document goes on in the next shard, as a row of its own (only its last row ends with EOS). So every
+shard holds at most ``shard_tokens`` tokens plus one short document, and memory stays bounded however
+long a document is. A shard's ``documents`` counts the documents that end in it.
 """
 
 from __future__ import annotations
@@ -26,42 +30,83 @@ def shard_name(index: int) -> str:
 
 
 class ShardCutter:
-    """Accumulates tokenized documents and hands out complete shards of about ``shard_tokens`` tokens."""
+    """Accumulates tokenized documents (whole, or in pieces) and hands out complete shards (module docstring).
 
-    def __init__(self, shard_tokens: int) -> None:
+    ``carry``: tokens of an unfinished document already in earlier shards (a resumed run continues it);
+    after each shard handed out, ``carry`` is that count for the shards so far.
+    """
+
+    def __init__(self, shard_tokens: int, carry: int = 0) -> None:
         self.shard_tokens = shard_tokens
+        self.carry = carry
         self._values: list[np.ndarray] = []
-        self._lengths: list[np.ndarray] = []
+        self._ends: list[np.ndarray] = []  # document ends, as positions from the buffer's start
         self._tokens = 0
+        self._head = -carry  # where the document open at the buffer's start began (<= 0)
 
-    def add(self, values: np.ndarray, lengths: np.ndarray) -> Iterator[ShardTokens]:
-        """Append documents (flat ``values``, per-document ``lengths``); yield every shard now complete."""
+    def _last_end(self, ends: list[np.ndarray] | np.ndarray) -> int:
+        """The last document end in ``ends`` (the buffer's, or a slice of it), else where the head began."""
+        arrays = [ends] if isinstance(ends, np.ndarray) else ends
+        for part in reversed(arrays):
+            if len(part):
+                return int(part[-1])
+        return self._head
+
+    @property
+    def open_tokens(self) -> int:
+        """Tokens added of a document not yet ended (including those in earlier shards)."""
+        return self._tokens - self._last_end(self._ends)
+
+    def add(self, values: np.ndarray, lengths: np.ndarray, closes: bool = True) -> Iterator[ShardTokens]:
+        """Append documents (flat ``values``, per-document ``lengths``; with ``closes=False`` the last one is
+        a piece of a document that goes on; the first may continue one); yield every shard now complete."""
+        if not len(values):
+            return
+        ends = self._tokens + np.cumsum(lengths, dtype=np.int64)
         self._values.append(values)
-        self._lengths.append(lengths)
-        self._tokens += len(values)
+        self._ends.append(ends if closes else ends[:-1])
+        self._tokens = int(ends[-1])
         if self._tokens < self.shard_tokens:
             return
-        values, lengths = np.concatenate(self._values), np.concatenate(self._lengths)
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        values, ends = np.concatenate(self._values), np.concatenate(self._ends)
         start = 0
-        while offsets[-1] - offsets[start] >= self.shard_tokens:
-            end = int(np.searchsorted(offsets, offsets[start] + self.shard_tokens, side="left"))
-            yield ShardTokens(values=values[offsets[start]:offsets[end]],
-                              offsets=offsets[start:end + 1] - offsets[start])
-            start = end
-        self._values, self._lengths = [values[offsets[start]:]], [lengths[start:]]
-        self._tokens = int(offsets[-1] - offsets[start])
+        while (cut := self._next_cut(start, ends)) is not None:
+            yield self._shard(values, ends, start, cut)
+            start = cut
+        self._head = self._last_end(ends[ends <= start]) - start
+        self._values, self._ends = [values[start:]], [ends[ends > start] - start]
+        self._tokens -= start
+
+    def _next_cut(self, start: int, ends: np.ndarray) -> int | None:
+        """Where the shard that begins at ``start`` closes, or None while that is not yet known."""
+        budget = self.shard_tokens
+        target = start + budget
+        if target > self._tokens:
+            return None
+        j = int(np.searchsorted(ends, target, side="left"))  # the first document end at or past the budget
+        if j < len(ends):
+            end = int(ends[j])
+            begin = int(ends[j - 1]) if j else self._head
+            return target if end - begin > budget and target < end else end
+        begin = self._last_end(ends)
+        return target if self._tokens - begin > budget else None  # the open document is long: cut it
+
+    def _shard(self, values: np.ndarray, ends: np.ndarray, start: int, cut: int) -> ShardTokens:
+        """Tokens ``[start, cut)`` of the buffer as a shard; sets ``carry``."""
+        inside = ends[(ends > start) & (ends < cut)]
+        offsets = np.concatenate([[start], inside, [cut]]).astype(np.int64) - start
+        last_end = self._last_end(ends[ends <= cut])
+        self.carry = cut - last_end
+        return ShardTokens(values=values[start:cut], offsets=offsets, ends_open=last_end != cut)
 
     def flush(self) -> ShardTokens | None:
         """The last, smaller shard of whatever documents remain (None if none do)."""
-        lengths = np.concatenate(self._lengths) if self._lengths else np.empty(0, np.int64)
-        if not len(lengths):
+        if self.open_tokens:
+            raise ValueError(f"{self.open_tokens} tokens of an unfinished document remain")
+        if not self._tokens:
             return None
-        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        shard = ShardTokens(values=np.concatenate(self._values), offsets=offsets)
-        self._values, self._lengths, self._tokens = [], [], 0
+        shard = self._shard(np.concatenate(self._values), np.concatenate(self._ends), 0, self._tokens)
+        self._values, self._ends, self._tokens, self._head = [], [], 0, 0
         return shard
 
 
@@ -83,11 +128,21 @@ class SplitWriter:
         self.resumed_documents = resumed[-1].end_document if resumed else 0
         self.end_document = self.resumed_documents
         self.written = 0
-        self._cutter = ShardCutter(shard_tokens)
+        carry = resumed[-1].carry if resumed else 0
+        self._skip = carry  # the resumed shards already hold this many tokens of the next document
+        self._cutter = ShardCutter(shard_tokens, carry)
 
-    def add(self, values: np.ndarray, lengths: np.ndarray) -> None:
-        """Tokenized documents that follow everything added before (and everything resumed)."""
-        for shard in self._cutter.add(values, lengths):
+    def add(self, values: np.ndarray, lengths: np.ndarray, closes: bool = True) -> None:
+        """Tokenized documents that follow everything added before (and everything resumed); ``closes``:
+        see ``ShardCutter.add``. A document the resumed shards hold the start of comes whole (or its pieces
+        do): its first ``carry`` tokens are dropped."""
+        if self._skip:
+            take = min(self._skip, int(lengths[0]))
+            values, lengths = values[take:], np.concatenate([[lengths[0] - take], lengths[1:]]).astype(np.int64)
+            self._skip -= take
+            if not lengths[0]:
+                return  # a piece wholly inside the resumed shards (it cannot end the document)
+        for shard in self._cutter.add(values, lengths, closes):
             self._emit(shard)
 
     def finish(self) -> list[ShardInfo]:
@@ -114,5 +169,5 @@ class SplitWriter:
             self.written += 1
         info = encoded.info(path.relative_to(self.root).as_posix())
         self.end_document += shard.documents
-        self.journal.record(JournalEntry(self.split, index, self.end_document, info))
+        self.journal.record(JournalEntry(self.split, index, self.end_document, info, self._cutter.carry))
         self.shards.append(info)

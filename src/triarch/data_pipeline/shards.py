@@ -53,15 +53,22 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class ShardTokens:
-    """Documents in memory: flat token values plus document offsets (len = documents + 1, first is 0)."""
+    """Rows in memory: flat token values plus row offsets (len = rows + 1, first is 0). A row is a document,
+    or the part of a long document in this shard; ``ends_open``: the last row's document goes on."""
 
     values: np.ndarray
     offsets: np.ndarray
+    ends_open: bool = False
+
+    @property
+    def rows(self) -> int:
+        """Number of rows."""
+        return len(self.offsets) - 1
 
     @property
     def documents(self) -> int:
-        """Number of documents (rows)."""
-        return len(self.offsets) - 1
+        """Number of documents that end in this shard."""
+        return self.rows - self.ends_open
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from triarch.data_pipeline.blend import BlendSchedule
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.index import EpochLayout
+from triarch.data_pipeline.shard_check import VERIFY_MODES, VerifyMode
+from triarch.data_pipeline.stream_guard import StreamGuard
 from triarch.data_pipeline.stream_source import TokenSource
 from triarch.data_pipeline.stream_span import Span
 
@@ -85,7 +87,8 @@ class TokenStream:
                  num_workers: int = 0, prefetch_factor: int = 2, pin_memory: bool = False,
                  shuffle: bool = True, shuffle_block: int | None = None,
                  blend_block: int = DEFAULT_BLEND_BLOCK, position_ids: bool = False,
-                 cache_bytes: int = BATCH_CACHE_BYTES, storage_options: Mapping[str, Any] | None = None) -> None:
+                 cache_bytes: int = BATCH_CACHE_BYTES, storage_options: Mapping[str, Any] | None = None,
+                 verify: VerifyMode = "local") -> None:
         _check(seq_len >= 1, f"seq_len ({seq_len}) must be at least 1")
         _check(seed >= 0, f"seed ({seed}) must be >= 0")
         _check(global_batch_size >= 1, f"global_batch_size ({global_batch_size}) must be at least 1")
@@ -96,6 +99,7 @@ class TokenStream:
         if shuffle_block is None:
             shuffle_block = max(1, DEFAULT_SHUFFLE_TOKENS // seq_len)
         _check(shuffle_block >= 1, f"shuffle_block ({shuffle_block}) must be at least 1")
+        _check(verify in VERIFY_MODES, f"verify ({verify!r}) must be one of {', '.join(VERIFY_MODES)}")
         specs = _parse_datasets(datasets)
         self.split, self.seq_len, self.seed = split, seq_len, seed
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
@@ -117,10 +121,17 @@ class TokenStream:
         # a step's rows of one dataset lie in 1 + ceil((rows - 1) / B) consecutive blocks; keep them all
         self._span_capacity = len(self.sources) * (2 + self.local_batch_size // shuffle_block)
         self.consumed_sequences = 0
+        self.verify = verify
+        self.guard = StreamGuard(self.sources, self.layouts, seq_len, verify)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled (for spawned loader workers) without the filled block spans."""
-        return {**self.__dict__, "_spans": OrderedDict(), "_hot": None}
+        """Pickled (for spawned loader workers) without the filled block spans or the integrity checks' state
+        (loader workers only read; the rank's main process checks)."""
+        return {**self.__dict__, "_spans": OrderedDict(), "_hot": None, "guard": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.guard = StreamGuard(self.sources, self.layouts, self.seq_len, self.verify)
 
     def _check_sources(self) -> None:
         first = self.sources[0]
@@ -215,7 +226,7 @@ class TokenStream:
 
     def batch_at(self, start: int) -> dict[str, torch.Tensor]:
         """This rank's rows of the global batch that begins at global sequence ``start``."""
-        return self._as_batch(self._local_rows(start))
+        return self._checked(self._local_rows(start), start)
 
     def batch_for_step(self, step: int) -> dict[str, torch.Tensor]:
         """This rank's part of step ``step``: global sequences ``[step·G, (step+1)·G)`` (position unchanged)."""
@@ -235,17 +246,20 @@ class TokenStream:
             for first in firsts:
                 rows = self._local_rows(first)
                 self._advance(first)
-                yield self._handed_out(rows)
+                yield self._handed_out(rows, first)
             return
         # each message carries a few steps of compact uint32 rows: far less overhead than a tensor each
         per_message = max(1, WORKER_MESSAGE_TOKENS // (self.local_batch_size * (self.seq_len + 1)))
         chunks = DataLoader(_Steps(self, start, steps, per_message), batch_size=None,
                             num_workers=self.num_workers, prefetch_factor=self.prefetch_factor,
                             collate_fn=_unchanged)
-        for first, chunk in chunks:
-            for i, rows in enumerate(chunk):
-                self._advance(first + i * size)
-                yield self._handed_out(rows)
+        try:
+            for first, chunk in chunks:
+                for i, rows in enumerate(chunk):
+                    self._advance(first + i * size)
+                    yield self._handed_out(rows, first + i * size)
+        except DataError as err:  # from a worker: its message carries the worker's traceback
+            raise DataError(_worker_message(err)) from None
 
     def _advance(self, first: int) -> None:
         """Count the step that begins at global sequence ``first`` as consumed (it must be the next one)."""
@@ -254,9 +268,48 @@ class TokenStream:
                             f"at {first}; start a new iterator after load_state_dict")
         self.consumed_sequences += self.global_batch_size
 
-    def _handed_out(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        batch = self._as_batch(rows)
+    def _handed_out(self, rows: np.ndarray, first: int) -> dict[str, torch.Tensor]:
+        batch = self._checked(rows, first)
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+
+    def _checked(self, rows: np.ndarray, first: int) -> dict[str, torch.Tensor]:
+        """The batch of this rank's ``rows`` of the global batch at ``first``, after the integrity checks:
+        its shards queued for hashing, its ids bounded (``stream_guard``)."""
+        start = first + self.dp_rank * self.local_batch_size
+        self._watch(start, self.local_batch_size)
+        self.guard.check_ids(rows, start, self.origin)
+        return self._as_batch(rows)
+
+    def _watch(self, start: int, count: int) -> None:
+        """Queue the shards of global sequences ``[start, start + count)`` for the background hash check."""
+        if self.blend is None:
+            self._watch_dataset(0, start, start + count - 1)
+            return
+        datasets, local = self.blend.locate_many(np.arange(start, start + count, dtype=np.int64))
+        for dataset in np.unique(datasets).tolist():
+            mine = local[datasets == dataset]  # consecutive sequences of this dataset
+            self._watch_dataset(dataset, int(mine.min()), int(mine.max()))
+
+    def _watch_dataset(self, dataset: int, lo: int, hi: int) -> None:
+        """Queue the shards of every block that ``dataset``'s sequences ``lo..hi`` lie in."""
+        layout = self.layouts[dataset]
+        for epoch in range(lo // layout.windows, hi // layout.windows + 1):
+            first = max(lo - epoch * layout.windows, 0) // layout.shuffle_block
+            last = min(hi - epoch * layout.windows, layout.windows - 1) // layout.shuffle_block
+            for block in range(first, last + 1):
+                self.guard.watch_block(dataset, epoch, block)
+
+    def integrity_error(self) -> str | None:
+        """The first background hash mismatch of a shard this stream read (None if none so far)."""
+        return self.guard.error()
+
+    def close(self) -> None:
+        """Stop the background hash checks (a hash in progress is abandoned); reading still works."""
+        self.guard.close()
+
+    def wait_integrity(self) -> str | None:
+        """Finish the background hash checks of every shard read so far; the first mismatch (or None)."""
+        return self.guard.wait()
 
     def _identity(self) -> dict[str, Any]:
         """What must match for a saved position to mean the same tokens."""
@@ -311,6 +364,15 @@ class _Steps(IterableDataset):
                 return
             first = self.start + first_step * size
             yield first, np.stack([self.stream._local_rows(first + i * size) for i in range(count)])
+
+
+def _worker_message(err: DataError) -> str:
+    """The original one-line message of a DataError a DataLoader worker raised (the loader re-raises it with
+    the worker's traceback in the text)."""
+    marker = f"{DataError.__module__}.{DataError.__name__}: "
+    lines = str(err).splitlines()
+    found = [line.split(marker, 1)[1] for line in lines if marker in line]
+    return found[-1] if found else (lines[0] if lines else "DataError in a loader worker")
 
 
 def _unchanged(item: Any) -> Any:

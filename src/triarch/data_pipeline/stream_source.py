@@ -1,6 +1,7 @@
 """Lazy token reads from one split of a prepared folder, local or on any fsspec filesystem (s3://, gs://, ...).
 
-Only the manifest is read up front. Tokens are read one Arrow record batch at a time
+Only the manifest (and one listing per split folder, to check every shard's size: ``shard_check``) is read up
+front. Tokens are read one Arrow record batch at a time
 (``pa.ipc.open_file(f).get_batch(i)``). A local shard is memory-mapped (``pa.memory_map``): a batch's tokens
 are a zero-copy view of the page cache, nothing is cached, and only a couple of shards stay mapped (their
 touched pages count as resident while mapped). A remote shard is read through an fsspec file handle and
@@ -31,10 +32,12 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
+from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.manifest import FORMAT_NAME, MANIFEST_NAME, validate_manifest
+from triarch.data_pipeline.shard_check import HashJob, check_sizes
 
 TOKENS_COLUMN = "tokens"
 DEFAULT_CACHE_BYTES = 16 << 20
@@ -76,6 +79,26 @@ def _validate_v1(manifest: dict[str, Any], where: str) -> dict[str, Any]:
     return manifest
 
 
+def load_manifest(fs: AbstractFileSystem, root: str, where: str) -> dict[str, Any]:
+    """The validated manifest of the prepared folder at ``root`` on ``fs`` (format 2, or 1 for reading);
+    ``where`` names it in the one-line DataError for a missing or invalid one."""
+    try:
+        text = fs.cat_file(f"{root}/{MANIFEST_NAME}").decode("utf-8")
+    except FileNotFoundError:
+        raise DataError(f"no manifest at {where} (run prepare first)") from None
+    except OSError as exc:
+        raise DataError(f"cannot read manifest {where}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"invalid manifest {where}: not UTF-8 ({exc.reason})") from exc
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid manifest {where}: {exc}") from exc
+    if isinstance(manifest, dict) and manifest.get("format_version") == 1:
+        return _validate_v1(manifest, where)
+    return validate_manifest(manifest, where)
+
+
 class TokenSource:
     """One split of one prepared folder: shard token counts, and reads of any token range of any shard."""
 
@@ -100,11 +123,37 @@ class TokenSource:
             if entry["max_token_id"] >= self.vocab_size:
                 raise DataError(f"{self._where(entry['file'])} holds token id {entry['max_token_id']} "
                                 f">= vocab_size {self.vocab_size}")
+        self.max_token_id = max((e["max_token_id"] for e in self._entries), default=-1)
         self.shard_tokens = np.array([e["tokens"] for e in self._entries], dtype=np.int64)
         self.total_tokens = int(self.shard_tokens.sum())
         self.data_sha256 = data_fingerprint(self._entries)
         self._shard_sizes: list[int] = self.shard_tokens.tolist()
         self._batch_starts: list[list[int] | None] = [self._starts_from_manifest(e) for e in self._entries]
+        check_sizes(self._fs, self._root, self.url, self._entries)
+
+    # --- integrity (see shard_check) -----------------------------------------------------------------
+
+    def shard_url(self, shard: int) -> str:
+        """Where ``shard`` lives (for messages)."""
+        return self._where(self._entries[shard]["file"])
+
+    def hash_job(self, shard: int) -> HashJob:
+        """What the background hasher needs to check ``shard`` against the manifest."""
+        self._ensure_open()
+        entry = self._entries[shard]
+        return HashJob(fs=self._fs, path=f"{self._root}/{entry['file']}", where=self.shard_url(shard), url=self.url,
+                       sha256=entry["sha256"], size=entry.get("bytes"))
+
+    def locate(self, shard: int, offset: int) -> tuple[int, int]:
+        """(record batch, row) of ``shard`` that holds its token ``offset`` (a row is a document, or a long
+        document's part in this shard)."""
+        starts = self.batch_starts(shard)
+        batch = bisect_right(starts, offset) - 1
+        column = self._reader(shard).get_batch(batch).column(TOKENS_COLUMN)
+        offsets = column.offsets.to_numpy(zero_copy_only=False)
+        rows_before = sum(self._reader(shard).get_batch(i).num_rows for i in range(batch))
+        row = int(np.searchsorted(offsets - offsets[0], offset - starts[batch], side="right")) - 1
+        return batch, rows_before + row
 
     # --- process-local state -------------------------------------------------------------------------
 
@@ -129,20 +178,7 @@ class TokenSource:
 
     def _read_manifest(self) -> dict[str, Any]:
         self._ensure_open()
-        where = self._where(MANIFEST_NAME)
-        try:
-            text = self._fs.cat_file(f"{self._root}/{MANIFEST_NAME}").decode("utf-8")
-        except FileNotFoundError:
-            raise DataError(f"no manifest at {where} (run prepare first)") from None
-        except OSError as exc:
-            raise DataError(f"cannot read manifest {where}: {exc}") from exc
-        try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid manifest {where}: {exc}") from exc
-        if isinstance(manifest, dict) and manifest.get("format_version") == 1:
-            return _validate_v1(manifest, where)
-        return validate_manifest(manifest, where)
+        return load_manifest(self._fs, self._root, self._where(MANIFEST_NAME))
 
     # --- record batches ------------------------------------------------------------------------------
 

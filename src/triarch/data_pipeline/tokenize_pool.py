@@ -37,11 +37,15 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
-def encode_texts(tokenizer: Tokenizer, eos: int, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of ``texts`` with EOS appended to each: (flat uint32 values, int64 per-document lengths)."""
+def encode_texts(tokenizer: Tokenizer, eos: int, texts: list[str],
+                 closes: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of ``texts`` with EOS appended to each: (flat uint32 values, int64 per-text lengths).
+
+    ``closes=False``: the last text is a piece of a longer document that goes on (``long_documents``), so it
+    gets no EOS."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)  # _fast: no offsets (>= 0.21)
     ids = [encoding.ids for encoding in encode(texts, add_special_tokens=False)]
-    for doc in ids:
+    for doc in ids if closes else ids[:-1]:
         doc.append(eos)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     values = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
@@ -67,15 +71,17 @@ class TokenizerPool:
         if self._threads is not None:
             self._threads.shutdown(wait=True, cancel_futures=True)
 
-    def map_ordered(self, batches: Iterable[tuple[Tag, list[str]]]) -> Iterator[tuple[Tag, np.ndarray, np.ndarray]]:
-        """Encode each ``(tag, texts)``; yield ``(tag, values, lengths)`` in the order the batches came."""
+    def map_ordered(self, batches: Iterable[tuple[Tag, list[str], bool]]
+                    ) -> Iterator[tuple[Tag, np.ndarray, np.ndarray]]:
+        """Encode each ``(tag, texts, closes)`` (see ``encode_texts``); yield ``(tag, values, lengths)`` in the
+        order the batches came."""
         if self._threads is None:
-            for tag, texts in batches:
-                yield (tag, *encode_texts(self._tokenizer, self._eos, texts))
+            for tag, texts, closes in batches:
+                yield (tag, *encode_texts(self._tokenizer, self._eos, texts, closes))
             return
         pending: deque[tuple[Tag, Future]] = deque()
-        for tag, texts in batches:
-            pending.append((tag, self._threads.submit(encode_texts, self._tokenizer, self._eos, texts)))
+        for tag, texts, closes in batches:
+            pending.append((tag, self._threads.submit(encode_texts, self._tokenizer, self._eos, texts, closes)))
             while pending and (len(pending) >= self.max_in_flight or pending[0][1].done()):
                 head, result = pending.popleft()
                 yield (head, *result.result())

@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import replace_atomically, temp_path
+from triarch.data_pipeline.long_documents import in_pieces
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
@@ -18,7 +19,8 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, path: Path) -> T
     """Train a byte-level BPE on ``texts`` and save it to ``path`` (temp file + rename).
 
     ``<|endoftext|>`` is id 0 and serves as EOS; the 256 byte symbols are always in the vocabulary, so
-    any text can be encoded. The result is deterministic for the same texts and vocabulary size.
+    any text can be encoded. The result is deterministic for the same texts and vocabulary size. Long texts
+    are fed in pieces (``long_documents``) that pre-tokenize exactly like the whole text.
     """
     min_vocab = len(pre_tokenizers.ByteLevel.alphabet()) + 1
     if vocab_size < min_vocab:
@@ -33,7 +35,7 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, path: Path) -> T
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(in_pieces(texts), trainer=trainer)  # bounded memory, the same merges
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)

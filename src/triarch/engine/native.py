@@ -48,6 +48,7 @@ class StepResult:
     lr: float
     tokens: int
     stop: bool = False
+    data_error: bool = False  # some rank's batch or shards failed a check: no optimizer step was taken
 
 
 def llama_args(cfg: TriarchConfig) -> LlamaArgs:
@@ -188,12 +189,15 @@ class NativeEngine:
         return fused.tolist()
 
     def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum,
-                   *, step: int, position_ids: torch.Tensor | None = None, stop_requested: bool = False) -> StepResult:
+                   *, step: int, position_ids: torch.Tensor | None = None, stop_requested: bool = False,
+                   data_error: bool = False) -> StepResult:
         """One optimizer step over this DP rank's rows (``inputs``/``labels``/``position_ids``: micro-batches
         stacked; ``position_ids`` restrict attention to each packed document).
 
         ``stop_requested`` (this rank's stop flag) is agreed in the same all-reduce as the loss and the
-        gradient norm; ``StepResult.stop`` is True on every rank when any rank asked.
+        gradient norm; ``StepResult.stop`` is True on every rank when any rank asked. So is ``data_error``
+        (this rank's batch is a placeholder: its data failed a check); when any rank set it, no rank steps
+        the optimizer and ``StepResult.data_error`` is True everywhere.
 
         The backward runs with a loss scale known on the host (as if every label counted); the true
         normalisation by the global count of counted tokens is applied to the gradients afterwards, with
@@ -212,10 +216,14 @@ class NativeEngine:
         local_sum = self._forward_backward(inputs, labels, position_ids, backward=True)
         settle_partial_grads(self.chunks)
         square = self._grad_normer.local_square_sum()
-        stop = torch.tensor(float(stop_requested), dtype=torch.float64, device=self.topo.device)
-        loss_sum, n_tokens, square_sum, stops = self._agree(local_sum, tokens, square, stop)
+        flags = torch.tensor([float(stop_requested), float(data_error)], dtype=torch.float64, device=self.topo.device)
+        loss_sum, n_tokens, square_sum, stops, data_errors = self._agree(local_sum, tokens, square, *flags.unbind())
         n_tokens = int(n_tokens)
         loss = loss_sum / max(n_tokens, 1)
+        if data_errors > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepResult(loss=loss, grad_norm=float("nan"), lr=self.optimizer.param_groups[0]["lr"],
+                              tokens=n_tokens, stop=stops > 0, data_error=True)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping before the optimizer step")

@@ -10,4 +10,5 @@ NON_FINITE = 3  # the loss became NaN or infinite; stopped before the optimizer 
 CHECKPOINT = 4  # a checkpoint could not be saved or loaded; committed checkpoints are untouched
 HANG = 5  # the hang watchdog ended a run that stopped making progress
 STOPPED = 6  # stopped before the last step (a signal, or SLURM's time-limit budget); checkpoint committed
+DATA = 7  # the prepared data failed a check while training: a missing, truncated or damaged shard
 INTERRUPTED = 128  # + signal number: a second Ctrl-C / TERM / HUP ended the run at once

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from triarch.checkpointing.commit import CheckpointError
 from triarch.config import ConfigError, TriarchConfig, load_config
+from triarch.data_pipeline.errors import DataError
 from triarch.engine.native import NonFiniteLossError
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.watchdog import HangWatchdog
@@ -21,6 +22,7 @@ from triarch.launcher import exit_codes
 from triarch.launcher.parent_watch import die_with_parent
 from triarch.launcher.stop_signal import LOCAL_STOP_SIGNALS, StopRequest
 from triarch.parallel.process_groups import host_group
+from triarch.training.data_checks import AgreedDataError
 from triarch.training.precision import configure_tf32
 from triarch.training.run_control import RunControl
 from triarch.training.trainer import TrainSummary, train
@@ -29,6 +31,7 @@ EXIT_CONFIG = exit_codes.CONFIG
 EXIT_NON_FINITE = exit_codes.NON_FINITE
 EXIT_CHECKPOINT = exit_codes.CHECKPOINT
 EXIT_STOPPED = exit_codes.STOPPED
+EXIT_DATA = exit_codes.DATA
 HEARTBEAT_DIR = "heartbeats"
 
 FLIGHT_RECORDER_DIR = "flight_recorder"
@@ -167,6 +170,15 @@ def _execute(run_dir: Path, stop: StopRequest, config: Path | None) -> RankOutco
             print(f"error: {err}; committed checkpoints are untouched", file=sys.stderr)
         shutdown_distributed(sync=True)
         return RankOutcome(EXIT_CHECKPOINT)
+    except AgreedDataError as err:  # every rank raises together, with the lowest failing rank's message
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        shutdown_distributed(sync=True)
+        return RankOutcome(EXIT_DATA)
+    except DataError as err:  # this rank alone: its exit ends the others through the launcher
+        print(f"error: {err}", file=sys.stderr)
+        shutdown_distributed()
+        return RankOutcome(EXIT_DATA)
     except BaseException:
         shutdown_distributed()
         raise

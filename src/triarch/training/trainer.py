@@ -13,9 +13,11 @@ import torch.distributed as dist
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import TriarchConfig, dump_config, validate_for_world
 from triarch.data_pipeline.dali_stage import loader_stage
+from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.stream import TokenStream
 from triarch.engine.native import NativeEngine
 from triarch.parallel.topology import Topology
+from triarch.training.data_checks import agree, integrity_problem, next_batch, placeholder_batch
 from triarch.training.loggers import MetricsLogger
 from triarch.training.metrics import ThroughputMeter, synchronize, window_peak_memory
 from triarch.training.mfu import device_peak_flops, flops_per_token
@@ -50,7 +52,7 @@ def train_stream(cfg: TriarchConfig, topo: Topology) -> TokenStream:
     return TokenStream(d.train_datasets(), d.train_split, cfg.model.seq_len,
                        global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed, dp_rank=topo.dp_rank,
                        dp_size=topo.dp, num_workers=d.num_workers, shuffle_block=d.shuffle_block,
-                       position_ids=d.document_masks)
+                       position_ids=d.document_masks, verify=d.verify_shards)
 
 
 class Evaluator:
@@ -60,18 +62,38 @@ class Evaluator:
         size = cfg.train.global_batch_size
         self.stream = TokenStream(cfg.data.path, cfg.data.eval_split, cfg.model.seq_len, global_batch_size=size,
                                   seed=cfg.train.seed, dp_rank=topo.dp_rank, dp_size=topo.dp, shuffle=False,
-                                  position_ids=cfg.data.document_masks)
+                                  position_ids=cfg.data.document_masks, verify=cfg.data.verify_shards)
+        self.group = topo.host_group
         available = self.stream.windows_per_epoch[0]
         self.n_batches = max(1, min(cfg.train.eval_batches, available // size))
         if available < size:
             log.warning("eval split has %d sequences, fewer than one global batch (%d); repeating", available, size)
 
     def __call__(self, engine: NativeEngine) -> float:
-        losses = []
-        for i in range(self.n_batches):
-            batch = self.stream.batch_for_step(i)
-            losses.append(engine.eval_loss(batch["input_ids"], batch["labels"], position_ids=batch.get("position_ids")))
+        problem = None
+        try:  # every rank reads its batches first and agrees on their checks: none waits in a collective
+            batches = [self.stream.batch_for_step(i) for i in range(self.n_batches)]
+        except DataError as err:
+            problem = str(err)
+        agree(problem or self.stream.integrity_error(), self.group)
+        losses = [engine.eval_loss(b["input_ids"], b["labels"], position_ids=b.get("position_ids")) for b in batches]
         return sum(losses) / len(losses)
+
+
+def _streams(cfg: TriarchConfig, topo: Topology) -> tuple[TokenStream, Evaluator | None]:
+    """The training stream and the evaluator; a data error on any rank (a missing or truncated shard) ends
+    every rank together."""
+    problem, data, evaluator = None, None, None
+    try:
+        data = train_stream(cfg, topo)
+        evaluator = Evaluator(cfg, topo) if cfg.train.eval_interval > 0 else None
+    except DataError as err:
+        problem = str(err)
+    if problem is None and data.vocab_size > cfg.model.vocab_size:
+        problem = (f"data.path '{cfg.data.path}' uses a tokenizer of {data.vocab_size} tokens, more than "
+                   f"model.vocab_size ({cfg.model.vocab_size})")
+    agree(problem, topo.host_group)
+    return data, evaluator
 
 
 def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunControl | None = None, *,
@@ -86,10 +108,21 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
     (the resume checks passed), so a refused attempt leaves the run's config untouched."""
     cfg = validate_for_world(cfg, dist.get_world_size())
     topo = build_topology(cfg, device, control.host_group if control is not None else None)
+    data, evaluator = _streams(cfg, topo)
+    streams = [data] + ([evaluator.stream] if evaluator is not None else [])
+    try:
+        return _train(cfg, run_dir, device, control, topo, data, evaluator, streams, publish_config)
+    finally:  # background hash threads end before the process does, whatever happened
+        for stream in streams:
+            stream.close()
+
+
+def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunControl | None, topo: Topology,
+           data: TokenStream, evaluator: Evaluator | None, streams: list[TokenStream],
+           publish_config: bool) -> TrainSummary:
+    """The step loop of :func:`train`."""
     rank0 = dist.get_rank() == 0
     trn = cfg.train
-    data = train_stream(cfg, topo)
-    evaluator = Evaluator(cfg, topo) if trn.eval_interval > 0 else None
     engine = NativeEngine(cfg, topo)
     if rank0:
         log.info("layout %s, %d parameters on rank 0, %d micro-batches per step",
@@ -131,10 +164,15 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
         for step in range(start_step + 1, trn.steps + 1):
             manager.poll()
             start = time.perf_counter()
-            batch = next(batches)
+            batch, problem = next_batch(batches, streams)
+            if batch is None:
+                batch = placeholder_batch(data)
             result = engine.train_step(batch["input_ids"], batch["labels"], step=step,
                                        position_ids=batch.get("position_ids"),
-                                       stop_requested=control is not None and control.stop_requested)
+                                       stop_requested=control is not None and control.stop_requested,
+                                       data_error=problem is not None)
+            if result.data_error:  # some rank's data failed a check: every rank ends here, none stepped
+                agree(problem, topo.host_group)
             synchronize(device)
             meter.update(tokens_per_step, time.perf_counter() - start)
             if step == 1:
@@ -155,6 +193,7 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
             exiting = step == trn.exit_at_step
             stopping = control is not None and control.should_stop(step, agreed=result.stop) and step < trn.steps
             if (interval and (step % interval == 0 or step == trn.steps or exiting)) or stopping:
+                agree(integrity_problem(streams, wait=True), topo.host_group)  # never save after damaged data
                 manager.save(step, engine, {
                     "world_size": topo.world_size, "layout": topo.describe(),
                     "data": {**data.state_dict(), "consumed_sequences": consumed(step)},
@@ -170,5 +209,6 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
                 log.info("saved step %d after %s; stopping", step, control.stop_reason)
                 break
         manager.wait()
+        agree(integrity_problem(streams, wait=True), topo.host_group)  # no run ends well on damaged data
     stop_reason = control.stop_reason if control is not None and last_step < trn.steps else None
     return TrainSummary(last_step, first_loss, final_loss, first_eval, final_eval, run_dir, stop_reason)
