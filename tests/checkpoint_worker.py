@@ -19,7 +19,7 @@ import torch.distributed as dist
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import load_config, validate_for_world
 from triarch.engine.native import NativeEngine
-from triarch.launcher.distributed import init_distributed, shutdown_distributed
+from triarch.launcher.distributed import exit_process, init_distributed, shutdown_distributed
 from triarch.parallel.topology import Topology
 
 MODEL = ["model.vocab_size=1024", "model.dim=128", "model.n_layers=2", "model.n_heads=4", "model.ffn_hidden=256",
@@ -59,3 +59,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # skip interpreter teardown (see triarch.launcher.distributed.exit_process)

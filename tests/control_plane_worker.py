@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from triarch.checkpointing.manager import CheckpointManager
+from triarch.launcher.distributed import exit_process
 from triarch.config import config_from_dict, validate_for_world
 from triarch.engine.native import NativeEngine
 from triarch.launcher.stop_signal import StopRequest
@@ -137,3 +138,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # skip interpreter teardown (see triarch.launcher.distributed.exit_process)

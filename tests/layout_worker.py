@@ -15,7 +15,7 @@ import torch.distributed as dist
 from triarch.config import config_from_dict, apply_overrides, validate_for_world
 from triarch.data_pipeline.stream import document_positions
 from triarch.engine.native import NativeEngine
-from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
+from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
 from triarch.parallel.topology import Topology
 
 BASE = {
@@ -78,3 +78,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # skip interpreter teardown (see triarch.launcher.distributed.exit_process)

@@ -27,7 +27,7 @@ from triarch.data_pipeline.tokenizer import EOS_TOKEN, train_byte_level_bpe
 PIECE = 4096  # characters per piece in the piece tests: dozens of cuts in a few hundred kB of text
 TEXT_CHARS = 300_000
 MEMORY_TEST_BYTES = 30_000_000
-ADDRESS_SPACE_LIMIT = 1 << 30  # the former code needed ~4 GB resident for this document
+ADDRESS_SPACE_LIMIT = 2 << 30  # the former code needed ~4 GB resident for this document (and aborted under 2 GiB)
 PEAK_RSS_BOUND = 700 << 20
 
 
@@ -225,7 +225,7 @@ def test_prepare_resumes_inside_a_long_document(bpe: Path, text: str, tmp_path: 
 
 
 def test_one_huge_document_fits_a_memory_limit(bpe: Path, tmp_path: Path) -> None:
-    """`triarch prepare` of a 30 MB single-document .txt under a 1 GiB address-space limit (RLIMIT_AS): it
+    """`triarch prepare` of a 30 MB single-document .txt under a 2 GiB address-space limit (RLIMIT_AS): it
     finishes and its peak RSS stays under 700 MB. (Tokenizing it whole needed ~4 GB resident and aborted
     under a 2 GiB limit with a Rust backtrace.)"""
     base = "\n\n".join(stdlib_docstrings(None, workers=1))

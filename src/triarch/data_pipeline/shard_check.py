@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 VerifyMode = Literal["local", "all", "off"]
 VERIFY_MODES = ("local", "all", "off")
 REMOTE_HASH_BYTES = 64 << 20  # with verify="local", remote shards up to this size are hashed too
-HASH_CHUNK_BYTES = 4 << 20
+HASH_CHUNK_BYTES = 1 << 20  # the background reader holds one chunk: small against the stream's working set
 
 
 def advice(url: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 
 import torch
@@ -84,3 +85,12 @@ def shutdown_distributed(*, sync: bool = False) -> None:
         if sync:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> None:
+    """End a rank process with ``code`` once its work is done and its output flushed, skipping interpreter
+    teardown: a rank that used pipelining or gloo can otherwise abort there ("terminate called without an
+    active exception", SIGABRT) after everything succeeded, while torch's C++ threads are destroyed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

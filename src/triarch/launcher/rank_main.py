@@ -16,7 +16,7 @@ from triarch.checkpointing.commit import CheckpointError
 from triarch.config import ConfigError, TriarchConfig, load_config
 from triarch.data_pipeline.errors import DataError
 from triarch.engine.native import NonFiniteLossError
-from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
+from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.watchdog import HangWatchdog
 from triarch.launcher import exit_codes
 from triarch.launcher.parent_watch import die_with_parent
@@ -194,7 +194,7 @@ def main() -> None:
     """``python -m triarch.launcher.rank_main RUN_DIR [CONFIG]`` (started by the local launcher)."""
     die_with_parent()
     config = Path(sys.argv[2]) if len(sys.argv) > 2 else None
-    sys.exit(run_rank(Path(sys.argv[1]), config))
+    exit_process(run_rank(Path(sys.argv[1]), config))
 
 
 if __name__ == "__main__":

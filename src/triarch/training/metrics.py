@@ -55,12 +55,30 @@ class StepTimer:
 
 
 def peak_memory_bytes(device: torch.device | str) -> int:
-    """Peak memory: CUDA max allocated by the caching allocator; on CPU the process's peak RSS."""
+    """Peak memory: CUDA max allocated by the caching allocator; on CPU the process's peak RSS.
+
+    On Linux the CPU figure is ``VmHWM``, this process image's own high-water mark: ``ru_maxrss`` survives
+    ``exec`` and so reports the launcher's peak when that was higher."""
     device = torch.device(device)
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(maxrss if sys.platform == "darwin" else maxrss * RSS_UNITS_PER_BYTE_LINUX)
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (None where there is no such file)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def local_peak_memory(device: torch.device | str) -> tuple[int, int]:
