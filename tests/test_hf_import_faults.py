@@ -186,15 +186,25 @@ CASES = [missing_config, config_not_json, gpt2, qwen2, mistral_sliding_window, m
          truncated_inside_header, missing_shard, wrong_shape, missing_tensor, extra_layer]
 
 
+def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """The CLI's own entry point in this process (the same code a subprocess runs, without its start-up)."""
+    from triarch.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    return int(done.value.code), capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_folder_is_one_line_naming_file_and_field(damage, models, tmp_path: Path) -> None:
+def test_bad_folder_is_one_line_naming_file_and_field(damage, models, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "hf"
     file, field = damage(models, folder)
     run = tmp_path / "run"
-    result = cli("ckpt", "import", "--hf", str(folder), "--run-dir", str(run))
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    code, stderr = cli_in_process(capsys, "ckpt", "import", "--hf", str(folder), "--run-dir", str(run))
+    lines = stderr.strip().splitlines()
+    assert code == 2, stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     named = field.search(lines[0]) if isinstance(field, re.Pattern) else field in lines[0]
     assert file in lines[0] and named, lines[0]
     assert not run.exists()  # nothing written, not even an empty run directory
