@@ -62,3 +62,28 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint, options)
     finally:
         server.stop()
+
+
+@pytest.fixture()
+def run_cli(capsys: pytest.CaptureFixture):
+    """Call the ``triarch`` CLI's own entry point in this process (the code a subprocess runs, without its
+    start-up): ``run_cli(*args) -> (exit code, stderr)``. For errors that come before any rank starts."""
+    import logging
+
+    from triarch.cli import main
+
+    def call(*args: str) -> tuple[int, str]:
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        capsys.readouterr()
+        try:
+            with pytest.raises(SystemExit) as done:
+                main([str(a) for a in args])
+        finally:  # the CLI configures logging for its process: leave this one as it was
+            for handler in root.handlers[:]:
+                if handler not in handlers:
+                    root.removeHandler(handler)
+            root.setLevel(level)
+        return int(done.value.code), capsys.readouterr().err
+
+    return call

@@ -186,22 +186,12 @@ CASES = [missing_config, config_not_json, gpt2, qwen2, mistral_sliding_window, m
          truncated_inside_header, missing_shard, wrong_shape, missing_tensor, extra_layer]
 
 
-def cli_in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """The CLI's own entry point in this process (the same code a subprocess runs, without its start-up)."""
-    from triarch.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    return int(done.value.code), capsys.readouterr().err
-
-
 @pytest.mark.parametrize("damage", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_folder_is_one_line_naming_file_and_field(damage, models, tmp_path: Path, capsys) -> None:
+def test_bad_folder_is_one_line_naming_file_and_field(damage, models, tmp_path: Path, run_cli) -> None:
     folder = tmp_path / "hf"
     file, field = damage(models, folder)
     run = tmp_path / "run"
-    code, stderr = cli_in_process(capsys, "ckpt", "import", "--hf", str(folder), "--run-dir", str(run))
+    code, stderr = run_cli("ckpt", "import", "--hf", folder, "--run-dir", run)
     lines = stderr.strip().splitlines()
     assert code == 2, stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr

@@ -211,16 +211,12 @@ def test_resume_with_a_larger_batch_and_a_longer_schedule(data: Path, tmp_path: 
 # unusable run directories and config files
 
 
-def _one_error(capsys: pytest.CaptureFixture, *args: str, needles: tuple[str, ...]) -> None:
-    """The CLI (its own entry point, in this process: these errors come before any rank starts) ends with
-    exactly one ``error:`` line holding every needle, and exit code 2."""
-    from triarch.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as done:
-        main(list(args))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert done.value.code == 2, lines
+def _one_error(run_cli, *args: str, needles: tuple[str, ...]) -> None:
+    """The CLI ends with exactly one ``error:`` line holding every needle, and exit code 2 (these errors come
+    before any rank starts, so the CLI's entry point runs in this process)."""
+    code, stderr = run_cli(*args)
+    lines = stderr.strip().splitlines()
+    assert code == 2, lines
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     for needle in needles:
         assert needle in lines[0], lines[0]
@@ -245,16 +241,16 @@ def read_only_dir(tmp_path: Path):
     subprocess.run(["umount", str(target)], check=False)
 
 
-def test_run_directory_that_is_a_file(data: Path, tmp_path: Path, capsys) -> None:
+def test_run_directory_that_is_a_file(data: Path, tmp_path: Path, run_cli) -> None:
     blocker = tmp_path / "run"
     blocker.write_text("not a folder")
-    _one_error(capsys, *_train_args(blocker, data), needles=(str(blocker), "is a file"))
-    _one_error(capsys, *_train_args(blocker / "inner", data), needles=("cannot create run directory",))
+    _one_error(run_cli, *_train_args(blocker, data), needles=(str(blocker), "is a file"))
+    _one_error(run_cli, *_train_args(blocker / "inner", data), needles=("cannot create run directory",))
 
 
-def test_run_directory_on_a_read_only_file_system(data: Path, read_only_dir: Path, capsys) -> None:
-    _one_error(capsys, *_train_args(read_only_dir / "new", data), needles=("Read-only file system",))
-    _one_error(capsys, *_train_args(read_only_dir / "existing", data), needles=("not writable",))
+def test_run_directory_on_a_read_only_file_system(data: Path, read_only_dir: Path, run_cli) -> None:
+    _one_error(run_cli, *_train_args(read_only_dir / "new", data), needles=("Read-only file system",))
+    _one_error(run_cli, *_train_args(read_only_dir / "existing", data), needles=("not writable",))
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -264,12 +260,12 @@ def test_run_directory_on_a_read_only_file_system(data: Path, read_only_dir: Pat
     (b"{}\n", "is empty"),
     (b"- a\n- b\n", "mapping"),
 ])
-def test_bad_config_files(content: bytes, needle: str, tmp_path: Path, capsys) -> None:
+def test_bad_config_files(content: bytes, needle: str, tmp_path: Path, run_cli) -> None:
     config = tmp_path / "bad.yaml"
     config.write_bytes(content)
-    _one_error(capsys, "train", str(config), "--run-dir", str(tmp_path / "run"), needles=(str(config), needle))
+    _one_error(run_cli, "train", str(config), "--run-dir", str(tmp_path / "run"), needles=(str(config), needle))
     assert not (tmp_path / "run").exists()
 
 
-def test_config_that_is_a_folder(tmp_path: Path, capsys) -> None:
-    _one_error(capsys, "train", str(tmp_path), "--run-dir", str(tmp_path / "run"), needles=("is a folder",))
+def test_config_that_is_a_folder(tmp_path: Path, run_cli) -> None:
+    _one_error(run_cli, "train", str(tmp_path), "--run-dir", str(tmp_path / "run"), needles=("is a folder",))
