@@ -19,7 +19,7 @@ from triarch.data_pipeline.preference import (
     read_preference_manifest,
 )
 from triarch.data_pipeline.tokenizer import train_byte_level_bpe
-from triarch.training.loss import IGNORE_INDEX
+from triarch.labels import IGNORE_INDEX
 
 MAX_LEN = 48
 N_PAIRS = 40

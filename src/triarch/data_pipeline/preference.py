@@ -39,7 +39,7 @@ from triarch.data_pipeline.dataset import dp_slice
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, is_temp, replace_atomically, temp_path
 from triarch.data_pipeline.tokenizer import eos_id, load_tokenizer
-from triarch.training.loss import IGNORE_INDEX
+from triarch.labels import IGNORE_INDEX
 
 FORMAT_NAME = "triarch.preferences"
 FORMAT_VERSION = 1
