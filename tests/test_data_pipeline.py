@@ -23,13 +23,13 @@ from triarch.data_pipeline import (
     prepare_corpus,
     prepare_pydocs,
     read_manifest,
-    shard_writer,
     split_train_validation,
     stdlib_docstrings,
     train_byte_level_bpe,
     verify_files,
 )
-from triarch.data_pipeline.pydocs import MIN_DOCSTRING_CHARS, docstrings_under, stdlib_root
+from triarch.data_pipeline.prepare import shard_writer
+from triarch.data_pipeline.prepare.pydocs import MIN_DOCSTRING_CHARS, docstrings_under, stdlib_root
 
 N_DOCS = 2000
 VOCAB = 512

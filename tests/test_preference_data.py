@@ -11,14 +11,11 @@ import torch
 from tokenizers import Tokenizer
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline import preference as preference_module
-from triarch.data_pipeline.preference import (
-    PreferenceDataset,
-    dp_slice_batch,
-    prepare_preferences,
-    read_preference_manifest,
-)
-from triarch.data_pipeline.tokenizer import train_byte_level_bpe
+from triarch.data_pipeline.preference_format import read_preference_manifest
+from triarch.data_pipeline.prepare import preferences as preference_module
+from triarch.data_pipeline.prepare.preferences import prepare_preferences
+from triarch.data_pipeline.prepare.tokenizer import train_byte_level_bpe
+from triarch.data_pipeline.stream.preferences import PreferenceDataset, dp_slice_batch
 from triarch.labels import IGNORE_INDEX
 
 MAX_LEN = 48

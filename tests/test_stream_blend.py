@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_stream_core import SEQ_LEN, epoch_windows, sorted_rows, synthetic_shards, write_token_folder
 
-from triarch.data_pipeline.blend import BlendSchedule, largest_remainder
+from triarch.data_pipeline.stream.blend import BlendSchedule, largest_remainder
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.stream import TokenStream
 

@@ -21,8 +21,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.manifest import MANIFEST_NAME
-from triarch.data_pipeline.shard_check import file_sha256
-from triarch.data_pipeline.stream_source import TOKENS_COLUMN, load_manifest
+from triarch.data_pipeline.stream.shard_check import file_sha256
+from triarch.data_pipeline.stream.source import TOKENS_COLUMN, load_manifest
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import TriarchConfig, dump_config, validate_for_world
-from triarch.data_pipeline.dali_stage import loader_stage
+from triarch.data_pipeline.stream.dali_stage import loader_stage
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.stream import TokenStream
 from triarch.engine.native import NativeEngine

@@ -37,7 +37,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.manifest import FORMAT_NAME, MANIFEST_NAME, validate_manifest
-from triarch.data_pipeline.shard_check import HashJob, check_sizes
+from triarch.data_pipeline.stream.shard_check import HashJob, check_sizes
 
 TOKENS_COLUMN = "tokens"
 DEFAULT_CACHE_BYTES = 16 << 20

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.stream_source import TokenSource
+from triarch.data_pipeline.stream.source import TokenSource
 
 _CACHED_EPOCHS = 2  # a batch spans at most two epochs unless it is larger than an epoch
 

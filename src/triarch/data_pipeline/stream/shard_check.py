@@ -4,7 +4,7 @@ multi-TB corpora.
 - **Sizes at start** (``check_sizes``): one listing per split folder (local or fsspec) compares every
   shard file's size with the manifest; a missing or truncated shard stops the run before its first step.
 - **Ids per batch**: every batch's largest id is compared with the manifest's ``max_token_id`` (one
-  vectorized max over a batch already in memory; ``stream.TokenStream``); an id above it names the shard
+  vectorized max over a batch already in memory; ``token_stream.TokenStream``); an id above it names the shard
   and record it came from.
 - **Hashes in the background** (``ShardHasher``): the first time the stream reads a shard, a background
   thread hashes the whole file and compares with the manifest's sha256; a mismatch is reported at the next
