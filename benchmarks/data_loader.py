@@ -40,7 +40,7 @@ import pyarrow as pa
 import torch
 
 from triarch.data_pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, write_manifest
-from triarch.data_pipeline.prepare.shards import SCHEMA
+from triarch.data_pipeline.shard_format import SCHEMA
 from triarch.data_pipeline.stream import TokenStream
 
 ROOT = Path(__file__).resolve().parents[1]

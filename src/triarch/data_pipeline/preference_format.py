@@ -7,29 +7,24 @@ A prepared preference folder holds ``shard_NNNNN.arrow`` files (columns ``prompt
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from triarch.data_pipeline.errors import DataError
+from triarch.data_pipeline.manifest import load_manifest_json, manifest_where, open_folder
 
 FORMAT_NAME = "triarch.preferences"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
 TOKENIZER_NAME = "tokenizer.json"
 PAIRS, PROMPTS = "pairs", "prompts"
 
 
 def read_preference_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """Read ``data_dir/manifest.json`` of a preference set; a missing or foreign one is a one-line DataError."""
-    path = Path(data_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"no manifest at {path} (run prepare_preferences first)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read manifest {path}: {exc}") from exc
+    """Read ``data_dir/manifest.json`` of a preference set (through ``manifest``'s one reader); a missing or
+    foreign one is a one-line DataError."""
+    where = manifest_where(data_dir)
+    manifest = load_manifest_json(*open_folder(data_dir), where, missing="run prepare_preferences first")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME \
             or manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path} is not a {FORMAT_NAME} version {FORMAT_VERSION} manifest")
+        raise DataError(f"{where} is not a {FORMAT_NAME} version {FORMAT_VERSION} manifest")
     return manifest

@@ -27,10 +27,10 @@ from tokenizers import Tokenizer
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, is_temp, replace_atomically, temp_path
+from triarch.data_pipeline.manifest import MANIFEST_NAME
 from triarch.data_pipeline.preference_format import (
     FORMAT_NAME,
     FORMAT_VERSION,
-    MANIFEST_NAME,
     PAIRS,
     PROMPTS,
     TOKENIZER_NAME,
