@@ -21,10 +21,9 @@ from typing import Any
 
 _EXPORTS = {
     "DataError": "errors",
-    "PackedTokenDataset": "stream.dataset",
     "PreferenceDataset": "stream.preferences",
     "TokenStream": "stream.token_stream",
-    "dp_slice": "stream.dataset",
+    "dp_slice": "stream.preferences",
     "eos_id": "prepare.tokenizer",
     "load_tokenizer": "prepare.tokenizer",
     "prepare_corpus": "prepare.corpus",

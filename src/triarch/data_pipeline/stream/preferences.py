@@ -22,7 +22,6 @@ import torch
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.preference_format import PROMPTS, read_preference_manifest
-from triarch.data_pipeline.stream.dataset import dp_slice
 from triarch.labels import IGNORE_INDEX
 
 
@@ -153,6 +152,17 @@ class PreferenceDataset:
         if not isinstance(consumed, int) or consumed < 0:
             raise DataError(f"preference loader state has consumed={consumed!r}, expected an int >= 0")
         self.consumed = consumed
+
+
+def dp_slice(batch: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
+    """The contiguous rows of ``batch`` that data-parallel rank ``dp_rank`` of ``dp_size`` trains on."""
+    rows = batch.shape[0]
+    if dp_size < 1 or not 0 <= dp_rank < dp_size:
+        raise DataError(f"dp_rank ({dp_rank}) must be in [0, dp_size ({dp_size}))")
+    if rows % dp_size:
+        raise DataError(f"global batch of {rows} rows is not divisible by dp_size ({dp_size})")
+    per_rank = rows // dp_size
+    return batch[dp_rank * per_rank:(dp_rank + 1) * per_rank]
 
 
 def dp_slice_batch(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
