@@ -18,9 +18,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from triarch.data_pipeline import read_manifest
 from triarch.data_pipeline.prepare import shard_writer
+from triarch.data_pipeline.prepare import prepare_files
 from triarch.data_pipeline.prepare.journal import JOURNAL_NAME
 from triarch.data_pipeline.prepare.long_documents import DocumentPieces
-from triarch.data_pipeline.prepare import prepare_files
 from triarch.data_pipeline.prepare.pydocs import stdlib_docstrings
 from triarch.data_pipeline.prepare.shard_writer import ShardCutter
 from triarch.data_pipeline.prepare.tokenizer import EOS_TOKEN, train_byte_level_bpe

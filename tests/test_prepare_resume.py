@@ -17,8 +17,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from triarch.data_pipeline import DataError, read_manifest
 from triarch.data_pipeline.prepare import shard_writer, tokenize_pool
-from triarch.data_pipeline.prepare.journal import JOURNAL_NAME
 from triarch.data_pipeline.prepare import prepare_files
+from triarch.data_pipeline.prepare.journal import JOURNAL_NAME
 
 WORDS = [f"w{i}" for i in range(200)]
 SHARD_TOKENS = 2_000

@@ -28,12 +28,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from triarch.data_pipeline.prepare.documents import DocumentStream, FileDocuments, TextDocuments
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, replace_atomically, temp_path
-from triarch.data_pipeline.prepare.folder_lock import prepare_lock
-from triarch.data_pipeline.prepare.journal import Journal
-from triarch.data_pipeline.prepare.long_documents import PIECE_CHARS, DocumentPieces
 from triarch.data_pipeline.manifest import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -43,6 +39,10 @@ from triarch.data_pipeline.manifest import (
     validate_manifest,
     write_manifest,
 )
+from triarch.data_pipeline.prepare.documents import DocumentStream, FileDocuments, TextDocuments
+from triarch.data_pipeline.prepare.folder_lock import prepare_lock
+from triarch.data_pipeline.prepare.journal import Journal
+from triarch.data_pipeline.prepare.long_documents import PIECE_CHARS, DocumentPieces
 from triarch.data_pipeline.prepare.out_folder import check_apart, outside
 from triarch.data_pipeline.prepare.progress import Counters, Progress
 from triarch.data_pipeline.prepare.pydocs import TRAIN, split_train_validation, stdlib_docstrings

@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from triarch.data_pipeline.stream.blend import BlendSchedule
 from triarch.data_pipeline.errors import DataError
+from triarch.data_pipeline.stream.blend import BlendSchedule
+from triarch.data_pipeline.stream.guard import StreamGuard
 from triarch.data_pipeline.stream.index import EpochLayout
 from triarch.data_pipeline.stream.shard_check import VERIFY_MODES, VerifyMode
-from triarch.data_pipeline.stream.guard import StreamGuard
 from triarch.data_pipeline.stream.source import TokenSource
 from triarch.data_pipeline.stream.span import Span
 
