@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_loader import write_synthetic_folder  # noqa: E402  (same synthetic token set as data_loader.py)
 
-from triarch.data_pipeline.dali_stage import DaliStage  # noqa: E402
 from triarch.data_pipeline.stream import TokenStream  # noqa: E402
+from triarch.data_pipeline.stream.dali_stage import DaliStage  # noqa: E402
 
 
 def tokens_per_s(make: Callable[[], Iterable[dict[str, torch.Tensor]]], repeats: int) -> float:

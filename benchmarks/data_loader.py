@@ -40,7 +40,7 @@ import pyarrow as pa
 import torch
 
 from triarch.data_pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, write_manifest
-from triarch.data_pipeline.shards import SCHEMA
+from triarch.data_pipeline.shard_format import SCHEMA
 from triarch.data_pipeline.stream import TokenStream
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,8 +277,8 @@ def prepare_throughput(work: Path, repeats: int, scale: int, workers: int = 2) -
     """
     import datasets
 
-    from triarch.data_pipeline.pydocs import split_train_validation, stdlib_docstrings
-    from triarch.data_pipeline.tokenizer import (
+    from triarch.data_pipeline.prepare.pydocs import split_train_validation, stdlib_docstrings
+    from triarch.data_pipeline.prepare.tokenizer import (
         train_byte_level_bpe,
     )
 
@@ -301,7 +301,7 @@ def _prepare_pair(work: Path, splits: dict[str, list[str]], tokenizer_path: Path
     import datasets
 
     from triarch.data_pipeline.prepare import prepare_corpus
-    from triarch.data_pipeline.tokenizer import eos_id, load_tokenizer
+    from triarch.data_pipeline.prepare.tokenizer import eos_id, load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_path)
     eos = eos_id(tokenizer)

@@ -53,14 +53,15 @@ def plain_loop(data: Path, steps: int) -> float:
     import torch.nn.functional as F
 
     from triarch.config import load_config
-    from triarch.data_pipeline import PackedTokenDataset
+    from triarch.data_pipeline import TokenStream
     from triarch.engine.native import llama_args
     from triarch.models.llama import Llama
 
     cfg = load_config(CONFIG, [f"data.path={data}", *COMMON])
     torch.manual_seed(cfg.train.seed)
-    dataset = PackedTokenDataset(data, "train", cfg.model.seq_len, cfg.train.seed)
-    batches = [dataset.global_batch(i, 16) for i in range(steps)]  # all in memory before timing
+    stream = TokenStream(data, cfg.data.train_split, cfg.model.seq_len, global_batch_size=16, seed=cfg.train.seed,
+                         shuffle_block=cfg.data.shuffle_block, verify="off")  # the trainer's batches
+    batches = [stream.batch_for_step(i) for i in range(steps)]  # all in memory before timing
     model = Llama(llama_args(cfg))
     t = cfg.train
     opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
@@ -68,8 +69,8 @@ def plain_loop(data: Path, steps: int) -> float:
     times = []
     for batch in batches:
         start = time.perf_counter()
-        logits = model(batch[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        logits = model(batch["input_ids"])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from triarch.data_pipeline import DataError, prepare_corpus, train_byte_level_bpe
-from triarch.data_pipeline.dali_stage import DaliStage, loader_stage
 from triarch.data_pipeline.stream import TokenStream
+from triarch.data_pipeline.stream.dali_stage import DaliStage, loader_stage
 
 SEQ_LEN = 32
 GLOBAL_BATCH = 8

@@ -1,4 +1,4 @@
-"""Data pipeline: docstring corpus, tokenizer, Arrow shards + manifest, packed dataset."""
+"""Data pipeline: docstring corpus, tokenizer, Arrow shards + manifest, and the trainer's TokenStream over them."""
 
 from __future__ import annotations
 
@@ -16,20 +16,20 @@ from tokenizers import Tokenizer, models
 
 from triarch.data_pipeline import (
     DataError,
-    PackedTokenDataset,
+    TokenStream,
     dp_slice,
     eos_id,
     load_tokenizer,
     prepare_corpus,
     prepare_pydocs,
     read_manifest,
-    shard_writer,
     split_train_validation,
     stdlib_docstrings,
     train_byte_level_bpe,
     verify_files,
 )
-from triarch.data_pipeline.pydocs import MIN_DOCSTRING_CHARS, docstrings_under, stdlib_root
+from triarch.data_pipeline.prepare import shard_writer
+from triarch.data_pipeline.prepare.pydocs import MIN_DOCSTRING_CHARS, docstrings_under, stdlib_root
 
 N_DOCS = 2000
 VOCAB = 512
@@ -48,15 +48,25 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return prepare_pydocs(out, VOCAB, max_documents=N_DOCS, shard_tokens=SHARD_TOKENS)
 
 
-def _stream(path: Path, split: str) -> np.ndarray:
-    """All tokens of a split, read independently of the dataset class (plain pyarrow, copies)."""
-    manifest = read_manifest(path)
+def _stream(path: Path, split: str, order: np.ndarray | None = None) -> np.ndarray:
+    """All tokens of a split, its shards in manifest order (or ``order``), read independently of the stream
+    (plain pyarrow, copies)."""
+    shards = read_manifest(path)["splits"][split]["shards"]
     tokens: list[int] = []
-    for shard in manifest["splits"][split]["shards"]:
-        table = pa.ipc.open_file(str(path / shard["file"])).read_all()
+    for index in range(len(shards)) if order is None else order:
+        table = pa.ipc.open_file(str(path / shards[index]["file"])).read_all()
         for doc in table.column("tokens").to_pylist():
             tokens.extend(doc)
     return np.asarray(tokens, dtype=np.int64)
+
+
+def _token_stream(path: Path, split: str, seed: int, *, global_batch: int = 16, **options) -> TokenStream:
+    return TokenStream(path, split, SEQ_LEN, global_batch_size=global_batch, seed=seed, **options)
+
+
+def _rows(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A batch's rows of ``SEQ_LEN + 1`` tokens: the inputs plus the last label."""
+    return torch.cat([batch["input_ids"], batch["labels"][:, -1:]], dim=1)
 
 
 def _mtimes(path: Path) -> dict[str, int]:
@@ -198,7 +208,7 @@ def test_interrupted_prepare_leaves_no_manifest(prepared: Path, corpus: list[str
         prepare_corpus(splits, prepared / "tokenizer.json", out, SHARD_TOKENS)
     assert (out / "train" / "shard_00000.arrow").exists() and not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no manifest"):
-        PackedTokenDataset(out, "train", SEQ_LEN, 0)
+        _token_stream(out, "train", 0)
     monkeypatch.setattr(shard_writer, "write_shard", real)
     prepare_corpus(splits, prepared / "tokenizer.json", out, SHARD_TOKENS)
     assert read_manifest(out)["splits"] == read_manifest(prepared)["splits"]
@@ -231,86 +241,90 @@ def test_read_manifest_errors_name_the_path(tmp_path: Path) -> None:
     assert all("\n" not in str(e.value) for e in (missing, broken, version))
 
 
-# --- dataset --------------------------------------------------------------------------------------------
+# --- the stream over a prepared folder (the trainer's reader) ------------------------------------------
 
 
 def test_batches_are_deterministic(prepared: Path) -> None:
-    a = PackedTokenDataset(prepared, "train", SEQ_LEN, seed=7)
-    b = PackedTokenDataset(prepared, "train", SEQ_LEN, seed=7)
+    a = _token_stream(prepared, "train", 7)
+    b = _token_stream(prepared, "train", 7)
     assert a.vocab_size == VOCAB and a.eos_id == 0
-    batch = a.global_batch(5, 16)
-    assert batch.shape == (16, SEQ_LEN + 1) and batch.dtype == torch.int64
-    assert torch.equal(batch, b.global_batch(5, 16))
-    assert not torch.equal(batch, PackedTokenDataset(prepared, "train", SEQ_LEN, seed=8).global_batch(5, 16))
+    batch = a.batch_for_step(5)
+    assert batch["input_ids"].shape == (16, SEQ_LEN) and batch["input_ids"].dtype == torch.int64
+    assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:])
+    assert torch.equal(_rows(batch), _rows(b.batch_for_step(5)))
+    assert not torch.equal(_rows(batch), _rows(_token_stream(prepared, "train", 8).batch_for_step(5)))
 
 
 @pytest.mark.parametrize("dp_size", [1, 2, 4, 8])
 def test_dp_slices_concatenate_to_global_batch(prepared: Path, dp_size: int) -> None:
-    reference = PackedTokenDataset(prepared, "train", SEQ_LEN, seed=1).global_batch(3, 16)
-    rank_views = [dp_slice(PackedTokenDataset(prepared, "train", SEQ_LEN, seed=1).global_batch(3, 16), r, dp_size)
+    reference = _rows(_token_stream(prepared, "train", 1).batch_for_step(3))
+    rank_views = [_rows(_token_stream(prepared, "train", 1, dp_rank=r, dp_size=dp_size).batch_for_step(3))
                   for r in range(dp_size)]
     assert all(v.shape[0] == 16 // dp_size for v in rank_views)
     assert torch.equal(torch.cat(rank_views), reference)
+    assert all(torch.equal(dp_slice(reference, r, dp_size), view) for r, view in enumerate(rank_views))
 
 
 def test_batch_tokens_are_the_prepared_tokens(prepared: Path) -> None:
-    ds = PackedTokenDataset(prepared, "train", SEQ_LEN, seed=3)
-    stream = _stream(prepared, "train")
-    assert ds.total_tokens == len(stream) and ds.num_sequences == (len(stream) - 1) // SEQ_LEN
-    batch = ds.global_batch(2, 8)
-    perm = np.random.default_rng([3, 0]).permutation(ds.num_sequences)
-    for row, g in zip(batch.numpy(), range(16, 24)):
-        start = int(perm[g]) * SEQ_LEN
-        inputs, labels = row[:-1], row[1:]
-        assert np.array_equal(inputs, stream[start:start + SEQ_LEN])
-        assert np.array_equal(labels, stream[start + 1:start + SEQ_LEN + 1])
+    ts = _token_stream(prepared, "train", 3, global_batch=8)
+    tokens = _stream(prepared, "train")
+    assert ts.sources[0].total_tokens == len(tokens) and ts.windows_per_epoch == ((len(tokens) - 1) // SEQ_LEN,)
+    epoch = _stream(prepared, "train", ts.shard_order(0))
+    batch = ts.batch_for_step(2)
+    for row, g in enumerate(range(16, 24)):
+        _, e, window = ts.origin(g)
+        start = window * SEQ_LEN
+        assert e == 0
+        assert np.array_equal(batch["input_ids"][row].numpy(), epoch[start:start + SEQ_LEN])
+        assert np.array_equal(batch["labels"][row].numpy(), epoch[start + 1:start + SEQ_LEN + 1])
 
 
 def test_windows_cross_shard_boundaries(prepared: Path) -> None:
-    ds = PackedTokenDataset(prepared, "train", SEQ_LEN, seed=0)
-    stream = _stream(prepared, "train")
+    ts = _token_stream(prepared, "train", 0, shuffle=False)  # manifest shard order, windows in order
+    tokens = _stream(prepared, "train")
     boundary = read_manifest(prepared)["splits"]["train"]["shards"][0]["tokens"]
     index = boundary // SEQ_LEN
     assert index * SEQ_LEN < boundary < index * SEQ_LEN + SEQ_LEN + 1
-    assert np.array_equal(ds.window(index), stream[index * SEQ_LEN:index * SEQ_LEN + SEQ_LEN + 1])
+    assert np.array_equal(ts.sequences(index, 1)[0], tokens[index * SEQ_LEN:index * SEQ_LEN + SEQ_LEN + 1])
 
 
 def test_epoch_covers_each_window_once(prepared: Path) -> None:
-    ds = PackedTokenDataset(prepared, "validation", SEQ_LEN, seed=5)
-    n = ds.num_sequences
-    stream = _stream(prepared, "validation")
-    windows = np.stack([stream[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1] for i in range(n)])
-    epoch0 = ds.sequences(0, n).numpy()
-    perm = ds.permutation(0)
-    assert sorted(perm.tolist()) == list(range(n))
-    assert np.array_equal(epoch0, windows[perm])
-    across = ds.sequences(n - 2, 4).numpy()  # last two of epoch 0, first two of epoch 1
-    assert np.array_equal(across[:2], windows[perm[-2:]])
-    assert np.array_equal(across[2:], windows[ds.permutation(1)[:2]])
-    assert not np.array_equal(ds.permutation(1), perm)
+    ts = _token_stream(prepared, "validation", 5)
+    n = ts.windows_per_epoch[0]
+
+    def windows(epoch: int) -> np.ndarray:
+        tokens = _stream(prepared, "validation", ts.shard_order(epoch))
+        return np.stack([tokens[i * SEQ_LEN:i * SEQ_LEN + SEQ_LEN + 1] for i in range(n)])
+
+    order = [ts.origin(g)[2] for g in range(2 * n)]
+    assert sorted(order[:n]) == list(range(n)) and sorted(order[n:]) == list(range(n))
+    assert np.array_equal(ts.sequences(0, n), windows(0)[order[:n]])
+    across = ts.sequences(n - 2, 4)  # last two of epoch 0, first two of epoch 1
+    assert np.array_equal(across[:2], windows(0)[order[n - 2:n]])
+    assert np.array_equal(across[2:], windows(1)[order[n:n + 2]])
+    assert order[n:] != order[:n]
 
 
 def test_state_dict_round_trip(prepared: Path) -> None:
-    ds = PackedTokenDataset(prepared, "train", SEQ_LEN, seed=11)
-    for step in range(3):
-        ds.global_batch(step, 8)
-    state = ds.state_dict()
+    ts = _token_stream(prepared, "train", 11, global_batch=8)
+    assert len(list(ts.batches(3))) == 3
+    state = ts.state_dict()
     assert state["consumed_sequences"] == 24
-    resumed = PackedTokenDataset(prepared, "train", SEQ_LEN, seed=11)
+    resumed = _token_stream(prepared, "train", 11, global_batch=8)
     resumed.load_state_dict(json.loads(json.dumps(state)))
-    assert torch.equal(resumed.next_global_batch(8), ds.global_batch(3, 8))
-    assert resumed.state_dict() == ds.state_dict()
+    assert torch.equal(_rows(next(resumed.batches(1))), _rows(next(ts.batches(1))))
+    assert resumed.state_dict() == ts.state_dict()
     for key, value in [("seed", 12), ("seq_len", 32), ("split", "validation")]:
         with pytest.raises(DataError, match=f"{key}={value!r}"):
             resumed.load_state_dict({**state, key: value})
 
 
-def test_dataset_rejects_bad_inputs(prepared: Path, tmp_path: Path) -> None:
+def test_stream_rejects_bad_inputs(prepared: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="'nope'"):
-        PackedTokenDataset(prepared, "nope", SEQ_LEN, 0)
+        _token_stream(prepared, "nope", 0)
     tokens = read_manifest(prepared)["splits"]["validation"]["tokens"]
     with pytest.raises(DataError, match=f"{tokens} tokens"):
-        PackedTokenDataset(prepared, "validation", tokens, 0)
+        TokenStream(prepared, "validation", tokens, global_batch_size=1)
     batch = torch.zeros(6, 3, dtype=torch.long)
     with pytest.raises(DataError, match="dp_size \\(4\\)"):
         dp_slice(batch, 0, 4)
@@ -321,4 +335,4 @@ def test_dataset_rejects_bad_inputs(prepared: Path, tmp_path: Path) -> None:
     manifest["tokenizer"]["vocab_size"] = 100
     (small_vocab / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="vocab_size 100"):
-        PackedTokenDataset(small_vocab, "train", SEQ_LEN, 0)
+        _token_stream(small_vocab, "train", 0)

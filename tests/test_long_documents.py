@@ -16,13 +16,14 @@ import pyarrow as pa
 import pytest
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from triarch.data_pipeline import read_manifest, shard_writer
-from triarch.data_pipeline.journal import JOURNAL_NAME
-from triarch.data_pipeline.long_documents import DocumentPieces
+from triarch.data_pipeline import read_manifest
+from triarch.data_pipeline.prepare import shard_writer
 from triarch.data_pipeline.prepare import prepare_files
-from triarch.data_pipeline.pydocs import stdlib_docstrings
-from triarch.data_pipeline.shard_writer import ShardCutter
-from triarch.data_pipeline.tokenizer import EOS_TOKEN, train_byte_level_bpe
+from triarch.data_pipeline.prepare.journal import JOURNAL_NAME
+from triarch.data_pipeline.prepare.long_documents import DocumentPieces
+from triarch.data_pipeline.prepare.pydocs import stdlib_docstrings
+from triarch.data_pipeline.prepare.shard_writer import ShardCutter
+from triarch.data_pipeline.prepare.tokenizer import EOS_TOKEN, train_byte_level_bpe
 
 PIECE = 4096  # characters per piece in the piece tests: dozens of cuts in a few hundred kB of text
 TEXT_CHARS = 300_000

@@ -11,15 +11,12 @@ import torch
 from tokenizers import Tokenizer
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline import preference as preference_module
-from triarch.data_pipeline.preference import (
-    PreferenceDataset,
-    dp_slice_batch,
-    prepare_preferences,
-    read_preference_manifest,
-)
-from triarch.data_pipeline.tokenizer import train_byte_level_bpe
-from triarch.training.loss import IGNORE_INDEX
+from triarch.data_pipeline.preference_format import read_preference_manifest
+from triarch.data_pipeline.prepare import preferences as preference_module
+from triarch.data_pipeline.prepare.preferences import prepare_preferences
+from triarch.data_pipeline.prepare.tokenizer import train_byte_level_bpe
+from triarch.data_pipeline.stream.preferences import PreferenceDataset, dp_slice_batch
+from triarch.labels import IGNORE_INDEX
 
 MAX_LEN = 48
 N_PAIRS = 40

@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from triarch.data_pipeline import DataError, read_manifest, split_train_validation, verify_files
 from triarch.data_pipeline.prepare import prepare_files
-from triarch.data_pipeline.readers import BAD_REASONS
-from triarch.data_pipeline.shards import map_shard, map_shard_batches
+from triarch.data_pipeline.prepare.readers import BAD_REASONS
+from triarch.data_pipeline.prepare.shards import map_shard, map_shard_batches
 
 WORDS = [f"w{i}" for i in range(50)]
 DOCS = [" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(3 + i % 23)) for i in range(120)]

@@ -16,7 +16,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from triarch.data_pipeline import DataError, prepare_corpus, read_manifest
-from triarch.data_pipeline.folder_lock import LOCK_NAME, prepare_lock
+from triarch.data_pipeline.prepare.folder_lock import LOCK_NAME, prepare_lock
 
 WORDS = [f"w{i}" for i in range(50)]
 WAIT_S = 120

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from triarch.data_pipeline import DataError, read_manifest, shard_writer, tokenize_pool
-from triarch.data_pipeline.journal import JOURNAL_NAME
+from triarch.data_pipeline import DataError, read_manifest
+from triarch.data_pipeline.prepare import shard_writer, tokenize_pool
 from triarch.data_pipeline.prepare import prepare_files
+from triarch.data_pipeline.prepare.journal import JOURNAL_NAME
 
 WORDS = [f"w{i}" for i in range(200)]
 SHARD_TOKENS = 2_000
@@ -192,8 +193,8 @@ def test_shards_do_not_depend_on_how_documents_arrive() -> None:
 
 
 def test_journal_survives_a_line_cut_short(tmp_path: Path) -> None:
-    from triarch.data_pipeline.journal import Journal, JournalEntry
-    from triarch.data_pipeline.shards import ShardInfo
+    from triarch.data_pipeline.prepare.journal import Journal, JournalEntry
+    from triarch.data_pipeline.prepare.shards import ShardInfo
 
     (tmp_path / "train").mkdir()
     infos = []

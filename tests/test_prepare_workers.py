@@ -22,7 +22,7 @@ print("documents", read_manifest(out)["totals"]["documents"])
 # die_with_parent exits a worker whose parent is not the pid it was given: every worker dies at start
 WORKERS_DIE = """
 import os, types
-from triarch.data_pipeline import pydocs
+from triarch.data_pipeline.prepare import pydocs
 pydocs.os = types.SimpleNamespace(walk=os.walk, getpid=lambda: 1)
 pydocs.docstrings_under(pydocs.stdlib_root(), workers=2)
 """

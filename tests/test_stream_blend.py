@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from test_stream_core import SEQ_LEN, epoch_windows, sorted_rows, synthetic_shards, write_token_folder
 
-from triarch.data_pipeline.blend import BlendSchedule, largest_remainder
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.stream import TokenStream
+from triarch.data_pipeline.stream.blend import BlendSchedule, largest_remainder
 
 SEQUENCES = 10_000
 RANGES = [(1, 300), (300, 600), (600, 1000)]  # dataset d's tokens (besides EOS) lie in RANGES[d]

@@ -265,7 +265,7 @@ def test_random_access_on_one_stream_reads_the_right_windows(folder: Path) -> No
 
 def test_local_shards_are_memory_mapped_not_cached(folder: Path) -> None:
     """A whole epoch from local shards leaves no cached record batches and at most two mapped shards."""
-    from triarch.data_pipeline.stream_source import MAX_MAPPED_SHARDS
+    from triarch.data_pipeline.stream.source import MAX_MAPPED_SHARDS
 
     stream = TokenStream(folder, "train", SEQ_LEN, global_batch_size=GLOBAL_BATCH, seed=3,
                          shuffle_block=SHUFFLE_BLOCK)
@@ -306,7 +306,7 @@ def test_reads_format_1_folders_counting_batches_from_the_files(tmp_path: Path) 
 def test_reads_prepare_corpus_output(tmp_path: Path) -> None:
     """The reader over what prepare writes: windows equal the epoch stream read with plain pyarrow."""
     from triarch.data_pipeline import prepare_corpus, split_train_validation, train_byte_level_bpe
-    from triarch.data_pipeline.pydocs import docstrings_under, stdlib_root
+    from triarch.data_pipeline.prepare.pydocs import docstrings_under, stdlib_root
 
     splits = split_train_validation(docstrings_under(stdlib_root() / "email"))
     train_byte_level_bpe(splits["train"], 300, tmp_path / "tok.json")

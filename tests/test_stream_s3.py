@@ -11,6 +11,7 @@ import torch
 from test_stream_core import SEQ_LEN, synthetic_shards, write_token_folder
 
 from triarch.data_pipeline.errors import DataError
+from triarch.data_pipeline.manifest import read_manifest
 from triarch.data_pipeline.stream import TokenStream
 
 BUCKET = "triarch-stream-test"
@@ -67,6 +68,17 @@ def test_missing_s3_folder_is_a_one_line_error(s3_server) -> None:
     with pytest.raises(DataError, match=f"no manifest at s3://{BUCKET}/absent/manifest.json"):
         TokenStream(f"s3://{BUCKET}/absent", "train", SEQ_LEN, global_batch_size=8,
                     storage_options=s3_server.storage_options)
+    with pytest.raises(DataError, match=f"no manifest at s3://{BUCKET}/absent/manifest.json"):
+        read_manifest(f"s3://{BUCKET}/absent", storage_options=s3_server.storage_options)
+
+
+def test_one_manifest_reader_for_local_and_s3(s3_server, folders) -> None:
+    options = s3_server.storage_options
+    for name in ("current", "format1"):
+        local, url = folders[name]
+        assert read_manifest(url, storage_options=options, accept_v1=True) == read_manifest(local, accept_v1=True)
+    with pytest.raises(DataError, match=f"s3://{BUCKET}/format1/manifest.json: format 'triarch.tokens' version 1"):
+        read_manifest(folders["format1"][1], storage_options=options)  # prepare rewrites a format-1 folder
 
 
 def test_blend_across_local_and_s3(s3_server, folders) -> None:

@@ -158,7 +158,7 @@ class DataConfig(_Section):
     gives the model per-document position ids, so rotary positions restart and attention stays inside each
     document packed into a row. ``verify_shards``: which shards are hashed in the background when first read
     (``local``: local ones, and remote ones up to 64 MiB; ``all``; ``off``); sizes and token ids are always
-    checked (``data_pipeline.shard_check``).
+    checked (``data_pipeline.stream.shard_check``).
     """
 
     path: str = "data/pydocs"

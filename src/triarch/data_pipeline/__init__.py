@@ -1,27 +1,41 @@
-"""Data pipeline: stdlib-docstring corpus, BPE tokenizer, Arrow shards + manifest, packed dataset.
+"""The data layer, in two halves that share only a file format.
 
-prepare (tokenize -> Arrow shards, manifest written last) -> PackedTokenDataset (memory-mapped, packed,
-deterministic global batches, resumable) -> dp_slice per data-parallel rank.
+    inputs (files, fsspec URLs, the embedded corpus)
+      -> prepare/   offline, ``triarch prepare``: read, split, tokenize, write shards, manifest last
+      -> a prepared folder: ``tokenizer.json``, ``<split>/shard_*.arrow``, ``manifest.json``
+      -> stream/    in every training rank: blended, shuffled, packed, DP-sharded, resumable batches
+      -> the engine
+
+Shared by both halves (and importing neither): ``errors`` (DataError), ``fileio`` (atomic writes, hashes),
+``manifest`` (the prepared folder's manifest: format, validation, the one reader for local and fsspec
+paths), ``shard_format`` (the Arrow token-shard schema), ``preference_format`` (the preference-data
+manifest), and ``verify`` (``triarch data verify``, built from those alone). Picture and details:
+``docs/data.md``.
+
+The names below load their module on first use, so a training rank that imports the stream never loads
+prepare's tokenizer and compressor libraries (resident memory counts every loaded library).
 """
 
 from importlib import import_module
 from typing import Any
 
-# submodules load on first use, so importing one part (the stream reader in a training rank) does not pull
-# in the others (prepare's tokenizer and compressors): resident memory counts every loaded library
 _EXPORTS = {
     "DataError": "errors",
-    "PackedTokenDataset": "dataset",
-    "dp_slice": "dataset",
-    "eos_id": "tokenizer",
-    "load_tokenizer": "tokenizer",
-    "prepare_corpus": "prepare",
-    "prepare_pydocs": "prepare",
+    "PreferenceDataset": "stream.preferences",
+    "TokenStream": "stream.token_stream",
+    "dp_slice": "stream.preferences",
+    "eos_id": "prepare.tokenizer",
+    "load_tokenizer": "prepare.tokenizer",
+    "prepare_corpus": "prepare.corpus",
+    "prepare_files": "prepare.corpus",
+    "prepare_preferences": "prepare.preferences",
+    "prepare_pydocs": "prepare.corpus",
     "read_manifest": "manifest",
-    "split_train_validation": "pydocs",
-    "stdlib_docstrings": "pydocs",
-    "train_byte_level_bpe": "tokenizer",
+    "split_train_validation": "prepare.pydocs",
+    "stdlib_docstrings": "prepare.pydocs",
+    "train_byte_level_bpe": "prepare.tokenizer",
     "verify_files": "manifest",
+    "verify_folder": "verify",
 }
 
 
@@ -31,17 +45,4 @@ def __getattr__(name: str) -> Any:
     return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
 
 
-__all__ = [
-    "DataError",
-    "PackedTokenDataset",
-    "dp_slice",
-    "eos_id",
-    "load_tokenizer",
-    "prepare_corpus",
-    "prepare_pydocs",
-    "read_manifest",
-    "split_train_validation",
-    "stdlib_docstrings",
-    "train_byte_level_bpe",
-    "verify_files",
-]
+__all__ = sorted(_EXPORTS)

@@ -1,10 +1,19 @@
-"""Small file helpers shared by the writers: atomic replace and content hashing."""
+"""Small file helpers shared by the writers and readers: atomic replace and content hashing.
+
+Kept free of third-party imports (checkpointing uses it too); ``fs_file_sha256`` takes an fsspec
+filesystem that the caller already has.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 _HASH_CHUNK_BYTES = 1 << 22
 
@@ -48,5 +57,18 @@ def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fs_file_sha256(fs: AbstractFileSystem, path: str, cancel: threading.Event | None = None,
+                   chunk_bytes: int = _HASH_CHUNK_BYTES) -> str | None:
+    """Hex sha256 of a file read sequentially through ``fs``, ``chunk_bytes`` at a time (None if ``cancel``
+    was set meanwhile)."""
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            if cancel is not None and cancel.is_set():
+                return None
             digest.update(chunk)
     return digest.hexdigest()

@@ -3,7 +3,8 @@ manifest: size, sha256, token count, and every token id <= the shard's ``max_tok
 
 Reads each shard once (memory-mapped locally; one whole-object read remotely, so memory is one shard).
 Problems are reported per shard, as they are found, one line each; a folder that cannot be verified at all
-(no manifest, unreachable) is a DataError.
+(no manifest, unreachable) is a DataError. Built only from the pieces both halves share (``manifest``,
+``shard_format``, ``fileio``), so it runs without prepare's libraries or a training stream.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from fsspec import AbstractFileSystem
-from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.manifest import MANIFEST_NAME
-from triarch.data_pipeline.shard_check import file_sha256
-from triarch.data_pipeline.stream_source import TOKENS_COLUMN, load_manifest
+from triarch.data_pipeline.fileio import fs_file_sha256
+from triarch.data_pipeline.manifest import MANIFEST_NAME, load_manifest, open_folder
+from triarch.data_pipeline.shard_format import TOKENS_COLUMN
 
 
 @dataclass
@@ -79,7 +78,7 @@ def _shard_problems(fs: AbstractFileSystem, path: str, entry: Mapping[str, Any],
         problems.append(f"{size} bytes, the manifest says {entry['bytes']}")
     try:
         if isinstance(fs, LocalFileSystem):
-            actual = file_sha256(fs, path)
+            actual = fs_file_sha256(fs, path)
             data: pa.Buffer | pa.NativeFile = pa.memory_map(path, "r")
         else:
             raw = fs.cat_file(path)
@@ -104,11 +103,8 @@ def verify_folder(url: str, *, storage_options: Mapping[str, Any] | None = None,
     """Check every shard (and the tokenizer file) of the prepared folder at ``url``; ``report`` is called with
     each bad file's line as it is found. Raises a one-line DataError if the folder cannot be verified."""
     url = str(url).rstrip("/") or "/"
-    try:
-        fs, root = url_to_fs(url, **dict(storage_options or {}))
-    except (ValueError, ImportError) as exc:
-        raise DataError(f"cannot open '{url}': {exc}") from exc
-    manifest = load_manifest(fs, root, f"{url}/{MANIFEST_NAME}")
+    fs, root = open_folder(url, storage_options)
+    manifest = load_manifest(fs, root, f"{url}/{MANIFEST_NAME}", accept_v1=True)
     result = VerifyReport(url)
     vocab_size = manifest["tokenizer"]["vocab_size"]
     listings: dict[str, dict[str, int]] = {}
@@ -129,7 +125,7 @@ def verify_folder(url: str, *, storage_options: Mapping[str, Any] | None = None,
     if "file" in tokenizer:
         size = size_of(tokenizer["file"])
         try:
-            sha = file_sha256(fs, f"{root}/{tokenizer['file']}") if size is not None else None
+            sha = fs_file_sha256(fs, f"{root}/{tokenizer['file']}") if size is not None else None
         except OSError as exc:
             sha = f"unreadable ({exc})"
         if sha != tokenizer["sha256"]:

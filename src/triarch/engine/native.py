@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from triarch.config import TriarchConfig
+from triarch.labels import IGNORE_INDEX
 from triarch.models.llama import Llama, LlamaArgs
 from triarch.parallel.activation_checkpoint import apply_activation_checkpointing
 from triarch.parallel.data_parallel import apply_data_parallel
@@ -31,7 +32,7 @@ from triarch.parallel.pipeline import build_chunk, build_schedule, chunk_specs
 from triarch.parallel.tensor_parallel import apply_tensor_parallel
 from triarch.parallel.topology import Topology
 from triarch.training.grad_norm import GradNormer, clip_factor, scale_gradients, settle_partial_grads
-from triarch.training.loss import IGNORE_INDEX, TokenLossFn, cross_entropy_sum
+from triarch.training.loss import TokenLossFn, cross_entropy_sum
 from triarch.training.optimizer import build_optimizer, build_scheduler
 
 

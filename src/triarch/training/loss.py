@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from triarch.labels import IGNORE_INDEX
 
 TokenLossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

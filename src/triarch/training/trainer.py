@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import TriarchConfig, dump_config, validate_for_world
-from triarch.data_pipeline.dali_stage import loader_stage
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.stream import TokenStream
+from triarch.data_pipeline.stream.dali_stage import loader_stage
 from triarch.engine.native import NativeEngine
 from triarch.parallel.topology import Topology
 from triarch.training.data_checks import agree, integrity_problem, next_batch, placeholder_batch

@@ -1,4 +1,4 @@
-"""Preference data for RLHF: JSONL -> Arrow shards + manifest -> padded, DP-sliced batches with loss masks.
+"""Prepare preference data for the alignment stages: JSONL -> Arrow shards + manifest.
 
 Inputs are JSONL (``.jsonl`` / ``.jsonl.gz``) records of ``{"prompt", "chosen", "rejected"}`` (a *pairs*
 set, for reward modelling and DPO) or of ``{"prompt"}`` alone (a *prompts* set, for PPO generation).
@@ -7,21 +7,13 @@ and EOS is appended to each response, so the prompt/response boundary is exact.
 
 ``prepare_preferences`` writes ``shard_NNNNN.arrow`` files (columns ``prompt``, and ``chosen`` /
 ``rejected`` for pairs, each ``list<uint32>``) and a copy of the tokenizer, then ``manifest.json`` last
-(temp file + rename). Bad records are counted per reason, never a crash (see ``BAD_REASONS``).
-
-``PreferenceDataset`` reads them back, memory-mapped. For pairs each example is, for ``chosen`` and
-``rejected``: ``*_input_ids`` = prompt + response, right-padded with ``pad_id`` to ``max_len``, and
-``*_labels`` = the next token at each position where that next token is a response token (EOS included),
-``IGNORE_INDEX`` over the prompt and the padding. For prompts: ``prompt_ids`` left-padded to ``max_len``
-(generation continues at the right end) and ``prompt_lengths``. Batch order is the token data's:
-global example ``g`` is ``permutation(g // n)[g % n]`` with ``permutation(e) = default_rng([seed,
-e]).permutation(n)``, and a DP rank takes its contiguous rows of each global batch (``dp_slice_batch``).
+(temp file + rename; the format: ``preference_format``). Bad records are counted per reason, never a crash
+(see ``BAD_REASONS``). ``stream.preferences.PreferenceDataset`` reads the folder back as padded batches.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import shutil
 import zlib
@@ -30,22 +22,22 @@ from glob import glob
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import torch
 from tokenizers import Tokenizer
 
-from triarch.data_pipeline.dataset import dp_slice
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, is_temp, replace_atomically, temp_path
-from triarch.data_pipeline.tokenizer import eos_id, load_tokenizer
-from triarch.training.loss import IGNORE_INDEX
+from triarch.data_pipeline.manifest import MANIFEST_NAME
+from triarch.data_pipeline.preference_format import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    PAIRS,
+    PROMPTS,
+    TOKENIZER_NAME,
+    read_preference_manifest,
+)
+from triarch.data_pipeline.prepare.tokenizer import eos_id, load_tokenizer
 
-FORMAT_NAME = "triarch.preferences"
-FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-TOKENIZER_NAME = "tokenizer.json"
-PAIRS, PROMPTS = "pairs", "prompts"
 TRUNCATE, DROP = "truncate", "drop"
 BAD_REASONS = ("bad_json", "invalid_utf8", "missing_field", "non_string", "empty", "too_long", "truncated_file")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
@@ -314,152 +306,3 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     replace_atomically(tmp, manifest_file)
     return manifest
-
-
-def read_preference_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """Read ``data_dir/manifest.json`` of a preference set; a missing or foreign one is a one-line DataError."""
-    path = Path(data_dir) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"no manifest at {path} (run prepare_preferences first)") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read manifest {path}: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME \
-            or manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"{path} is not a {FORMAT_NAME} version {FORMAT_VERSION} manifest")
-    return manifest
-
-
-def _map_columns(file: Path, columns: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Memory-map one shard: per column, (int64 row offsets, uint32 token values), without copying tokens."""
-    try:
-        table = pa.ipc.open_file(pa.memory_map(str(file), "r")).read_all()
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise DataError(f"cannot read shard {file}: {str(exc).splitlines()[0]}") from exc
-    if table.column_names != columns:
-        raise DataError(f"shard {file} has columns {table.column_names}, expected {columns}")
-    mapped = {}
-    for name in columns:
-        chunk = table.column(name).combine_chunks()
-        offsets = chunk.offsets.to_numpy().astype(np.int64)
-        mapped[name] = (offsets - offsets[0], chunk.values.to_numpy(zero_copy_only=True)[offsets[0]:offsets[-1]])
-    return mapped
-
-
-class PreferenceDataset:
-    """Padded preference (or prompt) examples of a prepared folder in a seeded order (module docstring)."""
-
-    def __init__(self, path: str | Path, seed: int, *, pad_id: int | None = None) -> None:
-        self.path = Path(path)
-        self.seed = seed
-        manifest = read_preference_manifest(self.path)
-        self.kind: str = manifest["kind"]
-        self.columns: list[str] = manifest["columns"]
-        self.max_len: int = manifest["max_len"]
-        self.vocab_size: int = manifest["tokenizer"]["vocab_size"]
-        self.eos_id: int = manifest["tokenizer"]["eos_id"]
-        self.pad_id: int = manifest["tokenizer"]["pad_id"] if pad_id is None else pad_id
-        self._shards = []
-        for entry in manifest["shards"]:
-            file = self.path / entry["file"]
-            if entry["max_token_id"] >= self.vocab_size:
-                raise DataError(f"{file} holds token id {entry['max_token_id']} >= vocab_size {self.vocab_size}")
-            mapped = _map_columns(file, self.columns)
-            if len(mapped["prompt"][0]) - 1 != entry["records"]:
-                raise DataError(f"{file} holds {len(mapped['prompt'][0]) - 1} records, manifest says "
-                                f"{entry['records']}")
-            self._shards.append(mapped)
-        self._starts = np.cumsum([0] + [s["records"] for s in manifest["shards"]], dtype=np.int64)
-        self.num_records = int(self._starts[-1])
-        self.data_sha256 = hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()
-        self.consumed = 0
-
-    def __len__(self) -> int:
-        """Examples per epoch."""
-        return self.num_records
-
-    def record(self, index: int) -> dict[str, np.ndarray]:
-        """The stored token ids of example ``index`` (storage order): ``prompt`` [, ``chosen``, ``rejected``]."""
-        if not 0 <= index < self.num_records:
-            raise DataError(f"example index {index} out of range [0, {self.num_records})")
-        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
-        row = index - int(self._starts[shard])
-        out = {}
-        for name, (offsets, values) in self._shards[shard].items():
-            out[name] = values[offsets[row]:offsets[row + 1]].astype(np.int64)
-        return out
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The example order of ``epoch``."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_records)
-
-    def examples(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """A padded batch of the examples ``indices`` (storage order), shapes (len(indices), max_len)."""
-        rows = len(indices)
-        if self.kind == PROMPTS:
-            ids = np.full((rows, self.max_len), self.pad_id, dtype=np.int64)
-            lengths = np.zeros(rows, dtype=np.int64)
-            for r, index in enumerate(indices):
-                prompt = self.record(index)["prompt"]
-                ids[r, self.max_len - len(prompt):] = prompt
-                lengths[r] = len(prompt)
-            return {"prompt_ids": torch.from_numpy(ids), "prompt_lengths": torch.from_numpy(lengths)}
-        out = {}
-        records = [self.record(index) for index in indices]
-        for side in ("chosen", "rejected"):
-            ids = np.full((rows, self.max_len), self.pad_id, dtype=np.int64)
-            labels = np.full((rows, self.max_len), IGNORE_INDEX, dtype=np.int64)
-            for r, rec in enumerate(records):
-                prompt_len, seq_len = len(rec["prompt"]), len(rec["prompt"]) + len(rec[side])
-                ids[r, :prompt_len] = rec["prompt"]
-                ids[r, prompt_len:seq_len] = rec[side]
-                labels[r, prompt_len - 1:seq_len - 1] = rec[side]  # position i predicts token i + 1
-            out[f"{side}_input_ids"], out[f"{side}_labels"] = torch.from_numpy(ids), torch.from_numpy(labels)
-        return out
-
-    def global_indices(self, start: int, count: int) -> list[int]:
-        """Storage indices of global examples ``[start, start + count)`` (across epochs)."""
-        if start < 0 or count < 0:
-            raise DataError(f"example range start={start}, count={count} must be non-negative")
-        out, epoch, perm = [], -1, np.empty(0, dtype=np.int64)
-        for g in range(start, start + count):
-            e, position = divmod(g, self.num_records)
-            if e != epoch:
-                epoch, perm = e, self.permutation(e)
-            out.append(int(perm[position]))
-        return out
-
-    def global_batch(self, step: int, global_batch_size: int) -> dict[str, torch.Tensor]:
-        """Step ``step``'s whole batch (examples ``[step * G, (step + 1) * G)``); records the position."""
-        if step < 0 or global_batch_size < 1:
-            raise DataError(f"step ({step}) must be >= 0 and global_batch_size ({global_batch_size}) >= 1")
-        batch = self.examples(self.global_indices(step * global_batch_size, global_batch_size))
-        self.consumed = (step + 1) * global_batch_size
-        return batch
-
-    def next_global_batch(self, global_batch_size: int) -> dict[str, torch.Tensor]:
-        """The next ``global_batch_size`` examples after the consumed position, advancing it."""
-        batch = self.examples(self.global_indices(self.consumed, global_batch_size))
-        self.consumed += global_batch_size
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        """The reader position plus what must match for it to mean the same examples."""
-        return {"consumed": self.consumed, "seed": self.seed, "data_sha256": self.data_sha256}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position; another seed or data set is a one-line DataError."""
-        for key in ("seed", "data_sha256"):
-            if key in state and state[key] != getattr(self, key):
-                raise DataError(f"preference loader state has {key}={state[key]!r} but this dataset has "
-                                f"{key}={getattr(self, key)!r}")
-        consumed = state.get("consumed")
-        if not isinstance(consumed, int) or consumed < 0:
-            raise DataError(f"preference loader state has consumed={consumed!r}, expected an int >= 0")
-        self.consumed = consumed
-
-
-def dp_slice_batch(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
-    """Data-parallel rank ``dp_rank``'s contiguous rows of every field of a global batch."""
-    return {name: dp_slice(value, dp_rank, dp_size) for name, value in batch.items()}

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.out_folder import make_out_folder, unwritable
+from triarch.data_pipeline.prepare.out_folder import make_out_folder, unwritable
 
 LOCK_NAME = ".prepare.lock"
 

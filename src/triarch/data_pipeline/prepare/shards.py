@@ -1,4 +1,5 @@
-"""Arrow IPC token shards: one ``tokens: list<uint32>`` column, one row per document.
+"""Write Arrow IPC token shards (the schema: ``shard_format``): one ``tokens: list<uint32>`` column, one row per
+document.
 
 A shard file holds several record batches of about ``batch_tokens`` tokens each (a batch closes at the first
 document end at or past the budget), so a streaming reader can fetch and shuffle a shard batch by batch.
@@ -20,10 +21,8 @@ import pyarrow as pa
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, replace_atomically, temp_path
+from triarch.data_pipeline.shard_format import SCHEMA, TOKEN_DTYPE, TOKENS_COLUMN
 
-TOKENS_COLUMN = "tokens"
-TOKEN_DTYPE = np.uint32
-SCHEMA = pa.schema([pa.field(TOKENS_COLUMN, pa.list_(pa.uint32()), nullable=False)])
 MAX_SHARD_TOKENS = 2**31 - 1  # list<> offsets are int32
 
 

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.index import EpochLayout
-from triarch.data_pipeline.shard_check import ShardHasher, VerifyMode, advice, wants_hash
-from triarch.data_pipeline.stream_source import TokenSource
+from triarch.data_pipeline.stream.index import EpochLayout
+from triarch.data_pipeline.stream.shard_check import ShardHasher, VerifyMode, advice, wants_hash
+from triarch.data_pipeline.stream.source import TokenSource
 
 _RECENT_BLOCKS = 8
 

@@ -10,7 +10,7 @@ state is the count of consumed global sequences, so a run resumed on another DP 
 size) continues the same stream — no sequence twice, none skipped.
 
 Reading: a step's windows lie in one shuffle block (two at a block boundary); each block is a
-``stream_span.Span`` (one uint32 buffer, copied from memory-mapped local shards, or lazily from the remote
+``span.Span`` (one uint32 buffer, copied from memory-mapped local shards, or lazily from the remote
 record batches this rank's windows touch) whose windows are rows of a strided view. A step inside the
 block read last (nearly every step) is one slice of the block's permutation and one fancy index into a
 fresh uint32 array, cast once into the int64 ``input_ids`` and ``labels``. Memory per dataset: two blocks
@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from triarch.data_pipeline.blend import BlendSchedule
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.index import EpochLayout
-from triarch.data_pipeline.shard_check import VERIFY_MODES, VerifyMode
-from triarch.data_pipeline.stream_guard import StreamGuard
-from triarch.data_pipeline.stream_source import TokenSource
-from triarch.data_pipeline.stream_span import Span
+from triarch.data_pipeline.stream.blend import BlendSchedule
+from triarch.data_pipeline.stream.guard import StreamGuard
+from triarch.data_pipeline.stream.index import EpochLayout
+from triarch.data_pipeline.stream.shard_check import VERIFY_MODES, VerifyMode
+from triarch.data_pipeline.stream.source import TokenSource
+from triarch.data_pipeline.stream.span import Span
 
 DEFAULT_SHUFFLE_TOKENS = 1 << 21  # default shuffle block: this many tokens' worth of windows (8 MiB of uint32)
 BATCH_CACHE_BYTES = 4 << 20  # record batches are copied into block spans; this cache only bridges blocks
@@ -274,7 +274,7 @@ class TokenStream:
 
     def _checked(self, rows: np.ndarray, first: int) -> dict[str, torch.Tensor]:
         """The batch of this rank's ``rows`` of the global batch at ``first``, after the integrity checks:
-        its shards queued for hashing, its ids bounded (``stream_guard``)."""
+        its shards queued for hashing, its ids bounded (``guard``)."""
         start = first + self.dp_rank * self.local_batch_size
         self._watch(start, self.local_batch_size)
         self.guard.check_ids(rows, start, self.origin)

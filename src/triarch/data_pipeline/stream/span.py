@@ -15,7 +15,7 @@ from bisect import bisect_right
 
 import numpy as np
 
-from triarch.data_pipeline.stream_source import TokenSource
+from triarch.data_pipeline.stream.source import TokenSource
 
 
 class Span:

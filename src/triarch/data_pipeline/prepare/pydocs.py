@@ -17,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.tokenize_pool import default_workers
+from triarch.data_pipeline.prepare.tokenize_pool import default_workers
 from triarch.data_workers import die_with_parent, file_docstrings, hidden_main, spawn_executor
 
 MIN_DOCSTRING_CHARS = 40

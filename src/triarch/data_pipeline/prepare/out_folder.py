@@ -20,7 +20,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.sources import SourceFile
+from triarch.data_pipeline.prepare.sources import SourceFile
 
 _GLOB_CHARS = "*?["
 

@@ -11,9 +11,9 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from triarch.data_pipeline.pydocs import TRAIN, VALIDATION, split_of
-from triarch.data_pipeline.readers import BadDocument, SourceReader, document_bytes
-from triarch.data_pipeline.sources import SourceFile
+from triarch.data_pipeline.prepare.pydocs import TRAIN, VALIDATION, split_of
+from triarch.data_pipeline.prepare.readers import BadDocument, SourceReader, document_bytes
+from triarch.data_pipeline.prepare.sources import SourceFile
 
 Document = tuple[str, str, bytes]
 

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import replace_atomically, temp_path
-from triarch.data_pipeline.long_documents import in_pieces
+from triarch.data_pipeline.prepare.long_documents import in_pieces
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")

@@ -9,7 +9,7 @@ its batches are kept in a small LRU cache bounded in bytes. Either way memory st
 dataset is.
 
 A shard may hold any number of record batches. Their token counts come from the manifest entry's
-``batch_tokens`` list (format 2, checked by ``manifest.validate_manifest``); a format-1 folder, prepared
+``batch_tokens`` list (format 2, checked by ``manifest.load_manifest``, the one reader); a format-1 folder, prepared
 before that list existed, is still read: its counts come from the file the first time a shard is opened
 (a single-batch shard needs no read at all: its count is the shard's).
 
@@ -20,7 +20,6 @@ workers) it is dropped and reopened lazily, and pickling carries only the descri
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from bisect import bisect_right
 from collections import OrderedDict
@@ -32,14 +31,13 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.manifest import FORMAT_NAME, MANIFEST_NAME, validate_manifest
-from triarch.data_pipeline.shard_check import HashJob, check_sizes
+from triarch.data_pipeline.manifest import MANIFEST_NAME, load_manifest
+from triarch.data_pipeline.shard_format import TOKENS_COLUMN, has_token_column
+from triarch.data_pipeline.stream.shard_check import HashJob, check_sizes
 
-TOKENS_COLUMN = "tokens"
 DEFAULT_CACHE_BYTES = 16 << 20
 MAX_OPEN_SHARDS = 8
 MAX_MAPPED_SHARDS = 2  # a block's fill walks its shards in order: each is mapped once per block
@@ -49,54 +47,6 @@ REMOTE_READ_BLOCK_BYTES = 1 << 20  # one ranged GET covers a typical record batc
 def data_fingerprint(shard_entries: list[dict[str, Any]]) -> str:
     """sha256 over the shards' own sha256s, in manifest order: names the exact tokens of a split."""
     return hashlib.sha256("".join(e["sha256"] for e in shard_entries).encode()).hexdigest()
-
-
-def _has_token_column(schema: pa.Schema) -> bool:
-    """Whether ``schema`` has the ``tokens: list<uint32>`` column (other columns are ignored)."""
-    if TOKENS_COLUMN not in schema.names:
-        return False
-    kind = schema.field(TOKENS_COLUMN).type
-    return (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and kind.value_type == pa.uint32()
-
-
-def _validate_v1(manifest: dict[str, Any], where: str) -> dict[str, Any]:
-    """The parts of a format-1 manifest (one record batch per shard, no ``batch_tokens``) the reader uses."""
-    def bad(what: str) -> DataError:
-        return DataError(f"invalid manifest {where}: {what}")
-
-    tokenizer, splits = manifest.get("tokenizer"), manifest.get("splits")
-    if manifest.get("format") != FORMAT_NAME or not isinstance(tokenizer, dict) or not isinstance(splits, dict):
-        raise bad("not a triarch.tokens version 1 manifest")
-    if not all(isinstance(tokenizer.get(k), kind) for k, kind in (("sha256", str), ("vocab_size", int),
-                                                                  ("eos_id", int))):
-        raise bad("tokenizer.sha256, vocab_size or eos_id missing")
-    for name, split in splits.items():
-        shards = split.get("shards") if isinstance(split, dict) else None
-        if not isinstance(shards, list) or not all(
-                isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("sha256"), str)
-                and isinstance(e.get("tokens"), int) and isinstance(e.get("max_token_id"), int) for e in shards):
-            raise bad(f"splits.{name}.shards entries need file, sha256, tokens and max_token_id")
-    return manifest
-
-
-def load_manifest(fs: AbstractFileSystem, root: str, where: str) -> dict[str, Any]:
-    """The validated manifest of the prepared folder at ``root`` on ``fs`` (format 2, or 1 for reading);
-    ``where`` names it in the one-line DataError for a missing or invalid one."""
-    try:
-        text = fs.cat_file(f"{root}/{MANIFEST_NAME}").decode("utf-8")
-    except FileNotFoundError:
-        raise DataError(f"no manifest at {where} (run prepare first)") from None
-    except OSError as exc:
-        raise DataError(f"cannot read manifest {where}: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"invalid manifest {where}: not UTF-8 ({exc.reason})") from exc
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid manifest {where}: {exc}") from exc
-    if isinstance(manifest, dict) and manifest.get("format_version") == 1:
-        return _validate_v1(manifest, where)
-    return validate_manifest(manifest, where)
 
 
 class TokenSource:
@@ -178,7 +128,7 @@ class TokenSource:
 
     def _read_manifest(self) -> dict[str, Any]:
         self._ensure_open()
-        return load_manifest(self._fs, self._root, self._where(MANIFEST_NAME))
+        return load_manifest(self._fs, self._root, self._where(MANIFEST_NAME), accept_v1=True)
 
     # --- record batches ------------------------------------------------------------------------------
 
@@ -207,7 +157,7 @@ class TokenSource:
             reader = pa.ipc.open_file(handle)
         except (OSError, pa.ArrowInvalid) as exc:
             raise DataError(f"cannot read shard {self._where(file)}: {str(exc).splitlines()[0]}") from exc
-        if not _has_token_column(reader.schema):
+        if not has_token_column(reader.schema):
             raise DataError(f"shard {self._where(file)} has schema "
                             f"{reader.schema.to_string(show_schema_metadata=False)!r}, expected "
                             f"{TOKENS_COLUMN}: list<uint32>")

@@ -4,7 +4,7 @@ multi-TB corpora.
 - **Sizes at start** (``check_sizes``): one listing per split folder (local or fsspec) compares every
   shard file's size with the manifest; a missing or truncated shard stops the run before its first step.
 - **Ids per batch**: every batch's largest id is compared with the manifest's ``max_token_id`` (one
-  vectorized max over a batch already in memory; ``stream.TokenStream``); an id above it names the shard
+  vectorized max over a batch already in memory; ``token_stream.TokenStream``); an id above it names the shard
   and record it came from.
 - **Hashes in the background** (``ShardHasher``): the first time the stream reads a shard, a background
   thread hashes the whole file and compares with the manifest's sha256; a mismatch is reported at the next
@@ -16,7 +16,6 @@ multi-TB corpora.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import queue
 import threading
@@ -28,6 +27,7 @@ from typing import Any, Literal
 from fsspec import AbstractFileSystem
 
 from triarch.data_pipeline.errors import DataError
+from triarch.data_pipeline.fileio import fs_file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +78,6 @@ class HashJob:
     url: str  # its prepared folder's URL
     sha256: str
     size: int | None
-
-
-def file_sha256(fs: AbstractFileSystem, path: str, cancel: threading.Event | None = None) -> str | None:
-    """Hex sha256 of a file read sequentially through ``fs`` (None if ``cancel`` was set meanwhile)."""
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            if cancel is not None and cancel.is_set():
-                return None
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def wants_hash(mode: VerifyMode, local: bool, size: int | None) -> bool:
@@ -156,7 +145,7 @@ class ShardHasher:
 
     def _check(self, job: HashJob) -> str | None:
         try:
-            actual = file_sha256(job.fs, job.path, self._closing)
+            actual = fs_file_sha256(job.fs, job.path, self._closing, HASH_CHUNK_BYTES)
         except OSError as exc:
             return f"cannot read {job.where} to check its sha256: {exc}"
         if actual is None:  # closed meanwhile

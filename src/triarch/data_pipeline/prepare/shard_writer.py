@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from triarch.data_pipeline.fileio import fsync_dir, is_temp
-from triarch.data_pipeline.journal import Journal, JournalEntry
-from triarch.data_pipeline.shards import ShardInfo, ShardTokens, encode_shard, holds, write_shard
+from triarch.data_pipeline.prepare.journal import Journal, JournalEntry
+from triarch.data_pipeline.prepare.shards import ShardInfo, ShardTokens, encode_shard, holds, write_shard
 
 log = logging.getLogger(__name__)
 

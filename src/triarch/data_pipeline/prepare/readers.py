@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.sources import SourceFile, open_source
+from triarch.data_pipeline.prepare.sources import SourceFile, open_source
 
 INVALID_UTF8 = "invalid_utf8"
 EMPTY_TEXT = "empty_text"

@@ -28,24 +28,32 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from triarch.data_pipeline.documents import DocumentStream, FileDocuments, TextDocuments
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, replace_atomically, temp_path
-from triarch.data_pipeline.folder_lock import prepare_lock
-from triarch.data_pipeline.journal import Journal
-from triarch.data_pipeline.long_documents import PIECE_CHARS, DocumentPieces
-from triarch.data_pipeline.manifest import FORMAT_NAME, FORMAT_VERSION, manifest_path, read_manifest, write_manifest
-from triarch.data_pipeline.out_folder import check_apart, outside
-from triarch.data_pipeline.progress import Counters, Progress
-from triarch.data_pipeline.pydocs import TRAIN, split_train_validation, stdlib_docstrings
-from triarch.data_pipeline.readers import BAD_REASONS, BadDocument, document_bytes
-from triarch.data_pipeline.shard_writer import SplitWriter
-from triarch.data_pipeline.shards import MAX_SHARD_TOKENS
-from triarch.data_pipeline.sources import expand_inputs
-from triarch.data_pipeline.tokenize_pool import TokenizerPool, default_workers
-from triarch.data_pipeline.tokenizer import eos_id, load_tokenizer, train_byte_level_bpe
+from triarch.data_pipeline.manifest import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    load_manifest_json,
+    manifest_path,
+    open_folder,
+    validate_manifest,
+    write_manifest,
+)
+from triarch.data_pipeline.prepare.documents import DocumentStream, FileDocuments, TextDocuments
+from triarch.data_pipeline.prepare.folder_lock import prepare_lock
+from triarch.data_pipeline.prepare.journal import Journal
+from triarch.data_pipeline.prepare.long_documents import PIECE_CHARS, DocumentPieces
+from triarch.data_pipeline.prepare.out_folder import check_apart, outside
+from triarch.data_pipeline.prepare.progress import Counters, Progress
+from triarch.data_pipeline.prepare.pydocs import TRAIN, split_train_validation, stdlib_docstrings
+from triarch.data_pipeline.prepare.readers import BAD_REASONS, BadDocument, document_bytes
+from triarch.data_pipeline.prepare.shard_writer import SplitWriter
+from triarch.data_pipeline.prepare.shards import MAX_SHARD_TOKENS
+from triarch.data_pipeline.prepare.sources import expand_inputs
+from triarch.data_pipeline.prepare.tokenize_pool import TokenizerPool, default_workers
+from triarch.data_pipeline.prepare.tokenizer import eos_id, load_tokenizer, train_byte_level_bpe
 
-__all__ = ["prepare_corpus", "prepare_files", "prepare_pydocs", "read_manifest"]
+__all__ = ["prepare_corpus", "prepare_files", "prepare_pydocs"]
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +96,15 @@ def _existing_manifest(out_dir: Path, *, upgrade: bool = False) -> dict[str, Any
             return None
     except OSError as exc:
         raise DataError(f"cannot read output folder {out_dir}: {exc.strerror}") from None
-    try:
-        recorded = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        recorded = None
-    if not isinstance(recorded, dict):
-        return read_manifest(out_dir)  # raises, naming the file
-    version = recorded.get("format_version")
-    if recorded.get("format") == FORMAT_NAME and isinstance(version, int) and version < FORMAT_VERSION:
+    recorded = load_manifest_json(*open_folder(out_dir), path)  # unreadable or not JSON: raises, naming it
+    version = recorded.get("format_version") if isinstance(recorded, dict) else None
+    if isinstance(version, int) and recorded.get("format") == FORMAT_NAME and version < FORMAT_VERSION:
         if upgrade:
             log.warning("%s is of format version %d; preparing %s again in version %d", path, version, out_dir,
                         FORMAT_VERSION)
             path.unlink()
         return None
-    return read_manifest(out_dir)
+    return validate_manifest(recorded, path)
 
 
 def _prepared(out_dir: Path, check: Callable[[dict[str, Any]], None], *, upgrade: bool = False) -> bool:

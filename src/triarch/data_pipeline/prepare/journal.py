@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from triarch.data_pipeline.fileio import file_sha256
-from triarch.data_pipeline.shards import ShardInfo
+from triarch.data_pipeline.prepare.shards import ShardInfo
 
 log = logging.getLogger(__name__)
 
