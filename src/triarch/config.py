@@ -219,6 +219,43 @@ class FaultConfig(_Section):
         return min(10.0, max(0.2, self.hang_timeout_s / 10)) if self.hang_timeout_s else 10.0
 
 
+class ObjectiveConfig(_Section):
+    """What the run optimizes, and so its loss and batch layout (``docs/alignment.md``).
+
+    ``pretrain``: next-token loss on packed token shards. ``sft``: the same loss on prepared SFT shards,
+    counted on response tokens only. ``rm``: a Bradley-Terry reward model (a scalar head) on a prepared
+    preference set, loss -log sigmoid(r_chosen - r_rejected [- margin]). ``dpo``: direct preference
+    optimization against a frozen reference (the ``init.from`` weights), ``loss_type`` spelled as trl
+    spells it; ``label_smoothing`` is the conservative-DPO noise rate (sigmoid only); ``reference``
+    computes the reference log-probs each step (``online``) or once into the run directory
+    (``precompute``). For ``rm``/``dpo``, ``train.micro_batch_size`` and ``train.global_batch_size``
+    count pairs, and every pair's two rows stay in one micro-batch.
+    """
+
+    kind: Literal["pretrain", "sft", "rm", "dpo"] = "pretrain"
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    reference: Literal["online", "precompute"] = "online"
+    margin: bool = False
+
+    @property
+    def uses_pairs(self) -> bool:
+        """True for the objectives that read preference pairs."""
+        return self.kind in ("rm", "dpo")
+
+
+class InitConfig(_Section):
+    """Where a new run's weights come from: ``from`` names a run directory (its newest committed
+    checkpoint), one checkpoint folder (``RUN_DIR/checkpoints/step_N``) or ``hf:PATH`` (a Hugging Face
+    Llama folder). Weights only: the step, LR schedule, optimizer and data position start fresh. A run that
+    resumes ignores it and takes its own newest checkpoint; DPO's reference is always these weights."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    from_: str | None = Field(None, alias="from", min_length=1)
+
+
 class TriarchConfig(_Section):
     """The whole resolved configuration of one run."""
 
@@ -230,6 +267,8 @@ class TriarchConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     fault: FaultConfig = FaultConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    init: InitConfig = InitConfig()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +283,7 @@ def _section_fields(model_cls: type[BaseModel], loc: tuple[Any, ...]) -> list[st
         if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
             return []
         cls = field.annotation
-    return list(cls.model_fields)
+    return [field.alias or name for name, field in cls.model_fields.items()]
 
 
 def _one_line(err: ValidationError) -> str:
@@ -341,7 +380,7 @@ def dump_config(cfg: TriarchConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (temp file + rename)."""
     p = Path(path)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
     tmp.replace(p)
 
 

@@ -119,7 +119,7 @@ def _write_run(run_dir: Path, tensors: dict[str, torch.Tensor], cfg: TriarchConf
     """Committed step 0, then ``config.yaml``; on failure what was written is removed again."""
     step_dir = run_dir / "checkpoints" / "step_0"
     try:
-        write_model_checkpoint(step_dir, tensors, {"step": 0, "config": cfg.model_dump(mode="json"),
+        write_model_checkpoint(step_dir, tensors, {"step": 0, "config": cfg.model_dump(mode="json", by_alias=True),
                                                    "layout": "imported", "source": str(source)})
         dump_config(cfg, run_dir / "config.yaml")
     except BaseException:

@@ -58,7 +58,7 @@ def llama_args(cfg: TriarchConfig) -> LlamaArgs:
     return LlamaArgs(
         vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.kv_heads,
         ffn_hidden=m.ffn_hidden, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-        tie_embeddings=m.tie_embeddings,
+        tie_embeddings=m.tie_embeddings, head="score" if cfg.objective.kind == "rm" else "lm",
     )
 
 

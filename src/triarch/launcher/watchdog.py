@@ -18,9 +18,11 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 from triarch.launcher import exit_codes
 
@@ -43,6 +45,15 @@ class Beat:
     started_at: float
     dumped_at: float = 0.0
     reported_at: float = 0.0
+
+
+def print_main_thread_stack(stream: TextIO) -> None:
+    """The main thread's stack first: it runs the training loop, and faulthandler lists at most 100
+    threads, so a process with many helper threads could otherwise hide it."""
+    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    if frame is not None:
+        stream.write("Main thread (most recent call last):\n" + "".join(traceback.format_stack(frame)))
+        stream.flush()
 
 
 def beat_path(folder: Path, rank: int) -> Path:
@@ -162,6 +173,7 @@ class HangWatchdog:
     def _on_hang(self, stalled: float) -> None:
         print(f"triarch watchdog: rank {self.rank} made no progress for {stalled:.0f} s (step "
               f"{self._beat.step}); Python stacks of this process:", file=sys.stderr, flush=True)
+        print_main_thread_stack(sys.stderr)
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         with self._lock:

@@ -37,6 +37,7 @@ class LlamaArgs:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    head: str = "lm"  # "lm": vocabulary logits; "score": one scalar per position (reward or value model)
 
     @property
     def head_dim(self) -> int:
@@ -142,11 +143,13 @@ class TransformerBlock(nn.Module):
 
 
 class Llama(nn.Module):
-    """Token embedding, a stack of blocks keyed by their global index, final norm, output head.
+    """Token embedding, a stack of blocks keyed by their global index, final norm, and a head: ``output``
+    (hidden -> vocabulary logits) or, with ``args.head == "score"``, ``score`` (hidden -> 1, the scalar
+    head of a reward or value model, named as in ``LlamaForSequenceClassification``).
 
     ``forward`` takes token ids (first pipeline stage) or hidden states (later stages), and optionally
-    per-document ``position_ids`` (module docstring), and returns hidden states, or logits when the head is
-    present.
+    per-document ``position_ids`` (module docstring), and returns hidden states, or the head's output
+    (logits, or values of shape (batch, seq, 1)) when the head is present.
     """
 
     def __init__(self, args: LlamaArgs) -> None:
@@ -155,8 +158,15 @@ class Llama(nn.Module):
         self.tok_embeddings: nn.Embedding | None = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(args.dim, args.norm_eps)
-        self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
+        if args.head not in ("lm", "score"):
+            raise ValueError(f"head must be 'lm' or 'score', got {args.head!r}")
+        self.output: nn.Linear | None = None
+        self.score: nn.Linear | None = None
+        if args.head == "lm":
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        else:
+            self.score = nn.Linear(args.dim, 1, bias=False)
+        if args.tie_embeddings and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("rope", rotary_table(args.head_dim, args.max_seq_len, args.rope_theta), persistent=False)
 
@@ -176,6 +186,8 @@ class Llama(nn.Module):
             h = self.norm(h)
         if self.output is not None:
             h = self.output(h)
+        if self.score is not None:
+            h = self.score(h)
         return h
 
 

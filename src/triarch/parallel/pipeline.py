@@ -63,6 +63,7 @@ def build_chunk(args: LlamaArgs, spec: ChunkSpec) -> Llama:
     if not spec.has_head:
         model.norm = None
         model.output = None
+        model.score = None
     return model
 
 

@@ -33,6 +33,9 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_paralle
         top["norm"] = SequenceParallel()
     if model.output is not None:
         top["output"] = ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)
+    if model.score is not None:  # one output column: a replicated head on the gathered hidden states
+        top["score"] = PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),),
+                                          use_local_output=True)
     if top:
         parallelize_module(model, tp_mesh, top)
 

@@ -198,7 +198,7 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
                     "world_size": topo.world_size, "layout": topo.describe(),
                     "data": {**data.state_dict(), "consumed_sequences": consumed(step)},
                     "consumed_tokens": consumed(step) * cfg.model.seq_len, "first_loss": first_loss,
-                    "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json")})
+                    "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json", by_alias=True)})
                 if control is not None:
                     control.progress()
             if exiting:
