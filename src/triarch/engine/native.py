@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,6 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from triarch.config import TriarchConfig
-from triarch.labels import IGNORE_INDEX
 from triarch.models.llama import Llama, LlamaArgs
 from triarch.parallel.activation_checkpoint import apply_activation_checkpointing
 from triarch.parallel.data_parallel import apply_data_parallel
@@ -33,6 +33,7 @@ from triarch.parallel.tensor_parallel import apply_tensor_parallel
 from triarch.parallel.topology import Topology
 from triarch.training.grad_norm import GradNormer, clip_factor, scale_gradients, settle_partial_grads
 from triarch.training.loss import TokenLossFn, cross_entropy_sum
+from triarch.training.objective import PRETRAIN, Fields, Objective, TokenObjective
 from triarch.training.optimizer import build_optimizer, build_scheduler
 
 
@@ -50,6 +51,7 @@ class StepResult:
     tokens: int
     stop: bool = False
     data_error: bool = False  # some rank's batch or shards failed a check: no optimizer step was taken
+    stats: dict[str, float] = field(default_factory=dict)  # the objective's statistics, means over its units
 
 
 def llama_args(cfg: TriarchConfig) -> LlamaArgs:
@@ -78,7 +80,10 @@ def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology) -> Llama
 class NativeEngine:
     """Owns the model chunks of this rank, the optimizer, the LR schedule and the step."""
 
-    def __init__(self, cfg: TriarchConfig, topo: Topology, *, materialize_weights: bool = True) -> None:
+    def __init__(self, cfg: TriarchConfig, topo: Topology, *, materialize_weights: bool = True,
+                 trainable: bool = True) -> None:
+        """``trainable=False`` builds a frozen instance (a DPO reference): same layout, no gradients, no
+        optimizer state; it runs ``forward_rows`` and ``eval_step`` only."""
         self.cfg, self.topo = cfg, topo
         args = llama_args(cfg)
         self.specs = chunk_specs(args.n_layers, topo.pp, cfg.parallel.virtual_stages, topo.pp_rank)
@@ -89,11 +94,19 @@ class NativeEngine:
             return
         for chunk in self.chunks:
             materialize(chunk, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
-        self.optimizer = build_optimizer(self.chunks, cfg.train, topo.device)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self._loss_fn: TokenLossFn = cross_entropy_sum
+        self.trainable = trainable
+        if trainable:
+            self.optimizer = build_optimizer(self.chunks, cfg.train, topo.device)
+            self.scheduler = build_scheduler(self.optimizer, cfg.train)
+            self._grad_normer = GradNormer(self.chunks, topo)
+        else:
+            for chunk in self.chunks:
+                chunk.requires_grad_(False)
+        self._objective: Objective = PRETRAIN
+        self._fields: Fields = {}
+        self._stat_sums: list[torch.Tensor] = []
+        self._pending_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._loss_scale = 1.0
-        self._grad_normer = GradNormer(self.chunks, topo)
         self._schedule = None
         if topo.pp > 1:
             self._schedule = build_schedule(
@@ -126,135 +139,244 @@ class NativeEngine:
     def _loss_context(self) -> contextlib.AbstractContextManager:
         return loss_parallel() if self.topo.tp > 1 else contextlib.nullcontext()
 
-    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self._loss_fn(output, target) * self._loss_scale
+    def _pipeline_loss(self, output: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss: ``rows`` (the pipeline target) are the micro-batch's row indices, so every
+        field of the batch reaches the loss, split exactly as the inputs were."""
+        fields = {name: value.index_select(0, rows) for name, value in self._fields.items()}
+        loss, stats = self._objective.loss(output, fields)
+        scaled = loss * self._loss_scale
+        if stats is not None:  # kept only if ``scaled`` reaches the schedule's losses (not a shape-inference call)
+            self._pending_stats.append((scaled, _local_value(stats.detach()).double()))
+        return scaled
+
+    def _micro_loss(self, output: torch.Tensor, fields: Fields) -> torch.Tensor:
+        loss, stats = self._objective.loss(output, fields)
+        if stats is not None:
+            self._stat_sums.append(_local_value(stats.detach()).double())
+        return loss
 
     def _sync_every_microbatch(self) -> bool:
         mode = self.cfg.parallel.dp_grad_sync
         return mode == "every_microbatch" or (mode == "auto" and self.topo.dp_shard > 1)
 
-    def _global_token_count(self, labels: torch.Tensor) -> torch.Tensor:
-        """Counted label positions of the whole global batch: a device tensor, never read back here."""
-        count = (labels != IGNORE_INDEX).sum()
+    def _global_units(self, fields: Fields) -> torch.Tensor:
+        """The objective's units (counted tokens, pairs) in the whole global batch: a device tensor, never
+        read back here."""
+        count = self._objective.units(fields)
         dist.all_reduce(count, group=self.topo.dp_mesh.get_group())
         return count
 
     # ------------------------------------------------------------------------------------------
-    def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor | None, *,
+    def _forward_backward(self, inputs: torch.Tensor, fields: Fields, position_ids: torch.Tensor | None, *,
                           backward: bool) -> torch.Tensor | None:
         """Run every micro-batch of this rank; returns the unnormalized local loss sum (last stage) as a
         device tensor, or None on stages without the head."""
         micro_losses: list[torch.Tensor] = []
+        self._stat_sums = []
+        n = self.n_microbatches
         if self._schedule is not None:
             scaled: list[torch.Tensor] = []
-            kwargs: dict = {"target": labels, "losses": scaled} if self.topo.is_last_stage else {}
+            self._fields = fields
+            kwargs: dict = {}
+            if self.topo.is_last_stage:
+                rows = torch.arange(inputs.shape[0], device=self.topo.device)
+                kwargs = {"target": rows, "losses": scaled}
             if position_ids is not None:
                 kwargs["position_ids"] = position_ids
             args = (inputs,) if self.topo.is_first_stage else ()
-            with self._loss_context(), self._precision_context():
-                if backward:
-                    self._schedule.step(*args, **kwargs)
-                else:
-                    self._schedule.eval(*args, **kwargs)
-            # the schedule keeps each micro-batch's loss as returned by _pipeline_loss (scaled)
+            try:
+                with self._loss_context(), self._precision_context():
+                    if backward:
+                        self._schedule.step(*args, **kwargs)
+                    else:
+                        self._schedule.eval(*args, **kwargs)
+            finally:
+                self._fields = {}
+                pending, self._pending_stats = self._pending_stats, []
+            # the schedule keeps each micro-batch's loss as returned by _pipeline_loss (scaled); its first
+            # step also calls the loss once to infer shapes, on placeholder activations: that call is dropped
+            kept = {id(l) for l in scaled}
+            self._stat_sums = [stats for loss, stats in pending if id(loss) in kept]
             micro_losses = [_local_value(l.detach()).double() / self._loss_scale for l in scaled]
         else:
             model = self.chunks[0]
-            n = self.n_microbatches
             positions = position_ids.chunk(n) if position_ids is not None else [None] * n
+            split = {name: value.chunk(n) for name, value in fields.items()}
             sync_each = self._sync_every_microbatch()
-            for i, (x, y, pos) in enumerate(zip(inputs.chunk(n), labels.chunk(n), positions)):
+            for i, (x, pos) in enumerate(zip(inputs.chunk(n), positions)):
                 if backward and hasattr(model, "set_requires_gradient_sync"):
                     model.set_requires_gradient_sync(sync_each or i == n - 1)
                 with self._loss_context():
                     with self._precision_context():
-                        logits = model(x) if pos is None else model(x, position_ids=pos)
-                    loss_sum = self._loss_fn(logits, y)
+                        output = model(x) if pos is None else model(x, position_ids=pos)
+                    loss_sum = self._micro_loss(output, {name: parts[i] for name, parts in split.items()})
                     if backward:
                         (loss_sum * self._loss_scale).backward()
                 micro_losses.append(_local_value(loss_sum.detach()).double())
         return torch.stack(micro_losses).sum() if micro_losses else None
 
-    def _agree(self, local_sum: torch.Tensor | None, tokens: torch.Tensor, *extra: torch.Tensor) -> list[float]:
-        """One world all-reduce of [loss sum, global tokens, *extra] and the step's one device->host read.
+    def _stats_sum(self) -> torch.Tensor:
+        """This rank's sums of the objective's statistics (zeros where the loss did not run)."""
+        names = self._objective.stat_names
+        if self._stat_sums:
+            return torch.stack(self._stat_sums).sum(0)
+        return torch.zeros(len(names), dtype=torch.float64, device=self.topo.device)
 
-        The loss sum is counted once per (data-parallel rank, last stage, tp rank 0); the token count (already
-        summed over DP) is contributed by rank 0 only.
+    def _agree(self, local_sum: torch.Tensor | None, units: torch.Tensor, *extra: torch.Tensor
+               ) -> tuple[list[float], list[float]]:
+        """One world all-reduce of [loss sum, global units, *extra, *stat sums] and the step's one
+        device->host read; returns ([loss sum, units, *extra], stat sums).
+
+        The loss and stat sums are counted once per (data-parallel rank, last stage, tp rank 0); the unit
+        count (already summed over DP) is contributed by rank 0 only.
         """
         zero = torch.zeros((), dtype=torch.float64, device=self.topo.device)
         counts = self.topo.is_last_stage and self.topo.tp_rank == 0 and local_sum is not None
-        fused = torch.stack([local_sum if counts else zero,
-                             tokens.double() if dist.get_rank() == 0 else zero,
-                             *(e.double() for e in extra)])
+        stats = self._stats_sum()
+        fused = torch.cat([torch.stack([local_sum if counts else zero,
+                                        units.double() if dist.get_rank() == 0 else zero,
+                                        *(e.double() for e in extra)]),
+                           stats if counts else torch.zeros_like(stats)])
         dist.all_reduce(fused)
-        return fused.tolist()
+        values = fused.tolist()
+        head = 2 + len(extra)
+        return values[:head], values[head:]
 
-    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum,
-                   *, step: int, position_ids: torch.Tensor | None = None, stop_requested: bool = False,
-                   data_error: bool = False) -> StepResult:
-        """One optimizer step over this DP rank's rows (``inputs``/``labels``/``position_ids``: micro-batches
+    def _stats(self, sums: list[float], units: int) -> dict[str, float]:
+        return {name: value / max(units, 1) for name, value in zip(self._objective.stat_names, sums)}
+
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                   loss_fn: TokenLossFn = cross_entropy_sum, *, step: int, position_ids: torch.Tensor | None = None,
+                   stop_requested: bool = False, data_error: bool = False, objective: Objective | None = None,
+                   fields: Fields | None = None) -> StepResult:
+        """One optimizer step over this DP rank's rows (``inputs``/``position_ids``/``fields``: micro-batches
         stacked; ``position_ids`` restrict attention to each packed document).
 
+        ``objective`` (default: next-token loss ``loss_fn`` over ``labels``) reads ``fields`` (default
+        ``{"labels": labels}``), per-row tensors split with the inputs (``training.objective``).
         ``stop_requested`` (this rank's stop flag) is agreed in the same all-reduce as the loss and the
         gradient norm; ``StepResult.stop`` is True on every rank when any rank asked. So is ``data_error``
         (this rank's batch is a placeholder: its data failed a check); when any rank set it, no rank steps
         the optimizer and ``StepResult.data_error`` is True everywhere.
 
-        The backward runs with a loss scale known on the host (as if every label counted); the true
-        normalisation by the global count of counted tokens is applied to the gradients afterwards, with
+        The backward runs with a loss scale known on the host (as if every unit counted); the true
+        normalisation by the global count of counted units is applied to the gradients afterwards, with
         clipping, in one foreach kernel. So the step reads the device once, after its fused all-reduce.
         """
+        if not self.trainable:
+            raise RuntimeError("this engine is frozen (trainable=False); it has no optimizer step")
         for chunk in self.chunks:
             chunk.train()
-        inputs, labels = inputs.to(self.topo.device), labels.to(self.topo.device)
-        position_ids = position_ids.to(self.topo.device) if position_ids is not None else None
-        tokens = self._global_token_count(labels)
-        self._loss_fn = loss_fn
-        all_labels = labels.numel() * self.topo.dp  # label positions of the global batch: a host figure
-        # DP reduction averages over dp ranks, so dp / all_labels makes the gradient (sum of token losses) /
-        # all_labels; the factor all_labels / tokens below turns it into the mean over counted tokens
-        self._loss_scale = self.topo.dp / all_labels
-        local_sum = self._forward_backward(inputs, labels, position_ids, backward=True)
+        inputs, fields, position_ids = self._to_device(inputs, labels, fields, position_ids)
+        self._objective = objective if objective is not None else _token_objective(loss_fn)
+        units = self._global_units(fields)
+        all_units = self._objective.units_bound(fields) * self.topo.dp  # a host figure
+        # DP reduction averages over dp ranks, so dp / all_units makes the gradient (sum of unit losses) /
+        # all_units; the factor all_units / units below turns it into the mean over counted units
+        self._loss_scale = self.topo.dp / all_units
+        local_sum = self._forward_backward(inputs, fields, position_ids, backward=True)
         settle_partial_grads(self.chunks)
         square = self._grad_normer.local_square_sum()
         flags = torch.tensor([float(stop_requested), float(data_error)], dtype=torch.float64, device=self.topo.device)
-        loss_sum, n_tokens, square_sum, stops, data_errors = self._agree(local_sum, tokens, square, *flags.unbind())
-        n_tokens = int(n_tokens)
-        loss = loss_sum / max(n_tokens, 1)
+        (loss_sum, n_units, square_sum, stops, data_errors), stat_sums = self._agree(
+            local_sum, units, square, *flags.unbind())
+        n_units = int(n_units)
+        loss = loss_sum / max(n_units, 1)
+        stats = self._stats(stat_sums, n_units)
         if data_errors > 0:
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(loss=loss, grad_norm=float("nan"), lr=self.optimizer.param_groups[0]["lr"],
-                              tokens=n_tokens, stop=stops > 0, data_error=True)
+                              tokens=n_units, stop=stops > 0, data_error=True, stats=stats)
         if not math.isfinite(loss):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(f"loss is {loss} at step {step}; stopping before the optimizer step")
-        to_mean = all_labels / max(n_tokens, 1)
+        to_mean = all_units / max(n_units, 1)
         norm = math.sqrt(square_sum) * to_mean
         scale_gradients(self._grad_normer.grads(), to_mean * clip_factor(norm, self.cfg.train.grad_clip))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=loss, grad_norm=norm, lr=lr, tokens=n_tokens, stop=stops > 0)
+        return StepResult(loss=loss, grad_norm=norm, lr=lr, tokens=n_units, stop=stops > 0, stats=stats)
+
+    def _to_device(self, inputs: torch.Tensor, labels: torch.Tensor | None, fields: Fields | None,
+                   position_ids: torch.Tensor | None) -> tuple[torch.Tensor, Fields, torch.Tensor | None]:
+        device = self.topo.device
+        fields = dict(fields) if fields is not None else {}
+        if labels is not None:
+            fields["labels"] = labels
+        fields = {name: value.to(device) for name, value in fields.items()}
+        return inputs.to(device), fields, position_ids.to(device) if position_ids is not None else None
 
     @torch.no_grad()
+    def eval_step(self, inputs: torch.Tensor, fields: Fields, objective: Objective = PRETRAIN, *,
+                  position_ids: torch.Tensor | None = None) -> tuple[float, dict[str, float]]:
+        """Mean unit loss and the objective's statistics over the global batch whose DP slice is given
+        (forward only)."""
+        for chunk in self.chunks:
+            chunk.eval()
+        inputs, fields, position_ids = self._to_device(inputs, None, fields, position_ids)
+        self._objective = objective
+        units = self._global_units(fields)
+        self._loss_scale = 1.0
+        local_sum = self._forward_backward(inputs, fields, position_ids, backward=False)
+        (loss_sum, n_units), stat_sums = self._agree(local_sum, units)
+        return loss_sum / max(int(n_units), 1), self._stats(stat_sums, int(n_units))
+
     def eval_loss(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum, *,
                   position_ids: torch.Tensor | None = None) -> float:
         """Mean token loss over the global batch whose DP slice is given (forward only)."""
+        return self.eval_step(inputs, {"labels": labels}, _token_objective(loss_fn), position_ids=position_ids)[0]
+
+    @torch.no_grad()
+    def forward_rows(self, inputs: torch.Tensor, fields: Fields, row_fn: RowFn, *,
+                     position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Forward only: ``row_fn(output, fields)`` -> one float per row of each micro-batch (e.g. a
+        sequence's log-probability, computed vocabulary-parallel under TP), as a (rows,) float64 tensor of
+        this DP rank's rows on the last pipeline stage, None on the others. Every rank of the model group
+        takes part (it runs the schedule)."""
         for chunk in self.chunks:
             chunk.eval()
-        inputs, labels = inputs.to(self.topo.device), labels.to(self.topo.device)
-        position_ids = position_ids.to(self.topo.device) if position_ids is not None else None
-        tokens = self._global_token_count(labels)
-        self._loss_fn = loss_fn
+        inputs, fields, position_ids = self._to_device(inputs, None, fields, position_ids)
+        rows = inputs.shape[0]
+        out = torch.zeros(rows, dtype=torch.float64, device=self.topo.device)
+        fields["row_index"] = torch.arange(rows, device=self.topo.device)
+        self._objective = _RowCollector(row_fn, out)
         self._loss_scale = 1.0
-        local_sum = self._forward_backward(inputs, labels, position_ids, backward=False)
-        loss_sum, n_tokens = self._agree(local_sum, tokens)
-        return loss_sum / max(int(n_tokens), 1)
+        local = self._forward_backward(inputs, fields, position_ids, backward=False)
+        return out if local is not None else None
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Full (gathered) parameters of this rank's chunks keyed by canonical name (collective)."""
         return full_parameters(list(self.chunks))
+
+
+RowFn = Callable[[torch.Tensor, Fields], torch.Tensor]
+
+
+class _RowCollector:
+    """An objective with no loss that writes ``row_fn``'s per-row values into ``out`` (``forward_rows``)."""
+
+    rows_per_example = 1
+    stat_names: tuple[str, ...] = ()
+
+    def __init__(self, row_fn: RowFn, out: torch.Tensor) -> None:
+        self.row_fn, self.out = row_fn, out
+
+    def units(self, fields: Fields) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.int64, device=self.out.device)
+
+    def units_bound(self, fields: Fields) -> int:
+        return 1
+
+    def loss(self, output: torch.Tensor, fields: Fields) -> tuple[torch.Tensor, None]:
+        values = _local_value(self.row_fn(output, fields))
+        self.out.index_copy_(0, fields["row_index"], values.detach().double())
+        return torch.zeros((), dtype=torch.float32, device=self.out.device), None
+
+
+def _token_objective(loss_fn: TokenLossFn) -> Objective:
+    return PRETRAIN if loss_fn is cross_entropy_sum else TokenObjective(loss_fn)
 
 
 def _local_value(value: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ along the sequence between the tensor-parallel regions.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -33,9 +34,8 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_paralle
         top["norm"] = SequenceParallel()
     if model.output is not None:
         top["output"] = ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)
-    if model.score is not None:  # one output column: a replicated head on the gathered hidden states
-        top["score"] = PrepareModuleInput(input_layouts=(between,), desired_input_layouts=(Replicate(),),
-                                          use_local_output=True)
+    if model.score is not None:
+        replicate_head(model.score, tp_mesh, between)
     if top:
         parallelize_module(model, tp_mesh, top)
 
@@ -65,6 +65,27 @@ def apply_tensor_parallel(model: Llama, tp_mesh: DeviceMesh, *, sequence_paralle
             plan["ffn_norm"] = SequenceParallel()
         parallelize_module(block, tp_mesh, plan)
     _retie_embeddings(model)
+
+
+def replicate_head(head: nn.Module, tp_mesh: DeviceMesh, input_layout: Placement) -> None:
+    """A head with one output column (the reward/value score) cannot be split by columns: its weight is
+    replicated over ``tp_mesh`` (a Replicate DTensor, as norm weights are under sequence parallelism), its
+    input gathered to the full hidden states, and its output returned as a plain tensor."""
+
+    def replicate_params(_name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [Replicate()])))
+
+    def gather_input(_module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, [input_layout], run_check=False)
+        return (x.redistribute(mesh, [Replicate()]),)
+
+    def local_output(_module: nn.Module, output: DTensor, _mesh: DeviceMesh) -> torch.Tensor:
+        return output.to_local()
+
+    distribute_module(head, tp_mesh, replicate_params, gather_input, local_output)
 
 
 def _retie_embeddings(model: Llama) -> None:
