@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
     train.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<config name>)")
 
+    for kind, text in (("sft", "supervised fine-tuning"), ("rm", "train a reward model"),
+                       ("dpo", "direct preference optimization")):
+        stage = sub.add_parser(kind, help=f"{text}: 'train' with objective.kind={kind} (docs/alignment.md)")
+        stage.add_argument("config", help="YAML config file")
+        stage.add_argument("overrides", nargs="*", help="dotted overrides, e.g. init.from=runs/tiny objective.beta=0.1")
+        stage.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
+        stage.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<config name>)")
+
     ckpt = sub.add_parser("ckpt", help="list, verify, inspect, export or import checkpoints")
     ck = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
     for name, text in [("list", "steps, committed or not, size, layout"), ("verify", "check every file's hash"),
@@ -154,6 +162,10 @@ def _add_slurm_commands(sub: argparse._SubParsersAction) -> None:
 
 def check_data(cfg: TriarchConfig) -> None:
     """The prepared data must exist and fit the model's vocabulary."""
+    if cfg.objective.uses_pairs:
+        return check_preference_data(cfg)
+    if cfg.objective.kind == "sft":
+        return check_sft_data(cfg)
     from triarch.data_pipeline import read_manifest
 
     path = Path(cfg.data.path)
@@ -167,6 +179,59 @@ def check_data(cfg: TriarchConfig) -> None:
     for split in (cfg.data.train_split, cfg.data.eval_split if cfg.train.eval_interval else None):
         if split is not None and split not in manifest["splits"]:
             raise CliError(f"data.path '{cfg.data.path}' has no split '{split}' (has {sorted(manifest['splits'])})")
+
+
+def check_preference_data(cfg: TriarchConfig) -> None:
+    """A reward model or DPO reads a prepared *pairs* folder (and its held-out split when evaluating)."""
+    from triarch.data_pipeline.stream.preferences import PreferenceDataset, split_folder
+
+    d = cfg.data
+    for split in (d.train_split, d.eval_split if cfg.train.eval_interval else None):
+        if split is None:
+            continue
+        folder = split_folder(d.path, split, train_split=d.train_split)
+        dataset = PreferenceDataset(folder, cfg.train.seed)
+        if dataset.kind != "pairs":
+            raise CliError(f"data.path '{folder}' holds a '{dataset.kind}' set; {cfg.objective.kind} trains on "
+                           "pairs (prompt, chosen, rejected)")
+        if dataset.vocab_size > cfg.model.vocab_size:
+            raise CliError(f"data.path '{folder}' uses a tokenizer of {dataset.vocab_size} tokens, more than "
+                           f"model.vocab_size ({cfg.model.vocab_size})")
+        if dataset.max_len > cfg.model.seq_len:
+            raise CliError(f"data.path '{folder}' was prepared with max_len {dataset.max_len}, more than "
+                           f"model.seq_len ({cfg.model.seq_len})")
+        if len(dataset) < cfg.train.global_batch_size:
+            raise CliError(f"data.path '{folder}' holds {len(dataset)} pairs, fewer than one global batch "
+                           f"(train.global_batch_size {cfg.train.global_batch_size})")
+    if cfg.objective.margin:
+        raise CliError("objective.margin needs a per-pair margin column, which prepared preference sets do not "
+                       "have yet; set objective.margin=false")
+
+
+def check_sft_data(cfg: TriarchConfig) -> None:
+    """SFT reads a prepared SFT folder (``triarch prepare-sft``)."""
+    from triarch.data_pipeline.stream.sft import SFTStream
+
+    d = cfg.data
+    for split in (d.train_split, d.eval_split if cfg.train.eval_interval else None):
+        if split is not None:
+            stream = SFTStream(d.path, split, cfg.model.seq_len, global_batch_size=cfg.train.global_batch_size,
+                               seed=cfg.train.seed, dp_rank=0, dp_size=1)
+            if stream.vocab_size > cfg.model.vocab_size:
+                raise CliError(f"data.path '{d.path}' uses a tokenizer of {stream.vocab_size} tokens, more than "
+                               f"model.vocab_size ({cfg.model.vocab_size})")
+            stream.close()
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """``triarch sft|rm|dpo``: train with the objective the command names."""
+    cfg = load_config(args.config, args.overrides)
+    kind = args.command
+    if cfg.objective.kind not in ("pretrain", kind):
+        raise CliError(f"config '{args.config}' sets objective.kind={cfg.objective.kind}, but this is "
+                       f"'triarch {kind}'; use 'triarch train' or change the config")
+    args.overrides = [*args.overrides, f"objective.kind={kind}"]
+    return cmd_train(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -301,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("train", "submit")]
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("train", "submit", "sft", "rm", "dpo")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
@@ -311,8 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     from triarch.checkpointing.commit import CheckpointError
     from triarch.slurm.commands import SlurmError
 
-    handlers = {"train": cmd_train, "prepare": cmd_prepare, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
-                "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
+    handlers = {"train": cmd_train, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "prepare": cmd_prepare,
+                "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs,
+                "cancel": cmd_cancel}
     try:
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:

@@ -57,6 +57,8 @@ def next_batch(batches: Iterator[dict[str, torch.Tensor]], streams: Sequence[Tok
 def placeholder_batch(stream: TokenStream) -> dict[str, torch.Tensor]:
     """A batch of the stream's shape (token 0 everywhere) for a step whose only purpose is to agree on an
     error: the step is not applied."""
+    if hasattr(stream, "placeholder"):
+        return stream.placeholder()
     shape = (stream.local_batch_size, stream.seq_len)
     batch = {"input_ids": torch.zeros(shape, dtype=torch.int64), "labels": torch.zeros(shape, dtype=torch.int64)}
     if stream.position_ids:

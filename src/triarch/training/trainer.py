@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,6 @@ import torch.distributed as dist
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import TriarchConfig, dump_config, validate_for_world
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.stream import TokenStream
 from triarch.data_pipeline.stream.dali_stage import loader_stage
 from triarch.engine.native import NativeEngine
 from triarch.parallel.topology import Topology
@@ -23,6 +23,7 @@ from triarch.training.metrics import ThroughputMeter, synchronize, window_peak_m
 from triarch.training.mfu import device_peak_flops, flops_per_token
 from triarch.training.optimizer import set_schedule_step
 from triarch.training.run_control import RunControl
+from triarch.training.stage import Stage, build_objective, build_reference, open_stream
 
 log = logging.getLogger("triarch.train")
 
@@ -46,47 +47,44 @@ def build_topology(cfg: TriarchConfig, device: torch.device, host: dist.ProcessG
     return Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp, host=host)
 
 
-def train_stream(cfg: TriarchConfig, topo: Topology) -> TokenStream:
-    """The training token stream of this DP rank (its position is part of every checkpoint)."""
-    d = cfg.data
-    return TokenStream(d.train_datasets(), d.train_split, cfg.model.seq_len,
-                       global_batch_size=cfg.train.global_batch_size, seed=cfg.train.seed, dp_rank=topo.dp_rank,
-                       dp_size=topo.dp, num_workers=d.num_workers, shuffle_block=d.shuffle_block,
-                       position_ids=d.document_masks, verify=d.verify_shards)
-
-
 class Evaluator:
-    """Mean token loss over a fixed set of held-out global batches (the same ones every time)."""
+    """Mean loss (and the objective's statistics) over a fixed set of held-out global batches (the same
+    ones every time)."""
 
-    def __init__(self, cfg: TriarchConfig, topo: Topology) -> None:
+    def __init__(self, cfg: TriarchConfig, topo: Topology, stream: Any) -> None:
         size = cfg.train.global_batch_size
-        self.stream = TokenStream(cfg.data.path, cfg.data.eval_split, cfg.model.seq_len, global_batch_size=size,
-                                  seed=cfg.train.seed, dp_rank=topo.dp_rank, dp_size=topo.dp, shuffle=False,
-                                  position_ids=cfg.data.document_masks, verify=cfg.data.verify_shards)
+        self.stream, self.split = stream, cfg.data.eval_split
         self.group = topo.host_group
         available = self.stream.windows_per_epoch[0]
         self.n_batches = max(1, min(cfg.train.eval_batches, available // size))
         if available < size:
-            log.warning("eval split has %d sequences, fewer than one global batch (%d); repeating", available, size)
+            log.warning("eval split has %d examples, fewer than one global batch (%d); repeating", available, size)
 
-    def __call__(self, engine: NativeEngine) -> float:
+    def __call__(self, engine: NativeEngine, stage: Stage) -> tuple[float, dict[str, float]]:
         problem = None
         try:  # every rank reads its batches first and agrees on their checks: none waits in a collective
             batches = [self.stream.batch_for_step(i) for i in range(self.n_batches)]
         except DataError as err:
             problem = str(err)
         agree(problem or self.stream.integrity_error(), self.group)
-        losses = [engine.eval_loss(b["input_ids"], b["labels"], position_ids=b.get("position_ids")) for b in batches]
-        return sum(losses) / len(losses)
+        losses, stats = [], []
+        for b in batches:
+            loss, values = engine.eval_step(b["input_ids"], stage.fields(b, self.split), stage.objective,
+                                            position_ids=b.get("position_ids"))
+            losses.append(loss)
+            stats.append(values)
+        means = {f"eval_{k}": sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+        return sum(losses) / len(losses), means
 
 
-def _streams(cfg: TriarchConfig, topo: Topology) -> tuple[TokenStream, Evaluator | None]:
+def _streams(cfg: TriarchConfig, topo: Topology) -> tuple[Any, Evaluator | None]:
     """The training stream and the evaluator; a data error on any rank (a missing or truncated shard) ends
     every rank together."""
     problem, data, evaluator = None, None, None
     try:
-        data = train_stream(cfg, topo)
-        evaluator = Evaluator(cfg, topo) if cfg.train.eval_interval > 0 else None
+        data = open_stream(cfg, topo, cfg.data.train_split, training=True)
+        if cfg.train.eval_interval > 0:
+            evaluator = Evaluator(cfg, topo, open_stream(cfg, topo, cfg.data.eval_split, training=False))
     except DataError as err:
         problem = str(err)
     if problem is None and data.vocab_size > cfg.model.vocab_size:
@@ -118,8 +116,7 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
 
 
 def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunControl | None, topo: Topology,
-           data: TokenStream, evaluator: Evaluator | None, streams: list[TokenStream],
-           publish_config: bool) -> TrainSummary:
+           data: Any, evaluator: Evaluator | None, streams: list[Any], publish_config: bool) -> TrainSummary:
     """The step loop of :func:`train`."""
     rank0 = dist.get_rank() == 0
     trn = cfg.train
@@ -133,24 +130,40 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
     if control is not None:
         control.groups_ready()
     start_step, first_eval, first_loss = 0, None, float("nan")
+    init_source: str | None = None
     resume_from = manager.newest_usable()
     if resume_from is not None:
         saved = manager.load(resume_from, engine)
         if "data" in saved:
             data.load_state_dict(saved["data"])
         start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)
+        init_source = saved.get("init_source")
         set_schedule_step(engine.scheduler, start_step)
         if rank0:
             log.info("resumed from %s (step %d, saved with layout %s)", resume_from.path, start_step, saved.get("layout"))
+    elif cfg.init.from_ is not None:
+        from triarch.checkpointing.init_from import load_initial_weights, resolve_init_source
+
+        init_source = resolve_init_source(cfg.init.from_)
+        loaded = load_initial_weights(engine, init_source, topo.host_group)
+        if rank0:
+            log.info("initial weights: %s", loaded)
+    elif cfg.objective.kind != "pretrain" and rank0:
+        log.warning("starting %s from random weights (set init.from to a run directory or hf:PATH)", cfg.objective.kind)
+    eval_streams = {cfg.data.train_split: data} | ({cfg.data.eval_split: evaluator.stream} if evaluator else {})
+    stage = Stage(build_objective(cfg), build_reference(cfg, topo, run_dir, eval_streams, init_source, topo.host_group))
     if publish_config and rank0:
         dump_config(cfg, run_dir / "config.yaml")
     consumed_at_start = data.consumed_sequences  # sequences consumed before this attempt's first step
     meter = ThroughputMeter(flops_per_token(cfg.model), device_peak_flops(device, trn.precision, trn.tf32),
                            topo.world_size)
-    tokens_per_step = trn.global_batch_size * cfg.model.seq_len
+    tokens_per_step = trn.global_batch_size * stage.rows_per_example * cfg.model.seq_len
 
     def consumed(step: int) -> int:  # the trained position after ``step`` (a prefetching stage reads ahead)
         return consumed_at_start + (step - start_step) * trn.global_batch_size
+
+    def consumed_tokens(step: int) -> int:
+        return consumed(step) * stage.rows_per_example * cfg.model.seq_len
 
     final_loss = first_loss
     final_eval = first_eval
@@ -158,8 +171,9 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
     with MetricsLogger(run_dir, enabled=rank0, total_steps=trn.steps, tensorboard=cfg.logging.tensorboard,
                        progress=cfg.logging.progress, start_step=start_step) as logger:
         if evaluator is not None and start_step == 0:
-            first_eval = final_eval = evaluator(engine)
-            logger.log_eval(0, {"eval_loss": first_eval})
+            first_eval, eval_stats = evaluator(engine, stage)
+            final_eval = first_eval
+            logger.log_eval(0, {"eval_loss": first_eval, **eval_stats})
         batches = iter(loader_stage(data.batches(trn.steps - start_step), cfg.data.loader))
         for step in range(start_step + 1, trn.steps + 1):
             manager.poll()
@@ -167,7 +181,8 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
             batch, problem = next_batch(batches, streams)
             if batch is None:
                 batch = placeholder_batch(data)
-            result = engine.train_step(batch["input_ids"], batch["labels"], step=step,
+            result = engine.train_step(batch["input_ids"], step=step, objective=stage.objective,
+                                       fields=stage.fields(batch, cfg.data.train_split),
                                        position_ids=batch.get("position_ids"),
                                        stop_requested=control is not None and control.stop_requested,
                                        data_error=problem is not None)
@@ -182,11 +197,11 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
                 allocated, reserved = window_peak_memory(device, topo.host_group)
                 logger.log(step, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
                                   **meter.window().as_metrics(), "peak_mem_bytes": allocated,
-                                  "peak_mem_reserved_bytes": reserved,
-                                  "consumed_tokens": consumed(step) * cfg.model.seq_len})
+                                  "peak_mem_reserved_bytes": reserved, "consumed_tokens": consumed_tokens(step),
+                                  **result.stats})
             if evaluator is not None and (step % trn.eval_interval == 0 or step == trn.steps):
-                final_eval = evaluator(engine)
-                logger.log_eval(step, {"eval_loss": final_eval})
+                final_eval, eval_stats = evaluator(engine, stage)
+                logger.log_eval(step, {"eval_loss": final_eval, **eval_stats})
                 if control is not None:
                     control.progress()
             interval = cfg.checkpoint.interval
@@ -197,7 +212,7 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
                 manager.save(step, engine, {
                     "world_size": topo.world_size, "layout": topo.describe(),
                     "data": {**data.state_dict(), "consumed_sequences": consumed(step)},
-                    "consumed_tokens": consumed(step) * cfg.model.seq_len, "first_loss": first_loss,
+                    "consumed_tokens": consumed_tokens(step), "first_loss": first_loss, "init_source": init_source,
                     "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json", by_alias=True)})
                 if control is not None:
                     control.progress()

@@ -12,7 +12,7 @@ default_rng([seed, e]).permutation(n)``, and a DP rank takes its contiguous rows
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +168,110 @@ def dp_slice(batch: torch.Tensor, dp_rank: int, dp_size: int) -> torch.Tensor:
 def dp_slice_batch(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -> dict[str, torch.Tensor]:
     """Data-parallel rank ``dp_rank``'s contiguous rows of every field of a global batch."""
     return {name: dp_slice(value, dp_rank, dp_size) for name, value in batch.items()}
+
+
+def split_folder(path: str | Path, split: str, *, train_split: str = "train") -> Path:
+    """The prepared folder of ``split``: ``path/split`` when it exists, else ``path`` itself for the training
+    split (a folder prepared without a held-out part); a one-line DataError otherwise."""
+    root = Path(path)
+    if (root / split).is_dir():
+        return root / split
+    if split == train_split:
+        return root
+    raise DataError(f"{root} has no '{split}' split (a folder {root / split}); prepare it with a held-out "
+                    "fraction, or set train.eval_interval=0")
+
+
+class PreferenceStream:
+    """Pairs of a prepared *pairs* folder as this DP rank's rows, in the trainer's stream interface.
+
+    A global batch is the next ``global_batch_size`` examples in the dataset's seeded order (counted in
+    ``consumed_sequences``); DP rank r takes its contiguous share of pairs. Rows interleave each pair's two
+    sequences (row 2i chosen, 2i + 1 rejected; ``rlhf.objectives``), right-padded to ``seq_len``; batches
+    carry ``input_ids``, ``labels`` (response tokens only) and ``example_ids`` (each row's storage index, for
+    reference log-probs computed once per example).
+    """
+
+    position_ids = False
+    rows_per_example = 2
+
+    def __init__(self, path: str | Path, split: str, seq_len: int, *, global_batch_size: int, seed: int,
+                 dp_rank: int, dp_size: int, train_split: str = "train") -> None:
+        self.folder = split_folder(path, split, train_split=train_split)
+        self.dataset = PreferenceDataset(self.folder, seed)
+        if self.dataset.kind != "pairs":
+            raise DataError(f"{self.folder} is a '{self.dataset.kind}' preference set; reward models and DPO "
+                            "train on 'pairs' (prompt, chosen, rejected)")
+        if self.dataset.max_len > seq_len:
+            raise DataError(f"{self.folder} was prepared with max_len {self.dataset.max_len}, more than "
+                            f"model.seq_len ({seq_len}); raise model.seq_len or prepare with --max-len {seq_len}")
+        if global_batch_size % dp_size:
+            raise DataError(f"global batch of {global_batch_size} pairs is not divisible by dp_size ({dp_size})")
+        self.seq_len, self.global_batch_size = seq_len, global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.local_batch_size = global_batch_size // dp_size  # pairs
+        self.vocab_size = self.dataset.vocab_size
+        self.consumed_sequences = 0
+
+    @property
+    def windows_per_epoch(self) -> tuple[int, ...]:
+        """Examples per epoch (the evaluator's measure of the held-out set)."""
+        return (len(self.dataset),)
+
+    def rows_of(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Interleaved, padded rows of the examples ``indices`` (storage order)."""
+        pairs = self.dataset.examples(indices)
+        width = self.dataset.max_len
+        ids = torch.full((2 * len(indices), self.seq_len), self.dataset.pad_id, dtype=torch.int64)
+        labels = torch.full((2 * len(indices), self.seq_len), IGNORE_INDEX, dtype=torch.int64)
+        ids[:, :width] = torch.stack([pairs["chosen_input_ids"], pairs["rejected_input_ids"]], 1).flatten(0, 1)
+        labels[:, :width] = torch.stack([pairs["chosen_labels"], pairs["rejected_labels"]], 1).flatten(0, 1)
+        example_ids = torch.tensor(list(indices), dtype=torch.int64).repeat_interleave(2)
+        return {"input_ids": ids, "labels": labels, "example_ids": example_ids}
+
+    def batch_at(self, start: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of the global batch that starts at global example ``start``."""
+        indices = self.dataset.global_indices(start, self.global_batch_size)
+        share = self.local_batch_size
+        return self.rows_of(indices[self.dp_rank * share:(self.dp_rank + 1) * share])
+
+    def batch_for_step(self, step: int) -> dict[str, torch.Tensor]:
+        """This rank's rows of global batch ``step`` counted from the first example (evaluation)."""
+        return self.batch_at(step * self.global_batch_size)
+
+    def batches(self, steps: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The next ``steps`` batches (endless when None) from the consumed position, advancing it."""
+        produced = 0
+        while steps is None or produced < steps:
+            batch = self.batch_at(self.consumed_sequences)
+            self.consumed_sequences += self.global_batch_size
+            produced += 1
+            yield batch
+
+    def placeholder(self) -> dict[str, torch.Tensor]:
+        """A batch of this stream's shape for a step that only agrees on another rank's data error."""
+        rows = 2 * self.local_batch_size
+        labels = torch.full((rows, self.seq_len), IGNORE_INDEX, dtype=torch.int64)
+        labels[:, 0] = 0
+        return {"input_ids": torch.zeros((rows, self.seq_len), dtype=torch.int64), "labels": labels,
+                "example_ids": torch.zeros(rows, dtype=torch.int64)}
+
+    def integrity_error(self) -> str | None:
+        """Preference shards are checked when opened (record counts, token ids); nothing runs behind."""
+        return None
+
+    def wait_integrity(self) -> str | None:
+        return None
+
+    def close(self) -> None:
+        """Nothing to stop (no background work)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in examples, plus what must match for it to mean the same examples."""
+        return {"consumed_sequences": self.consumed_sequences, "seed": self.dataset.seed,
+                "data_sha256": self.dataset.data_sha256}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the position; another seed or data set is a one-line DataError."""
+        self.dataset.load_state_dict({**state, "consumed": state.get("consumed_sequences")})
+        self.consumed_sequences = self.dataset.consumed
