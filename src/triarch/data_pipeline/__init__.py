@@ -9,8 +9,8 @@
 Shared by both halves (and importing neither): ``errors`` (DataError), ``fileio`` (atomic writes, hashes),
 ``manifest`` (the prepared folder's manifest: format, validation, the one reader for local and fsspec
 paths), ``shard_format`` (the Arrow token-shard schema), ``preference_format`` (the preference-data
-manifest), ``sft_format`` (the SFT-data manifest), and ``verify`` (``triarch data verify``, built from those alone). Picture and details:
-``docs/data.md``.
+manifest), ``sft_format`` (the SFT-data manifest), and ``verify`` (``triarch data verify``, built from those
+alone). Picture and details: ``docs/data.md``.
 
 The names below load their module on first use, so a training rank that imports the stream never loads
 prepare's tokenizer and compressor libraries (resident memory counts every loaded library).
