@@ -6,7 +6,7 @@ counted), ``documents`` assigns them to train / validation, ``tokenizer`` trains
 ``shard_writer`` cuts each split into shards that ``shards`` encodes and writes, ``journal`` lets a killed
 run resume, ``folder_lock`` and ``out_folder`` guard the output folder, ``progress`` shows how far it got,
 ``pydocs`` is the embedded stdlib-docstring corpus. ``preferences`` prepares preference JSONL for the
-alignment stages. Nothing here is imported by a training rank; what both sides share (errors, file I/O,
+alignment stages, ``sft`` prompt/response and chat JSONL for supervised fine-tuning. Nothing here is imported by a training rank; what both sides share (errors, file I/O,
 the manifest and shard formats) lives one level up.
 """
 

@@ -460,7 +460,10 @@ def _existing(out_dir: Path, split_names: list[str], request: dict[str, Any]) ->
         folder = out_dir / split if len(split_names) > 1 else out_dir
         if not (folder / MANIFEST_NAME).is_file():
             return None
-        manifest = read_sft_manifest(folder)
+        try:
+            manifest = read_sft_manifest(folder)
+        except DataError:  # damaged or foreign: rewritten like any other request
+            return None
         if manifest.get("request") != request:
             return None
         found[split] = manifest
