@@ -9,6 +9,7 @@ padded batches for the alignment stages, ``sft`` packs SFT examples (tokens + lo
 libraries would count in every rank's memory).
 """
 
+from triarch.data_pipeline.stream.sft import SFTStream
 from triarch.data_pipeline.stream.token_stream import TokenStream, document_positions
 
-__all__ = ["TokenStream", "document_positions"]
+__all__ = ["SFTStream", "TokenStream", "document_positions"]
