@@ -48,7 +48,7 @@ import hashlib
 import json
 import shutil
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,14 @@ from tokenizers import Tokenizer
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.fileio import file_sha256, is_temp, replace_atomically, temp_path
+from triarch.data_pipeline.prepare.chat_templates import (
+    AUTO,
+    TEMPLATE_FILE,
+    Part,
+    Renderer,
+    TemplateFailure,
+    resolve_template,
+)
 from triarch.data_pipeline.prepare.preferences import PAD_CANDIDATES
 from triarch.data_pipeline.prepare.tokenizer import eos_id, load_tokenizer
 from triarch.data_pipeline.sft_format import (
@@ -75,22 +83,15 @@ from triarch.data_pipeline.sft_format import (
 )
 
 TRUNCATE, DROP = "truncate", "drop"
-BUILTIN, TOKENIZER, AUTO = "builtin", "tokenizer", "auto"
-TEMPLATES = (AUTO, BUILTIN, TOKENIZER)
 ROLES = ("system", "user", "assistant")
 BAD_REASONS = ("bad_json", "invalid_utf8", "missing_field", "wrong_type", "empty", "unknown_role",
                "no_assistant_turn", "template_error", "too_long", "truncated_file")
-TEMPLATE_FILE = "chat_template.jinja"
 DEFAULT_SHARD_RECORDS = 50_000
 ENCODE_BATCH_RECORDS = 1024
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 _GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
-_RENDER_ERRORS = (TypeError, ValueError, LookupError, AttributeError)  # besides jinja2.TemplateError
 _OWN_FILES = ("shard_*.arrow*", MANIFEST_NAME, TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, TEMPLATE_FILE)
 _HASH_SCALE = float(1 << 64)
-
-Part = tuple[str, bool, bool]  # (text, trained, EOS id after it)
-Renderer = Callable[[list[dict[str, str]]], list[Part]]
 
 
 def shard_name(index: int) -> str:
@@ -208,108 +209,6 @@ def _records(files: list[Path], bad: dict[str, int], examples: dict[str, str]) -
                 yield where, record
 
 
-# --- templates ----------------------------------------------------------------------------------------
-
-def builtin_parts(messages: list[dict[str, str]]) -> list[Part]:
-    """The built-in chat template (module docstring) as (text, trained, EOS after) parts."""
-    parts: list[Part] = []
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if role == "assistant":
-            parts += [(f"<|{role}|>\n", False, False), (content, True, True)]
-        else:
-            parts.append((f"<|{role}|>\n{content}\n", False, False))
-    return parts
-
-
-def _special_text(value: Any) -> str:
-    """A token as ``tokenizer_config.json`` writes it: a string or ``{"content": ...}``."""
-    if isinstance(value, dict):
-        return str(value.get("content", ""))
-    return value if isinstance(value, str) else ""
-
-
-def read_chat_template(folder: Path) -> str | None:
-    """The Jinja chat template of a tokenizer folder (``chat_template.jinja``, else ``tokenizer_config.json``'s
-    ``chat_template``, a string or a list holding one named ``default``), or None."""
-    if (folder / TEMPLATE_FILE).is_file():
-        return (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
-    config = _tokenizer_config(folder)
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if template is not None and not isinstance(template, str):
-        raise DataError(f"{folder / TOKENIZER_CONFIG_NAME} has a chat_template that is not a string")
-    return template
-
-
-def _tokenizer_config(folder: Path) -> dict[str, Any]:
-    """``folder/tokenizer_config.json`` parsed ({} when there is none); unreadable is a one-line DataError."""
-    path = folder / TOKENIZER_CONFIG_NAME
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"cannot read {path}: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(config, dict):
-        raise DataError(f"{path} is not a JSON object")
-    return config
-
-
-def jinja_renderer(template: str, folder: Path, tokenizer: Tokenizer, eos: int) -> Renderer:
-    """Parts of a chat through a Hugging Face style Jinja ``template`` (module docstring); a template that
-    does not compile is a one-line DataError, one that fails on a record raises ``_TemplateFailure``."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols])
-    env.globals["raise_exception"] = raise_exception
-    try:
-        compiled = env.from_string(template)
-    except jinja2.TemplateError as exc:
-        raise DataError(f"chat template of {folder} does not compile: {str(exc).splitlines()[0]}") from None
-    config = _tokenizer_config(folder)
-    specials = {"bos_token": _special_text(config.get("bos_token")),
-                "eos_token": _special_text(config.get("eos_token")) or (tokenizer.id_to_token(eos) or "")}
-
-    def render(messages: list[dict[str, str]], generation: bool) -> str:
-        try:
-            return compiled.render(messages=messages, add_generation_prompt=generation, **specials)
-        except (jinja2.TemplateError, *_RENDER_ERRORS) as exc:
-            raise _TemplateFailure(str(exc)) from None
-
-    def parts(messages: list[dict[str, str]]) -> list[Part]:
-        out: list[Part] = []
-        done = ""
-        for i, message in enumerate(messages):
-            if message["role"] == "assistant":
-                prefix = render(messages[:i], True)
-                full = render(messages[:i + 1], False)
-                if not prefix.startswith(done) or not full.startswith(prefix):
-                    raise _TemplateFailure(f"turn {i} does not extend the rendering before it")
-                out += [(prefix[len(done):], False, False), (full[len(prefix):], True, False)]
-            else:
-                full = render(messages[:i + 1], False)
-                if not full.startswith(done):
-                    raise _TemplateFailure(f"turn {i} does not extend the rendering before it")
-                out.append((full[len(done):], False, False))
-            done = full
-        return out
-
-    return parts
-
-
-class _TemplateFailure(Exception):
-    """A chat template could not render (or split) one record: counted as ``template_error``."""
-
-
 # --- tokenizing and fitting ---------------------------------------------------------------------------
 
 def _parts(record: dict[str, Any], renderer: Renderer) -> list[Part]:
@@ -341,7 +240,7 @@ def _tokenized(tokenizer: Tokenizer, eos: int, renderer: Renderer, records: Iter
         for where, record in chunk:
             try:
                 rendered.append((where, record, [p for p in _parts(record, renderer) if p[0] or p[2]]))
-            except _TemplateFailure:
+            except TemplateFailure:
                 _count(bad, examples, "template_error", where)
         texts = [text for _, _, parts in rendered for text, _, _ in parts]
         encoded = iter(tokenizer.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
@@ -448,9 +347,10 @@ def _clear(folder: Path) -> None:
 def _check_out(out_dir: Path) -> None:
     """``out_dir`` must be missing, empty, or an earlier SFT output; else a one-line DataError."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out {out_dir} is a file; give a folder (a missing one is created)")
+        raise DataError(f"output folder {out_dir} is a file; give a folder (a missing one is created)")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not is_sft_output(out_dir):
-        raise DataError(f"--out {out_dir} is not empty and not an earlier SFT output; use a new or empty folder")
+        raise DataError(f"output folder {out_dir} is not empty and not an earlier SFT output; use a new or empty "
+                        "folder")
 
 
 def _existing(out_dir: Path, split_names: list[str], request: dict[str, Any]) -> dict[str, dict] | None:
@@ -470,62 +370,29 @@ def _existing(out_dir: Path, split_names: list[str], request: dict[str, Any]) ->
     return found
 
 
-def prepare_sft(inputs: str | Path | Sequence[str | Path], tokenizer: str | Path, out_dir: str | Path, *,
-                template: str = AUTO, max_len: int = 2048, too_long: str = TRUNCATE, eval_fraction: float = 0.0,
-                seed: int = 0, shard_records: int = DEFAULT_SHARD_RECORDS) -> dict[str, dict[str, Any]]:
-    """Tokenize SFT JSONL into ``out_dir`` (see the module docstring); return ``{split: manifest}``.
-
-    ``tokenizer``: a ``tokenizer.json`` or a folder holding one (its chat template, if any, lives beside it).
-    ``out_dir`` must be missing, empty, or an earlier SFT output: the same request there returns its
-    manifests without work, another one is rewritten (old manifests removed first, so a half-rewritten
-    folder is never complete).
-    """
-    out_dir = Path(out_dir)
-    if template not in TEMPLATES or too_long not in (TRUNCATE, DROP):
-        raise DataError(f"template ({template!r}) must be one of {', '.join(TEMPLATES)}, too_long ({too_long!r}) "
-                        f"truncate or drop")
-    if max_len < 2 or shard_records < 1:
-        raise DataError(f"need max_len >= 2 (got {max_len}) and shard_records >= 1 (got {shard_records})")
-    if not 0 <= eval_fraction < 1:
-        raise DataError(f"eval_fraction ({eval_fraction}) must be in [0, 1)")
-    files = find_inputs(inputs)
-    tokenizer_path = resolve_tokenizer(tokenizer)
-    tok = load_tokenizer(tokenizer_path)
-    eos = eos_id(tok, tokenizer_path)
-    folder = tokenizer_path.parent
-    chat_template = read_chat_template(folder) if template != BUILTIN else None
-    if template == TOKENIZER and chat_template is None:
-        raise DataError(f"template 'tokenizer' needs a chat_template in {folder / TOKENIZER_CONFIG_NAME} "
-                        f"(or {folder / TEMPLATE_FILE}); use template 'builtin'")
-    used = TOKENIZER if chat_template is not None else BUILTIN
-    renderer = jinja_renderer(chat_template, folder, tok, eos) if chat_template is not None else builtin_parts
-    template_sha = hashlib.sha256(chat_template.encode()).hexdigest() if chat_template is not None else None
-    tokenizer_files = [tokenizer_path, *(p for p in (folder / TOKENIZER_CONFIG_NAME, folder / TEMPLATE_FILE)
-                                         if p.is_file())]
-    request = {"template": used, "template_sha256": template_sha, "max_len": max_len, "too_long": too_long,
-               "eval_fraction": eval_fraction, "seed": seed, "shard_records": shard_records,
-               "tokenizer_sha256": file_sha256(tokenizer_path),
-               "sources": [{"file": str(f.resolve()), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
-                           for f in files]}
-    split_names = [TRAIN, VALIDATION] if eval_fraction > 0 else [TRAIN]
-    _check_out(out_dir)
-    existing = _existing(out_dir, split_names, request)
-    if existing is not None:
-        return existing
+def _reset_out(out_dir: Path, split_names: list[str]) -> dict[str, Path]:
+    """Make ``out_dir`` an SFT output about to be (re)written: marked, its manifests removed first (so nothing
+    in it looks complete), the other layout's files and old shards gone; return each split's folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MARKER_NAME).write_text("triarch prepare-sft output\n", encoding="utf-8")
-    for stale in (out_dir, out_dir / TRAIN, out_dir / VALIDATION):  # manifests first: nothing looks complete
-        (stale / MANIFEST_NAME).unlink(missing_ok=True)
+    candidates = (out_dir, out_dir / TRAIN, out_dir / VALIDATION)
+    for folder in candidates:
+        (folder / MANIFEST_NAME).unlink(missing_ok=True)
     folders = {split: (out_dir / split if len(split_names) > 1 else out_dir) for split in split_names}
-    for stale in (out_dir, out_dir / TRAIN, out_dir / VALIDATION):
-        if stale not in folders.values():
-            _clear(stale)
-    for path in folders.values():
-        for old in path.glob("shard_*.arrow*"):
+    for folder in candidates:
+        if folder not in folders.values():
+            _clear(folder)
+    for folder in folders.values():
+        for old in folder.glob("shard_*.arrow*"):
             old.unlink()
-    writers = {split: _SplitWriter(folders[split], shard_records) for split in split_names}
-    bad, examples = dict.fromkeys(BAD_REASONS, 0), {}
-    for where, record, tokens, mask in _tokenized(tok, eos, renderer, _records(files, bad, examples), bad, examples):
+    return folders
+
+
+def _write_examples(examples_in: Iterator[tuple[str, dict, list[int], list[int]]], writers: dict[str, _SplitWriter],
+                    request: dict[str, Any], bad: dict[str, int], examples: dict[str, str]) -> None:
+    """Fit each tokenized example to ``max_len`` (module docstring) and hand it to its split's writer."""
+    max_len, too_long = request["max_len"], request["too_long"]
+    for where, record, tokens, mask in examples_in:
         if not any(mask):
             _count(bad, examples, "empty", where)
             continue
@@ -537,30 +404,77 @@ def prepare_sft(inputs: str | Path | Sequence[str | Path], tokenizer: str | Path
         if not any(mask):  # the cut left nothing to train on
             _count(bad, examples, "too_long", where)
             continue
-        writer = writers[VALIDATION if _held_out(record, seed, eval_fraction) else TRAIN]
+        writer = writers[VALIDATION if _held_out(record, request["seed"], request["eval_fraction"]) else TRAIN]
         writer.truncated += cut
         writer.add(tokens, mask)
     for writer in writers.values():
         writer.flush()
+
+
+def _write_manifest(split: str, writer: _SplitWriter, common: dict[str, Any]) -> dict[str, Any]:
+    """Write ``writer.folder/manifest.json`` last (temp file + rename); return it."""
+    manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "split": split, "columns": list(COLUMNS),
+                "records": writer.records, "tokens": sum(s["tokens"] for s in writer.shards),
+                "trained_tokens": sum(s["trained_tokens"] for s in writer.shards), "truncated": writer.truncated,
+                "shards": writer.shards, **common}
+    manifest_file = writer.folder / MANIFEST_NAME
+    tmp = temp_path(manifest_file)
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    replace_atomically(tmp, manifest_file)
+    return manifest
+
+
+def prepare_sft(inputs: str | Path | Sequence[str | Path], tokenizer: str | Path, out_dir: str | Path, *,
+                template: str = AUTO, max_len: int = 2048, too_long: str = TRUNCATE, eval_fraction: float = 0.0,
+                seed: int = 0, shard_records: int = DEFAULT_SHARD_RECORDS) -> dict[str, dict[str, Any]]:
+    """Tokenize SFT JSONL into ``out_dir`` (see the module docstring); return ``{split: manifest}``.
+
+    ``tokenizer``: a ``tokenizer.json`` or a folder holding one (its chat template, if any, lives beside it).
+    ``out_dir`` must be missing, empty, or an earlier SFT output: the same request there returns its
+    manifests without work, another one is rewritten (old manifests removed first, so a half-rewritten
+    folder is never complete).
+    """
+    out_dir = Path(out_dir)
+    if too_long not in (TRUNCATE, DROP):
+        raise DataError(f"too_long ({too_long!r}) must be truncate or drop")
+    if max_len < 2 or shard_records < 1:
+        raise DataError(f"need max_len >= 2 (got {max_len}) and shard_records >= 1 (got {shard_records})")
+    if not 0 <= eval_fraction < 1:
+        raise DataError(f"eval_fraction ({eval_fraction}) must be in [0, 1)")
+    files = find_inputs(inputs)
+    tokenizer_path = resolve_tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer_path)
+    eos = eos_id(tok, tokenizer_path)
+    folder = tokenizer_path.parent
+    used, renderer, template_sha = resolve_template(template, folder, tok, eos)
+    request = {"template": used, "template_sha256": template_sha, "max_len": max_len, "too_long": too_long,
+               "eval_fraction": eval_fraction, "seed": seed, "shard_records": shard_records,
+               "tokenizer_sha256": file_sha256(tokenizer_path),
+               "sources": [{"file": str(f.resolve()), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                           for f in files]}
+    split_names = [TRAIN, VALIDATION] if eval_fraction > 0 else [TRAIN]
+    _check_out(out_dir)
+    existing = _existing(out_dir, split_names, request)
+    if existing is not None:
+        return existing
+    folders = _reset_out(out_dir, split_names)
+    writers = {split: _SplitWriter(folders[split], shard_records) for split in split_names}
+    bad, examples = dict.fromkeys(BAD_REASONS, 0), {}
+    _write_examples(_tokenized(tok, eos, renderer, _records(files, bad, examples), bad, examples), writers, request,
+                    bad, examples)
     _check_counts(writers, files, bad, eval_fraction)
-    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    common = {"max_len": max_len, "bad_records": bad, "bad_examples": examples, "request": request,
+              "template": {"kind": used, "sha256": template_sha},
+              "tokenizer": {"file": TOKENIZER_NAME, "sha256": request["tokenizer_sha256"],
+                            "vocab_size": tok.get_vocab_size(with_added_tokens=True), "eos_id": eos,
+                            "pad_id": _pad_id(tok, eos)}}
+    tokenizer_files = [tokenizer_path, *(p for p in (folder / TOKENIZER_CONFIG_NAME, folder / TEMPLATE_FILE)
+                                         if p.is_file())]
     manifests = {}
     for split, writer in writers.items():
         for source in tokenizer_files:
             _copy_atomically(source, writer.folder / source.name)
-        manifest = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "split": split, "columns": list(COLUMNS),
-                    "max_len": max_len, "records": writer.records,
-                    "tokens": sum(s["tokens"] for s in writer.shards),
-                    "trained_tokens": sum(s["trained_tokens"] for s in writer.shards),
-                    "truncated": writer.truncated, "bad_records": bad, "bad_examples": examples,
-                    "template": {"kind": used, "sha256": template_sha}, "request": request, "shards": writer.shards,
-                    "tokenizer": {"file": TOKENIZER_NAME, "sha256": request["tokenizer_sha256"],
-                                  "vocab_size": vocab_size, "eos_id": eos, "pad_id": _pad_id(tok, eos)}}
-        manifest_file = writer.folder / MANIFEST_NAME
-        tmp = temp_path(manifest_file)
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        replace_atomically(tmp, manifest_file)
-        manifests[split] = manifest
+        manifests[split] = _write_manifest(split, writer, common)
     for path in out_dir.rglob("*"):
         if is_temp(path):
             path.unlink()
