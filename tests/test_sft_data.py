@@ -107,10 +107,12 @@ def test_builtin_chat_masks_both_assistant_turns_only(mixed: Path, tokenizer: To
                              .format(*user))
 
 
-def test_tokenizer_chat_template(tmp_path: Path, tokenizer_dir: Path, tokenizer: Tokenizer) -> None:
+def test_tokenizer_chat_template(tmp_path: Path, tokenizer_dir: Path) -> None:
     folder = tmp_path / "tok"
     folder.mkdir()
-    (folder / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    with_specials = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    with_specials.add_special_tokens(["<|im_start|>", "<|im_end|>"])  # as a ChatML tokenizer has them
+    with_specials.save(str(folder / "tokenizer.json"))
     refusing = CHATML.replace("{% for m in messages %}",
                               "{% for m in messages %}{% if 'forbidden' in m.content %}"
                               "{{ raise_exception('no') }}{% endif %}")
@@ -129,9 +131,11 @@ def test_tokenizer_chat_template(tmp_path: Path, tokenizer_dir: Path, tokenizer:
         tokens, mask = stream.example(index)
         runs = _runs(mask)
         assistant = [m["content"] for m in chat["messages"] if m["role"] == "assistant"]
-        assert [tokenizer.decode(tokens[a:b].tolist()) for a, b in runs] == [f"{c}<|im_end|>\n" for c in assistant]
+        decoded = [with_specials.decode(tokens[a:b].tolist(), skip_special_tokens=False) for a, b in runs]
+        assert decoded == [f"{c}<|im_end|>\n" for c in assistant]
+        assert [int(tokens[b - 2]) for a, b in runs] == [with_specials.token_to_id("<|im_end|>")] * 2  # one token
         rendered = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in chat["messages"])
-        assert tokenizer.decode(tokens.tolist()) == rendered
+        assert with_specials.decode(tokens.tolist(), skip_special_tokens=False) == rendered
     builtin = prepare_sft(tmp_path / "chat.jsonl", folder, tmp_path / "builtin", template="builtin")["train"]
     assert builtin["template"]["kind"] == "builtin" and builtin["records"] == 7
     with pytest.raises(DataError, match="needs a chat_template"):

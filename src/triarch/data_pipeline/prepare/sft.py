@@ -53,6 +53,7 @@ from glob import glob
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
@@ -233,8 +234,9 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 def _tokenized(tokenizer: Tokenizer, eos: int, renderer: Renderer, records: Iterator[tuple[str, dict]],
                bad: dict[str, int], examples: dict[str, str]
-               ) -> Iterator[tuple[str, dict, list[int], list[int]]]:
-    """(where, record, tokens, mask) per record, the texts of a batch of records encoded at once."""
+               ) -> Iterator[tuple[str, dict, np.ndarray, np.ndarray]]:
+    """(where, record, tokens (uint32), mask (uint8)) per record, the texts of a batch of records encoded at
+    once."""
     for chunk in _chunks(records, ENCODE_BATCH_RECORDS):
         rendered = []
         for where, record in chunk:
@@ -245,13 +247,12 @@ def _tokenized(tokenizer: Tokenizer, eos: int, renderer: Renderer, records: Iter
         texts = [text for _, _, parts in rendered for text, _, _ in parts]
         encoded = iter(tokenizer.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
         for where, record, parts in rendered:
-            tokens: list[int] = []
-            mask: list[int] = []
+            tokens, mask = [], []
             for (_, trained, with_eos), enc in zip(parts, encoded):
-                ids = enc.ids + [eos] if with_eos else enc.ids
-                tokens += ids
-                mask += [int(trained)] * len(ids)
-            yield where, record, tokens, mask
+                ids = np.asarray(enc.ids + [eos] if with_eos else enc.ids, dtype=np.uint32)
+                tokens.append(ids)
+                mask.append(np.full(len(ids), trained, dtype=np.uint8))
+            yield where, record, np.concatenate(tokens), np.concatenate(mask)
 
 
 def _held_out(record: dict[str, Any], seed: int, eval_fraction: float) -> bool:
@@ -270,11 +271,11 @@ class _SplitWriter:
 
     def __init__(self, folder: Path, shard_records: int) -> None:
         self.folder, self.shard_records = folder, shard_records
-        self.pending: list[tuple[list[int], list[int]]] = []
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
         self.shards: list[dict[str, Any]] = []
         self.truncated = 0
 
-    def add(self, tokens: list[int], mask: list[int]) -> None:
+    def add(self, tokens: np.ndarray, mask: np.ndarray) -> None:
         self.pending.append((tokens, mask))
         if len(self.pending) == self.shard_records:
             self.flush()
@@ -284,18 +285,18 @@ class _SplitWriter:
             return
         path = self.folder / shard_name(len(self.shards))
         rows, self.pending = self.pending, []
-        table = pa.Table.from_arrays([pa.array([r[0] for r in rows], type=pa.list_(pa.uint32())),
-                                      pa.array([r[1] for r in rows], type=pa.list_(pa.uint8()))],
-                                     names=list(COLUMNS))
+        offsets = pa.array(np.concatenate([[0], np.cumsum([len(r[0]) for r in rows])]).astype(np.int32))
+        tokens, mask = np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+        table = pa.Table.from_arrays([pa.ListArray.from_arrays(offsets, pa.array(tokens)),
+                                      pa.ListArray.from_arrays(offsets, pa.array(mask))], names=list(COLUMNS))
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(path)
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         replace_atomically(tmp, path)
-        self.shards.append({"file": path.name, "records": len(rows), "tokens": sum(len(r[0]) for r in rows),
-                            "trained_tokens": sum(sum(r[1]) for r in rows),
-                            "max_token_id": max(max(r[0]) for r in rows), "bytes": path.stat().st_size,
-                            "sha256": file_sha256(path)})
+        self.shards.append({"file": path.name, "records": len(rows), "tokens": len(tokens),
+                            "trained_tokens": int(mask.sum(dtype=np.int64)), "max_token_id": int(tokens.max()),
+                            "bytes": path.stat().st_size, "sha256": file_sha256(path)})
 
     @property
     def records(self) -> int:
@@ -388,12 +389,12 @@ def _reset_out(out_dir: Path, split_names: list[str]) -> dict[str, Path]:
     return folders
 
 
-def _write_examples(examples_in: Iterator[tuple[str, dict, list[int], list[int]]], writers: dict[str, _SplitWriter],
+def _write_examples(examples_in: Iterator[tuple[str, dict, np.ndarray, np.ndarray]], writers: dict[str, _SplitWriter],
                     request: dict[str, Any], bad: dict[str, int], examples: dict[str, str]) -> None:
     """Fit each tokenized example to ``max_len`` (module docstring) and hand it to its split's writer."""
     max_len, too_long = request["max_len"], request["too_long"]
     for where, record, tokens, mask in examples_in:
-        if not any(mask):
+        if not mask.any():
             _count(bad, examples, "empty", where)
             continue
         cut = len(tokens) > max_len
@@ -401,7 +402,7 @@ def _write_examples(examples_in: Iterator[tuple[str, dict, list[int], list[int]]
             _count(bad, examples, "too_long", where)
             continue
         tokens, mask = tokens[:max_len], mask[:max_len]
-        if not any(mask):  # the cut left nothing to train on
+        if not mask.any():  # the cut left nothing to train on
             _count(bad, examples, "too_long", where)
             continue
         writer = writers[VALIDATION if _held_out(record, request["seed"], request["eval_fraction"]) else TRAIN]
