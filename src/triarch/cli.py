@@ -101,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens per Arrow record batch inside a shard (default 64Ki)")
     prep.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                       help="show progress (default: a bar on a terminal, a log line every 10 s otherwise)")
+
+    sft = sub.add_parser("prepare-sft", help="tokenize SFT JSONL (prompt/response or chat messages) into shards "
+                                             "of tokens + loss mask")
+    sft.add_argument("inputs", nargs="+", help=".jsonl / .jsonl.gz files, folders or globs")
+    sft.add_argument("--tokenizer", type=Path, required=True,
+                     help="a tokenizer.json or a folder holding one (and maybe tokenizer_config.json)")
+    sft.add_argument("--out", type=Path, required=True, help="output folder: new, empty, or an earlier SFT output")
+    sft.add_argument("--template", choices=["auto", "builtin", "tokenizer"], default="auto",
+                     help="chat template: the tokenizer's chat_template, the built-in one, or auto (the "
+                          "tokenizer's when it has one)")
+    sft.add_argument("--max-len", type=_positive_int, default=2048, help="tokens per example at most")
+    sft.add_argument("--too-long", choices=["truncate", "drop"], default="truncate")
+    sft.add_argument("--eval-fraction", type=float, default=0.0,
+                     help="held-out fraction in [0, 1): > 0 writes OUT/train and OUT/validation")
+    sft.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     return parser
 
 
@@ -297,6 +312,22 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_sft(args: argparse.Namespace) -> int:
+    """``triarch prepare-sft``: examples written per split, bad records skipped per reason."""
+    from triarch.data_pipeline.prepare.sft import prepare_sft
+
+    if not 0 <= args.eval_fraction < 1:
+        raise CliError(f"--eval-fraction ({args.eval_fraction}) must be in [0, 1)")
+    manifests = prepare_sft(args.inputs, args.tokenizer, args.out, template=args.template, max_len=args.max_len,
+                            too_long=args.too_long, eval_fraction=args.eval_fraction, seed=args.seed)
+    splits = ", ".join(f"{name} {m['records']} examples ({m['tokens']} tokens, {m['trained_tokens']} trained, "
+                       f"{m['truncated']} truncated)" for name, m in manifests.items())
+    bad_counts = next(iter(manifests.values()))["bad_records"]
+    bad = ", ".join(f"{k}={v}" for k, v in bad_counts.items() if v) or "none"
+    print(f"prepared SFT data in {args.out}: {splits}; bad records skipped: {sum(bad_counts.values())} ({bad})")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """``triarch data verify``: one line per bad shard, then a summary; exit 1 when any shard is bad."""
     from triarch.data_pipeline.verify import verify_folder
@@ -377,8 +408,8 @@ def main(argv: list[str] | None = None) -> None:
     from triarch.slurm.commands import SlurmError
 
     handlers = {"train": cmd_train, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "prepare": cmd_prepare,
-                "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs,
-                "cancel": cmd_cancel}
+                "prepare-sft": cmd_prepare_sft, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
+                "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
     try:
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:

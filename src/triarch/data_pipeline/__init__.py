@@ -9,8 +9,8 @@
 Shared by both halves (and importing neither): ``errors`` (DataError), ``fileio`` (atomic writes, hashes),
 ``manifest`` (the prepared folder's manifest: format, validation, the one reader for local and fsspec
 paths), ``shard_format`` (the Arrow token-shard schema), ``preference_format`` (the preference-data
-manifest), and ``verify`` (``triarch data verify``, built from those alone). Picture and details:
-``docs/data.md``.
+manifest), ``sft_format`` (the SFT-data manifest), and ``verify`` (``triarch data verify``, built from those
+alone). Picture and details: ``docs/data.md``.
 
 The names below load their module on first use, so a training rank that imports the stream never loads
 prepare's tokenizer and compressor libraries (resident memory counts every loaded library).
@@ -22,6 +22,7 @@ from typing import Any
 _EXPORTS = {
     "DataError": "errors",
     "PreferenceDataset": "stream.preferences",
+    "SFTStream": "stream.sft",
     "TokenStream": "stream.token_stream",
     "dp_slice": "stream.preferences",
     "eos_id": "prepare.tokenizer",
@@ -30,6 +31,7 @@ _EXPORTS = {
     "prepare_files": "prepare.corpus",
     "prepare_preferences": "prepare.preferences",
     "prepare_pydocs": "prepare.corpus",
+    "prepare_sft": "prepare.sft",
     "read_manifest": "manifest",
     "split_train_validation": "prepare.pydocs",
     "stdlib_docstrings": "prepare.pydocs",
