@@ -55,7 +55,7 @@ def open_stream(cfg: TriarchConfig, topo: Topology, split: str, *, training: boo
         from triarch.data_pipeline.stream.sft import SFTStream
 
         return SFTStream(d.path, split, seq, global_batch_size=size, seed=cfg.train.seed, dp_rank=topo.dp_rank,
-                         dp_size=topo.dp, shuffle=training)
+                         dp_size=topo.dp, shuffle=training, verify=d.verify_shards)
     if training:
         return TokenStream(d.train_datasets(), split, seq, global_batch_size=size, seed=cfg.train.seed,
                            dp_rank=topo.dp_rank, dp_size=topo.dp, num_workers=d.num_workers,
