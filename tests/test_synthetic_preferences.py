@@ -68,6 +68,7 @@ def test_same_seed_same_bytes_other_seed_differs(built: Path, docs: list[str], t
     make_synthetic_preferences(other, seed=1, pairs=PAIRS, eval_fraction=EVAL_FRACTION, max_len=96, docs=docs)
     assert (other / "pairs.jsonl").read_bytes() != first["pairs.jsonl"]
     assert (other / "tokenizer.json").read_bytes() == first["tokenizer.json"]  # the seed picks pairs only
+    assert {p["kind"] for p in _pairs(other)} == set(KINDS)
     for split in ("train", "validation"):  # a shorter budget is kept too
         dataset = PreferenceDataset(other / split, seed=0)
         for i in range(len(dataset)):
@@ -189,6 +190,7 @@ def test_cli(run_cli, built: Path, tmp_path: Path) -> None:
         ("--out", tmp_path / "n", "--tokenizer", tok): "give input files and --tokenizer",
         (tmp_path / "missing.jsonl", "--out", tmp_path / "n", "--tokenizer", tok): "preference input not found",
         ("--synthetic", "--out", tmp_path / "n", "--max-len", "0"): "must be positive",
+        ("--synthetic", "--out", tmp_path / "n", "--max-len", "64"): "max_len (64) must be at least 96",
     }
     for args, message in errors.items():
         code, err = run_cli("prepare-preferences", *args)

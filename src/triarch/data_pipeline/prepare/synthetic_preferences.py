@@ -59,6 +59,7 @@ DEFAULT_PAIRS = 2000
 DEFAULT_MAX_LEN = 128  # the demo's seq_len
 DEFAULT_EVAL_FRACTION = 0.1
 MIN_PAIRS = 10
+MIN_MAX_LEN = 96  # below this a rambling response of MIN_RAMBLING_WORDS rarely fits
 PROMPT_WORDS = (3, 6)
 MAX_PROMPT_TOKENS = 16
 MIN_CHOSEN_WORDS = 3
@@ -309,9 +310,8 @@ def make_synthetic_preferences(out_dir: str | Path, *, seed: int = 0, pairs: int
         raise DataError(f"pairs ({pairs}) must be at least {MIN_PAIRS}")
     if not 0.0 < eval_fraction < 1.0:
         raise DataError(f"eval_fraction ({eval_fraction}) must be in (0, 1)")
-    if max_len < MAX_PROMPT_TOKENS + 2 * MIN_REJECTED_WORDS:
-        raise DataError(f"max_len ({max_len}) must be at least {MAX_PROMPT_TOKENS + 2 * MIN_REJECTED_WORDS} "
-                        "(a short prompt and a verbose response)")
+    if max_len < MIN_MAX_LEN:
+        raise DataError(f"max_len ({max_len}) must be at least {MIN_MAX_LEN} (a prompt and a rambling response)")
     if tokenizer is not None:
         load_tokenizer(Path(tokenizer))  # missing or malformed: a DataError naming it
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -337,6 +337,9 @@ def make_synthetic_preferences(out_dir: str | Path, *, seed: int = 0, pairs: int
     dropped = {name: sum(m["bad_records"].values()) for name, m in manifests.items()}
     if summary["splits"] != expected or any(dropped.values()):
         raise DataError(f"prepared splits hold {summary['splits']} pairs (expected {expected}; dropped {dropped})")
+    missing = [kind for kind, counts in summary["kinds"].items() if not sum(counts.values())]
+    if missing:
+        raise DataError(f"no pairs of kind {', '.join(missing)} could be built")
     if summary["judge"]["agreement"] < 1.0:
         raise DataError(f"the judge prefers chosen on only {summary['judge']['agreed']} of {pairs} pairs")
     tmp = temp_path(out_dir / SUMMARY_NAME)
