@@ -213,3 +213,12 @@ def test_cli_builds_the_synthetic_set(run_cli, tmp_path: Path) -> None:
     assert summary["seed"] == 3 and summary["splits"] == {"train": 36, "validation": 4}
     assert summary["tokenizer"]["trained"] and summary["docstrings"] > N_DOCS
     assert read_preference_manifest(out / "train")["tokenizer"]["vocab_size"] == 2048  # the demo's model.vocab_size
+
+
+def test_an_empty_held_out_split_is_named(tmp_path: Path, built: Path) -> None:
+    source = tmp_path / "one.jsonl"
+    source.write_text(json.dumps({"prompt": "Only one", "chosen": " pair.", "rejected": " a worse pair."}) + "\n")
+    split = split_of(b"Only one", 0.01)
+    empty = "validation" if split == "train" else "train"
+    with pytest.raises(DataError, match=f"no usable preference records for the {empty} split"):
+        prepare_preference_splits(source, built / "tokenizer.json", tmp_path / "out", 64, eval_fraction=0.01)

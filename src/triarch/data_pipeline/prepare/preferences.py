@@ -299,7 +299,8 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
     shards, truncated = _write_records(records, out_dir, columns, request, bad, examples)
     total = sum(s["records"] for s in shards)
     if total == 0:
-        raise DataError(f"no usable preference records in {', '.join(str(f) for f in files)} "
+        held = f" for the {split} split (eval_fraction {eval_fraction}, by prompt hash)" if split else ""
+        raise DataError(f"no usable preference records{held} in {', '.join(str(f) for f in files)} "
                         f"(bad: {', '.join(f'{k}={v}' for k, v in bad.items() if v) or 'none'})")
     keep = {shard_name(i) for i in range(len(shards))}
     for path in out_dir.glob("shard_*.arrow*"):

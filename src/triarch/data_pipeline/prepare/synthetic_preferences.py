@@ -9,8 +9,8 @@ Each pair comes from one docstring whose first sentence is short, plain English:
   ``filler`` (the true rest + sentences of filler phrases), ``repetition`` (the true rest said again and
   again), ``off_topic`` (the rest of an unrelated docstring's opening sentence and what follows it, then
   other unrelated docstrings' sentences if it is still short) and
-  ``rambling`` (the true rest, then sentence after sentence of unrelated docstrings, up to the token
-  budget). "Unrelated" docstrings share no content stem (``judge.content_stems``) with prompt + chosen.
+  ``rambling`` (the true rest and the docstring's next sentence, then sentence after sentence of
+  unrelated docstrings, up to the token budget). "Unrelated" docstrings share no content stem (``judge.content_stems``) with prompt + chosen.
 
 Responses start with a space (they continue the prompt's text, so a byte-level BPE tokenizes them as in
 running text). Every pair fits ``max_len`` tokens: prompt + the longer response + EOS. The judge
