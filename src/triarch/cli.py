@@ -116,7 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--eval-fraction", type=float, default=0.0,
                      help="held-out fraction in [0, 1): > 0 writes OUT/train and OUT/validation")
     sft.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
+    _add_prepare_preferences(sub)
     return parser
+
+
+def _add_prepare_preferences(sub: argparse._SubParsersAction) -> None:
+    prefs = sub.add_parser("prepare-preferences", help="preference pairs -> OUT/train and OUT/validation folders")
+    prefs.add_argument("inputs", nargs="*", help="JSONL files, folders or globs of {prompt, chosen, rejected}")
+    prefs.add_argument("--out", type=Path, required=True, help="a new or empty output folder")
+    prefs.add_argument("--synthetic", action="store_true",
+                       help="build the embedded synthetic set (more helpful, less verbose) instead of reading inputs")
+    prefs.add_argument("--seed", type=int, default=None, help="synthetic set: seed (default 0)")
+    prefs.add_argument("--pairs", type=int, default=None, help="synthetic set: pairs (default 2000, at least 10)")
+    prefs.add_argument("--eval-fraction", type=float, default=0.1, help="held-out fraction (default 0.1)")
+    prefs.add_argument("--tokenizer", type=Path, default=None,
+                       help="a tokenizer.json (synthetic default: the demo corpus's BPE, trained deterministically)")
+    prefs.add_argument("--max-len", type=_positive_int, default=128, help="tokens of prompt + response (default 128)")
 
 
 def _non_negative_int(text: str) -> int:
@@ -328,6 +343,46 @@ def cmd_prepare_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare_preferences(args: argparse.Namespace) -> int:
+    """``triarch prepare-preferences``: the synthetic set, or JSONL inputs split into train / validation."""
+    if not 0 < args.eval_fraction < 1:
+        raise CliError(f"--eval-fraction ({args.eval_fraction}) must be between 0 and 1")
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise CliError(f"--out '{args.out}' is not empty; use a new folder or delete this one")
+    if args.tokenizer is not None and not args.tokenizer.is_file():
+        raise CliError(f"--tokenizer '{args.tokenizer}' does not exist")
+    if args.synthetic:
+        from triarch.data_pipeline.prepare.synthetic_preferences import (
+            DEFAULT_PAIRS,
+            MIN_PAIRS,
+            make_synthetic_preferences,
+        )
+
+        pairs = DEFAULT_PAIRS if args.pairs is None else args.pairs
+        if args.inputs:
+            raise CliError("--synthetic takes no input files")
+        if pairs < MIN_PAIRS:
+            raise CliError(f"--pairs ({pairs}) must be at least {MIN_PAIRS}")
+        summary = make_synthetic_preferences(args.out, seed=args.seed or 0, pairs=pairs,
+                                             eval_fraction=args.eval_fraction, tokenizer=args.tokenizer,
+                                             max_len=args.max_len)
+        kinds = ", ".join(f"{k}={sum(v.values())}" for k, v in summary["kinds"].items())
+        print(f"synthetic preferences in {args.out}: {summary['splits']['train']} train, "
+              f"{summary['splits']['validation']} validation pairs ({kinds}); judge agrees on "
+              f"{summary['judge']['agreed']} of {summary['pairs']}")
+        return 0
+    if not args.inputs or args.tokenizer is None or args.seed is not None or args.pairs is not None:
+        raise CliError("without --synthetic, give input files and --tokenizer (--seed and --pairs need --synthetic)")
+    from triarch.data_pipeline.prepare.preferences import prepare_preference_splits
+
+    manifests = prepare_preference_splits(args.inputs, args.tokenizer, args.out, args.max_len,
+                                          eval_fraction=args.eval_fraction)
+    bad = sum(manifests["train"]["bad_records"].values())  # each split reads every record
+    print(f"preferences in {args.out}: " + ", ".join(f"{name} {m['records']}" for name, m in manifests.items())
+          + f" records; {sum(m['truncated'] for m in manifests.values())} truncated, {bad} bad skipped")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """``triarch data verify``: one line per bad shard, then a summary; exit 1 when any shard is bad."""
     from triarch.data_pipeline.verify import verify_folder
@@ -409,7 +464,8 @@ def main(argv: list[str] | None = None) -> None:
 
     handlers = {"train": cmd_train, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "prepare": cmd_prepare,
                 "prepare-sft": cmd_prepare_sft, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
-                "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel}
+                "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
+                "prepare-preferences": cmd_prepare_preferences}
     try:
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:

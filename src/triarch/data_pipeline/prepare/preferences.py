@@ -9,6 +9,10 @@ and EOS is appended to each response, so the prompt/response boundary is exact.
 ``rejected`` for pairs, each ``list<uint32>``) and a copy of the tokenizer, then ``manifest.json`` last
 (temp file + rename; the format: ``preference_format``). Bad records are counted per reason, never a crash
 (see ``BAD_REASONS``). ``stream.preferences.PreferenceDataset`` reads the folder back as padded batches.
+
+``prepare_preference_splits`` writes a held-out split too: ``OUT/train`` and ``OUT/validation``, each a
+folder as above; a record is held out when a stable hash of its prompt falls below ``eval_fraction``
+(``pydocs.split_of``), so records with the same prompt stay together.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import gzip
 import json
 import shutil
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from glob import glob
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ from triarch.data_pipeline.preference_format import (
     TOKENIZER_NAME,
     read_preference_manifest,
 )
+from triarch.data_pipeline.prepare.pydocs import TRAIN, VALIDATION, split_of
 from triarch.data_pipeline.prepare.tokenizer import eos_id, load_tokenizer
 
 TRUNCATE, DROP = "truncate", "drop"
@@ -98,9 +103,10 @@ def _count(bad: dict[str, int], examples: dict[str, str], reason: str, where: st
     examples.setdefault(reason, where)
 
 
-def _texts(files: list[Path], fields: list[str], bad: dict[str, int],
-           examples: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
-    """(``file:line``, text fields) of every good record, in input order; bad ones are counted by reason."""
+def _texts(files: list[Path], fields: list[str], bad: dict[str, int], examples: dict[str, str],
+           keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(``file:line``, text fields) of every good record whose prompt ``keep`` accepts, in input order; bad
+    ones are counted by reason."""
     for path in files:
         for number, line in _lines(path, bad, examples):
             where = f"{path}:{number}"
@@ -120,7 +126,7 @@ def _texts(files: list[Path], fields: list[str], bad: dict[str, int],
                 _count(bad, examples, "non_string", where)
             elif any(not record[name].strip() for name in fields):
                 _count(bad, examples, "empty", where)
-            else:
+            elif keep is None or keep(record[fields[0]]):
                 yield where, [record[name] for name in fields]
 
 
@@ -245,16 +251,17 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
                         out_dir: str | Path, max_len: int, *, kind: str = "auto", too_long: str = TRUNCATE,
                         max_prompt_len: int | None = None, prompt_field: str = "prompt",
                         chosen_field: str = "chosen", rejected_field: str = "rejected",
-                        prompt_special_tokens: bool = False,
-                        shard_records: int = DEFAULT_SHARD_RECORDS) -> dict[str, Any]:
+                        prompt_special_tokens: bool = False, shard_records: int = DEFAULT_SHARD_RECORDS,
+                        split: str | None = None, eval_fraction: float | None = None) -> dict[str, Any]:
     """Tokenize preference JSONL into ``out_dir`` (see the module docstring); return the manifest.
 
     ``kind``: ``pairs``, ``prompts`` or ``auto`` (from the first JSON object). ``max_len`` bounds
     prompt + response (EOS included) of each pair, or the prompt of a prompts set. Longer records are
     truncated (``too_long="truncate"``: see ``_fit``; ``max_prompt_len`` defaults to ``max_len // 2``)
     and counted in ``truncated``, or dropped and counted as ``too_long`` (``too_long="drop"``).
-    If ``out_dir`` already holds a manifest of the same request, returns it without work; one of
-    another request is a DataError.
+    ``split`` (``train`` or ``validation``, with ``eval_fraction`` in (0, 1)) keeps only the records of that
+    side of the prompt-hash split (module docstring). If ``out_dir`` already holds a manifest of the same
+    request, returns it without work; one of another request is a DataError.
     """
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
@@ -263,6 +270,7 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
     if max_len < 2 or not 1 <= max_prompt_len < max_len or shard_records < 1:
         raise DataError(f"need max_len >= 2 (got {max_len}), 1 <= max_prompt_len ({max_prompt_len}) < max_len, "
                         f"shard_records >= 1 (got {shard_records})")
+    keep = _split_filter(split, eval_fraction)
     files = find_inputs(inputs)
     if kind == "auto":
         kind = _detect_kind(files, chosen_field, rejected_field)
@@ -274,6 +282,8 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
                "tokenizer_sha256": file_sha256(tokenizer_path),
                "sources": [{"file": str(f.resolve()), "bytes": f.stat().st_size, "sha256": file_sha256(f)}
                            for f in files]}
+    if split is not None:
+        request["split"] = {"name": split, "method": "prompt_sha256", "eval_fraction": eval_fraction}
     manifest_file = out_dir / MANIFEST_NAME
     if manifest_file.is_file():
         existing = read_preference_manifest(out_dir)
@@ -284,12 +294,13 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
     out_dir.mkdir(parents=True, exist_ok=True)
     bad, examples = dict.fromkeys(BAD_REASONS, 0), {}
     columns = ["prompt", "chosen", "rejected"] if kind == PAIRS else ["prompt"]
-    texts = _texts(files, fields, bad, examples)
+    texts = _texts(files, fields, bad, examples, keep)
     records = _tokenized(tokenizer, eos, _chunks(texts, ENCODE_BATCH_RECORDS), prompt_special_tokens)
     shards, truncated = _write_records(records, out_dir, columns, request, bad, examples)
     total = sum(s["records"] for s in shards)
     if total == 0:
-        raise DataError(f"no usable preference records in {', '.join(str(f) for f in files)} "
+        held = f" for the {split} split (eval_fraction {eval_fraction}, by prompt hash)" if split else ""
+        raise DataError(f"no usable preference records{held} in {', '.join(str(f) for f in files)} "
                         f"(bad: {', '.join(f'{k}={v}' for k, v in bad.items() if v) or 'none'})")
     keep = {shard_name(i) for i in range(len(shards))}
     for path in out_dir.glob("shard_*.arrow*"):
@@ -306,3 +317,22 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     replace_atomically(tmp, manifest_file)
     return manifest
+
+
+def _split_filter(split: str | None, eval_fraction: float | None) -> Callable[[str], bool] | None:
+    """Whether a prompt belongs to ``split`` of the prompt-hash split; None keeps every record."""
+    if split is None and eval_fraction is None:
+        return None
+    if split not in (TRAIN, VALIDATION) or eval_fraction is None or not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"split ({split!r}) must be {TRAIN} or {VALIDATION} and eval_fraction ({eval_fraction}) "
+                        "in (0, 1)")
+    return lambda prompt: split_of(prompt.encode("utf-8"), eval_fraction) == split
+
+
+def prepare_preference_splits(inputs: str | Path | Sequence[str | Path], tokenizer_path: str | Path,
+                              out_dir: str | Path, max_len: int, *, eval_fraction: float,
+                              **options: Any) -> dict[str, dict[str, Any]]:
+    """``prepare_preferences`` into ``out_dir/train`` and ``out_dir/validation`` (split by prompt hash, see the
+    module docstring); ``options`` are its keywords. Returns the manifest of each split."""
+    return {name: prepare_preferences(inputs, tokenizer_path, Path(out_dir) / name, max_len, split=name,
+                                      eval_fraction=eval_fraction, **options) for name in (TRAIN, VALIDATION)}
