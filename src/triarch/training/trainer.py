@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from triarch.checkpointing.init_from import start_weights
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import TriarchConfig, dump_config, validate_for_world
 from triarch.data_pipeline.errors import DataError
@@ -140,8 +141,11 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
             data.load_state_dict(saved["data"])
         start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)
         set_schedule_step(engine.scheduler, start_step)
+        init_from = saved.get("init_from")  # a resumed run ignores init.from and keeps what it started from
         if rank0:
             log.info("resumed from %s (step %d, saved with layout %s)", resume_from.path, start_step, saved.get("layout"))
+    else:  # init.from's weights (checked on the host already), or random ones
+        init_from = start_weights(engine, cfg, topo.host_group)
     if publish_config and rank0:
         dump_config(cfg, run_dir / "config.yaml")
     consumed_at_start = data.consumed_sequences  # sequences consumed before this attempt's first step
@@ -198,7 +202,8 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
                     "world_size": topo.world_size, "layout": topo.describe(),
                     "data": {**data.state_dict(), "consumed_sequences": consumed(step)},
                     "consumed_tokens": consumed(step) * cfg.model.seq_len, "first_loss": first_loss,
-                    "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json", by_alias=True)})
+                    "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json", by_alias=True),
+                    "init_from": init_from})
                 if control is not None:
                     control.progress()
             if exiting:
