@@ -15,7 +15,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from triarch.checkpointing import init_from  # noqa: E402
-from triarch.checkpointing.init_from import InitSourceError, load_initial_weights, resolve_init_source  # noqa: E402
+from triarch.checkpointing.init_from import (  # noqa: E402
+    InitSourceError,
+    load_initial_weights,
+    resolve_init_source,
+    start_weights,
+)
 from triarch.checkpointing.manager import CheckpointManager, list_steps  # noqa: E402
 from triarch.checkpointing.offline import read_full_tensors  # noqa: E402
 from triarch.checkpointing.safe_load import load_plain  # noqa: E402
@@ -169,8 +174,8 @@ def test_reward_model_from_a_language_model_exports_to_transformers(source, worl
     assert equal_weights(read_full_tensors(back / "checkpoints" / "step_0"), tensors)
 
 
-def test_hf_folder_init_gives_equal_logits(source, world_of_one, tmp_path: Path) -> None:
-    _, data = source
+def save_hf_llama(folder: Path) -> transformers.LlamaForCausalLM:
+    """A tiny random ``LlamaForCausalLM`` of the tests' shape, saved with ``save_pretrained``."""
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
                                       rms_norm_eps=1e-5)
@@ -180,8 +185,29 @@ def test_hf_folder_init_gives_equal_logits(source, world_of_one, tmp_path: Path)
         for name, p in hf.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    folder = tmp_path / "pretrained"
     hf.save_pretrained(folder)
+    return hf
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_hf_folder_init_into_sharded_parameters(source, tmp_path: Path) -> None:
+    """hf:PATH into two FSDP ranks: each rank copies its shard of the folder's tensors."""
+    _, data = source
+    folder = tmp_path / "pretrained"
+    hf = save_hf_llama(folder)
+    run = tmp_path / "from_hf"
+    result = train(run, data, f"init.from=hf:{folder}", STILL, "train.steps=1", nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = from_hf_state_dict({k: v.detach() for k, v in hf.state_dict().items()}, 2)
+    assert equal_weights(read_full_tensors(run / "checkpoints" / "step_1"), expected)
+    assert load_plain(run / "checkpoints" / "step_1" / "trainer_state.pt")["init_from"] == f"hf:{folder.resolve()}"
+
+
+def test_hf_folder_init_gives_equal_logits(source, world_of_one, tmp_path: Path, caplog) -> None:
+    _, data = source
+    folder = tmp_path / "pretrained"
+    hf = save_hf_llama(folder)
     engine = engine_for(data, f"init.from=hf:{folder}")
     line = load_initial_weights(engine, f"hf:{folder}", engine.topo.host_group)
     assert line == f"init.from: weights of hf:{folder.resolve()}"
@@ -194,6 +220,10 @@ def test_hf_folder_init_gives_equal_logits(source, world_of_one, tmp_path: Path)
     # an RM run from the same folder: the trunk, and a fresh score head
     rm = engine_for(data, "objective.kind=rm")
     assert "score.weight keeps" in load_initial_weights(rm, f"hf:{folder}", rm.topo.host_group)
+    # without init.from an alignment objective starts from random weights, and says so
+    with caplog.at_level(logging.WARNING, logger="triarch.train"):
+        assert start_weights(rm, rm.cfg, rm.topo.host_group) is None
+    assert "starting rm from random weights" in caplog.text
 
 
 @pytest.mark.parametrize("case", ["missing", "hf_missing", "other_dim", "other_layers", "not_committed"])

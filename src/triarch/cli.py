@@ -268,8 +268,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         runs = plan_runs(args.config, args.overrides, args.run_dir, options)
         print(render_sbatch(options, runs, log_folder(runs), sys.executable), end="")
         return 0
+    from triarch.checkpointing.init_from import check_init_source
+
     for run in plan_runs(args.config, args.overrides, args.run_dir, options):
         check_data(run.cfg)
+        check_init_source(run.cfg, run.run_dir)
     for record in submit(args.config, args.overrides, args.run_dir, options):
         print(f"submitted job {record.job_id}" + (f" [{record.label}]" if record.label else ""))
         print(f"  run directory: {record.run_dir}")

@@ -179,16 +179,12 @@ def resolve_init_source(source: str, host_group: dist.ProcessGroup | None = None
 
 
 # ---------------------------------------------------------------------------------------------- check
-def _setting(args: LlamaArgs, field: str) -> object:
-    return getattr(args, field)
-
-
 def _config_hint(source: InitSource, ours: LlamaArgs) -> str:
     """Which config keys to change so this run's model matches the source."""
     if source.args is None:
-        return "; model.vocab_size, dim, n_layers, n_heads, n_kv_heads, ffn_hidden and tie_embeddings must match the source"
-    changes = [f"{key}={_setting(source.args, field)!s} (this run has {_setting(ours, field)!s})"
-               for field, key in _SHAPE_KEYS.items() if _setting(source.args, field) != _setting(ours, field)]
+        return f"; {', '.join(_SHAPE_KEYS.values())} must match the source's"
+    changes = [f"{key}={getattr(source.args, field)} (this run has {getattr(ours, field)})"
+               for field, key in _SHAPE_KEYS.items() if getattr(source.args, field) != getattr(ours, field)]
     return f"; set {', '.join(changes)} to match it" if changes else ""
 
 
@@ -238,8 +234,8 @@ def _load_checkpoint(params: dict[str, torch.Tensor], source: InitSource, group:
         dcp.load(state, checkpoint_id=str(source.path), process_group=group)
     except (Exception, CheckpointException) as err:  # DCP gathers every rank's failure into one error
         text = str(err).strip()
-        raise _fail(source.spec, f"loading {source.path} failed: {text.splitlines()[-1] if text else type(err).__name__}"
-                    ) from None
+        reason = text.splitlines()[-1] if text else type(err).__name__
+        raise _fail(source.spec, f"loading {source.path} failed: {reason}") from None
 
 
 @torch.no_grad()
