@@ -174,11 +174,11 @@ def test_reward_model_from_a_language_model_exports_to_transformers(source, worl
     assert equal_weights(read_full_tensors(back / "checkpoints" / "step_0"), tensors)
 
 
-def save_hf_llama(folder: Path) -> transformers.LlamaForCausalLM:
+def save_hf_llama(folder: Path, tied: bool = False) -> transformers.LlamaForCausalLM:
     """A tiny random ``LlamaForCausalLM`` of the tests' shape, saved with ``save_pretrained``."""
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-                                      rms_norm_eps=1e-5)
+                                      rms_norm_eps=1e-5, tie_word_embeddings=tied)
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -204,11 +204,13 @@ def test_hf_folder_init_into_sharded_parameters(source, tmp_path: Path) -> None:
     assert load_plain(run / "checkpoints" / "step_1" / "trainer_state.pt")["init_from"] == f"hf:{folder.resolve()}"
 
 
-def test_hf_folder_init_gives_equal_logits(source, world_of_one, tmp_path: Path, caplog) -> None:
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_hf_folder_init_gives_equal_logits(tied: bool, source, world_of_one, tmp_path: Path, caplog,
+                                           run_cli) -> None:
     _, data = source
     folder = tmp_path / "pretrained"
-    hf = save_hf_llama(folder)
-    engine = engine_for(data, f"init.from=hf:{folder}")
+    hf = save_hf_llama(folder, tied)
+    engine = engine_for(data, f"model.tie_embeddings={str(tied).lower()}")
     line = load_initial_weights(engine, f"hf:{folder}", engine.topo.host_group)
     assert line == f"init.from: weights of hf:{folder.resolve()}"
     expected = from_hf_state_dict({k: v.detach() for k, v in hf.state_dict().items()}, 2)
@@ -217,6 +219,12 @@ def test_hf_folder_init_gives_equal_logits(source, world_of_one, tmp_path: Path,
     model = engine.chunks[0].eval()
     with torch.no_grad():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() <= 1e-5
+    if tied:  # imported, the tied run holds only the embedding; the engine's head loads from it as well
+        imported = tmp_path / "imported"
+        assert run_cli("ckpt", "import", "--hf", folder, "--run-dir", imported)[0] == 0
+        again = engine_for(data, "model.tie_embeddings=true")
+        load_initial_weights(again, str(imported), again.topo.host_group)
+        assert equal_weights(again.full_parameters(), engine.full_parameters())
     # an RM run from the same folder: the trunk, and a fresh score head
     rm = engine_for(data, "objective.kind=rm")
     assert "score.weight keeps" in load_initial_weights(rm, f"hf:{folder}", rm.topo.host_group)

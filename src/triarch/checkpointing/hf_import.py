@@ -96,14 +96,18 @@ def _triarch_tensors(weights: HFWeights, names: list[str], args: LlamaArgs, conf
     """The weights under triarch's names, float32; a tied model's head must equal its embedding."""
     hf = load_tensors(weights, names)
     if args.tie_embeddings and HEAD in hf:
-        head = hf.pop(HEAD)
-        if not torch.equal(head, hf[EMBEDDING]):
-            raise CheckpointError(f"{weights.entries[HEAD].file}: tensor {HEAD} differs from {EMBEDDING}, but "
-                                  f"{config_path} has tie_word_embeddings true")
+        check_tied_head(weights, hf.pop(HEAD), hf[EMBEDDING], config_path)
     tensors = from_hf_state_dict(hf, args.n_layers)
     if args.tie_embeddings:
         tensors.pop("output.weight", None)  # a reward model has no LM head to untie
     return tensors
+
+
+def check_tied_head(weights: HFWeights, head: torch.Tensor, embedding: torch.Tensor, config_path: Path) -> None:
+    """A tied model's ``lm_head.weight``, when the folder has one, must equal its embedding."""
+    if not torch.equal(head, embedding):
+        raise CheckpointError(f"{weights.entries[HEAD].file}: tensor {HEAD} differs from {EMBEDDING}, but "
+                              f"{config_path} has tie_word_embeddings true")
 
 
 def _run_config(args: LlamaArgs, run_dir: Path, config_path: Path) -> TriarchConfig:
@@ -144,12 +148,6 @@ def checked_hf_folder(hf_dir: Path) -> tuple[LlamaArgs, HFWeights, list[str]]:
         raise CheckpointError(f"{config_path}: {err}") from None
     weights = hf_weights(hf_dir)
     return args, weights, _checked_names(weights, args, config_path)
-
-
-def hf_model_tensors(hf_dir: Path) -> tuple[LlamaArgs, dict[str, torch.Tensor]]:
-    """The checked folder's weights under triarch's names, float32, in memory (what an import writes)."""
-    args, weights, names = checked_hf_folder(hf_dir)
-    return args, _triarch_tensors(weights, names, args, hf_dir / CONFIG_FILE)
 
 
 def import_hf(hf_dir: Path, run_dir: Path) -> Path:

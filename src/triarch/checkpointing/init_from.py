@@ -4,8 +4,8 @@ A source is a run directory (its newest committed checkpoint that verifies, as r
 checkpoint folder ``RUN_DIR/checkpoints/step_N`` (committed, verified), or ``hf:PATH`` (a Hugging Face
 Llama folder, read in memory through the checks of ``triarch ckpt import --hf``; no run directory is
 written). The step, LR schedule, optimizer state and data position start fresh. A run checkpoint loads
-through DCP, so each rank reads only the shards its parameters hold, in any TP/PP/DP layout; a HF folder
-is read whole on each rank, and each rank copies out its own shard.
+through DCP, so each rank reads only the shards its parameters hold, in any TP/PP/DP layout; from a HF
+folder each rank reads the tensors of its own parameters one at a time and copies out its shard.
 
 Between the source and this run's model:
 - source with an LM head, this run a reward model (head ``score``): the trunk loads, ``output.weight`` is
@@ -34,7 +34,8 @@ from torch.distributed.tensor import DTensor
 
 from triarch.checkpointing.commit import COMMIT_FILE, CheckpointError, read_commit, verify, verify_files
 from triarch.checkpointing.hf_folder import CONFIG_FILE
-from triarch.checkpointing.hf_import import checked_hf_folder, hf_model_tensors
+from triarch.checkpointing.hf_folder import load_tensors
+from triarch.checkpointing.hf_import import EMBEDDING, HEAD, check_tied_head, checked_hf_folder
 from triarch.checkpointing.manager import TRAINER_STATE, CheckpointManager
 from triarch.checkpointing.offline import MODEL_PREFIX, tensor_metadata
 from triarch.checkpointing.safe_load import load_plain
@@ -42,7 +43,7 @@ from triarch.checkpointing.state import named_parameters
 from triarch.checkpointing.steps import STEP_PATTERN, list_steps
 from triarch.config import ConfigError, TriarchConfig
 from triarch.engine.native import NativeEngine, llama_args
-from triarch.models.hf_llama import SCORE
+from triarch.models.hf_llama import SCORE, hf_names
 from triarch.models.llama import Llama, LlamaArgs
 from triarch.parallel.init import local_indices
 
@@ -50,6 +51,7 @@ log = logging.getLogger("triarch.train")
 
 HF_PREFIX = "hf:"
 LM_HEAD = "output.weight"
+EMBEDDING_NAME = "tok_embeddings.weight"
 # LlamaArgs fields that decide tensor shapes or how they are read -> their config key
 _SHAPE_KEYS = {"vocab_size": "model.vocab_size", "dim": "model.dim", "n_layers": "model.n_layers",
                "n_heads": "model.n_heads", "n_kv_heads": "model.n_kv_heads", "ffn_hidden": "model.ffn_hidden",
@@ -199,6 +201,8 @@ def fresh_parameters(source: InitSource, cfg: TriarchConfig) -> frozenset[str]:
     fresh, ignored = set(), set()
     if SCORE in ours and SCORE not in theirs:
         fresh, ignored = {SCORE}, {LM_HEAD}
+    if ours_args.tie_embeddings:  # a tied head is the embedding; a source's own output.weight loads into it
+        ignored.add(LM_HEAD)
     hint = _config_hint(source, ours_args)
     for name, shape in ours.items():
         if name in fresh:
@@ -227,11 +231,18 @@ def check_init_source(cfg: TriarchConfig, run_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- load
-def _load_checkpoint(params: dict[str, torch.Tensor], source: InitSource, group: dist.ProcessGroup) -> None:
+def _load_checkpoint(params: dict[str, torch.Tensor], source: InitSource, group: dist.ProcessGroup, *,
+                     tied: bool) -> None:
     """DCP reads each rank's shards of the named parameters in place (every rank calls this)."""
-    state = {MODEL_PREFIX + name: p.detach() for name, p in params.items()}
+    # A tied model's head, where the engine holds it as a parameter of its own, loads from the source's
+    # output.weight, or from its embedding when the source has none (a second read: one key, two targets).
+    aliased = tied and LM_HEAD not in source.shapes
+    reads = [{MODEL_PREFIX + name: p.detach() for name, p in params.items() if not (aliased and name == LM_HEAD)}]
+    if aliased:  # every rank reads twice (an empty read where it holds no head): DCP reads are collective
+        reads.append({MODEL_PREFIX + EMBEDDING_NAME: p.detach() for name, p in params.items() if name == LM_HEAD})
     try:
-        dcp.load(state, checkpoint_id=str(source.path), process_group=group)
+        for state in reads:
+            dcp.load(state, checkpoint_id=str(source.path), process_group=group)
     except (Exception, CheckpointException) as err:  # DCP gathers every rank's failure into one error
         text = str(err).strip()
         reason = text.splitlines()[-1] if text else type(err).__name__
@@ -239,18 +250,42 @@ def _load_checkpoint(params: dict[str, torch.Tensor], source: InitSource, group:
 
 
 @torch.no_grad()
-def _load_hf(params: dict[str, torch.Tensor], source: InitSource) -> None:
-    """The whole HF model in memory (ckpt import's checks), then each parameter's local part copied out."""
+def _copy_local(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's part of the full value ``full`` into ``param`` (a DTensor shard or a plain tensor)."""
+    for dim, index in enumerate(local_indices(param)):
+        full = full.index_select(dim, index)
+    local = param.to_local() if isinstance(param, DTensor) else param
+    local.copy_(full.to(local.dtype))
+
+
+def _read_hf(params: dict[str, torch.Tensor], source: InitSource) -> str | None:
+    """Read the folder one tensor at a time (so a rank holds at most one full tensor beyond its shards),
+    each rank only the tensors of its own parameters; the problem found, if any."""
     try:
-        _, tensors = hf_model_tensors(source.path)
+        args, weights, _ = checked_hf_folder(source.path)
+        hf_of = {**hf_names(args.n_layers), SCORE: SCORE}
+        if args.tie_embeddings:  # a tied head is the embedding (lm_head.weight, if present, must equal it)
+            hf_of[LM_HEAD] = EMBEDDING
+        for name, param in params.items():
+            value = load_tensors(weights, [hf_of[name]])[hf_of[name]]
+            if hf_of[name] == EMBEDDING and args.tie_embeddings and HEAD in weights.entries:
+                check_tied_head(weights, load_tensors(weights, [HEAD])[HEAD], value, source.path / CONFIG_FILE)
+            _copy_local(param, value)
     except CheckpointError as err:
-        raise _fail(source.spec, str(err)) from None
-    for name, param in params.items():
-        value = tensors[name]
-        for dim, index in enumerate(local_indices(param)):
-            value = value.index_select(dim, index)
-        local = param.to_local() if isinstance(param, DTensor) else param
-        local.copy_(value.to(local.dtype))
+        return str(err)
+    return None
+
+
+def _load_hf(params: dict[str, torch.Tensor], source: InitSource, group: dist.ProcessGroup) -> None:
+    """Every rank reads its parameters' tensors from the HF folder; a problem on any rank ends them all."""
+    problem = _read_hf(params, source)
+    found: list[str | None] = [problem]
+    if dist.get_world_size(group) > 1:
+        found = [None] * dist.get_world_size(group)
+        dist.all_gather_object(found, problem, group=group)
+    first = next((p for p in found if p is not None), None)
+    if first is not None:
+        raise _fail(source.spec, first)
 
 
 def _load(engine: NativeEngine, source: str, host_group: dist.ProcessGroup) -> tuple[InitSource, frozenset[str]]:
@@ -258,9 +293,9 @@ def _load(engine: NativeEngine, source: str, host_group: dist.ProcessGroup) -> t
     fresh = fresh_parameters(described, engine.cfg)
     params = {name: p for name, p in named_parameters(engine).items() if name not in fresh}
     if described.hf:
-        _load_hf(params, described)
+        _load_hf(params, described, host_group)
     else:
-        _load_checkpoint(params, described, host_group)
+        _load_checkpoint(params, described, host_group, tied=engine.cfg.model.tie_embeddings)
     return described, fresh
 
 
