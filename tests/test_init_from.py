@@ -234,7 +234,8 @@ def test_hf_folder_init_gives_equal_logits(tied: bool, source, world_of_one, tmp
     assert "starting rm from random weights" in caplog.text
 
 
-@pytest.mark.parametrize("case", ["missing", "hf_missing", "other_dim", "other_layers", "not_committed"])
+@pytest.mark.parametrize("case", ["missing", "hf_missing", "other_dim", "other_layers", "not_committed", "other_heads",
+                                  "untied_into_tied"])
 def test_unusable_init_from_is_one_line_and_writes_nothing(case: str, source, tmp_path: Path, run_cli) -> None:
     src, data = source
     partial = tmp_path / "partial" / "checkpoints" / "step_3"
@@ -247,6 +248,12 @@ def test_unusable_init_from_is_one_line_and_writes_nothing(case: str, source, tm
                       "tensor tok_embeddings.weight is (2048, 64) in"),
         "other_layers": (["init.from=" + str(src), "model.n_layers=3"], "has no tensor layers.2."),
         "not_committed": ([f"init.from={partial}"], "is not committed"),
+        "other_heads": ([f"init.from={src}", "model.n_heads=8", "model.n_kv_heads=4"],
+                        "the same shapes split into other attention heads; set model.n_heads=4 (this run has 8), "
+                        "model.n_kv_heads=2 (this run has 4)"),
+        "untied_into_tied": ([f"init.from={src}", "model.tie_embeddings=true"],
+                             "has its own output.weight, this run ties it to the embedding; set "
+                             "model.tie_embeddings=false (this run has true)"),
     }[case]
     run = tmp_path / "refused"
     code, err = run_cli("train", EXAMPLES / "tiny.yaml", "--run-dir", run, f"data.path={data}", *SMALL, *overrides)

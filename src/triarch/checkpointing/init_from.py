@@ -181,11 +181,16 @@ def resolve_init_source(source: str, host_group: dist.ProcessGroup | None = None
 
 
 # ---------------------------------------------------------------------------------------------- check
+def _yaml(value: object) -> str:
+    """A config value as an override spells it (``true``, not ``True``)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _config_hint(source: InitSource, ours: LlamaArgs) -> str:
     """Which config keys to change so this run's model matches the source."""
     if source.args is None:
         return f"; {', '.join(_SHAPE_KEYS.values())} must match the source's"
-    changes = [f"{key}={getattr(source.args, field)} (this run has {getattr(ours, field)})"
+    changes = [f"{key}={_yaml(getattr(source.args, field))} (this run has {_yaml(getattr(ours, field))})"
                for field, key in _SHAPE_KEYS.items() if getattr(source.args, field) != getattr(ours, field)]
     return f"; set {', '.join(changes)} to match it" if changes else ""
 
@@ -201,9 +206,12 @@ def fresh_parameters(source: InitSource, cfg: TriarchConfig) -> frozenset[str]:
     fresh, ignored = set(), set()
     if SCORE in ours and SCORE not in theirs:
         fresh, ignored = {SCORE}, {LM_HEAD}
-    if ours_args.tie_embeddings:  # a tied head is the embedding; a source's own output.weight loads into it
-        ignored.add(LM_HEAD)
     hint = _config_hint(source, ours_args)
+    if ours_args.tie_embeddings and LM_HEAD in theirs:
+        if source.args is not None and not source.args.tie_embeddings and SCORE not in ours:
+            raise _fail(source.spec, f"{source.resolved} has its own {LM_HEAD}, this run ties it to the "
+                                     f"embedding{hint}")
+        ignored.add(LM_HEAD)  # a tied source's head (the engine may hold it apart) loads into this run's head
     for name, shape in ours.items():
         if name in fresh:
             continue
