@@ -276,3 +276,27 @@ def test_refused_on_the_ranks_too(source, tmp_path: Path, monkeypatch, run_cli) 
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "tensor tok_embeddings.weight is (2048, 64)" in errors[0], err
     assert not (run / "checkpoints").exists() and not (run / "config.yaml").exists()
+
+
+def test_hf_reward_model_folder_starts_a_reward_model_run(source, world_of_one, tmp_path: Path, run_cli) -> None:
+    """A ``save_pretrained`` one-label LlamaForSequenceClassification: hf:PATH into an RM run loads its score
+    head too (equal scores), and into an LM objective it is refused."""
+    _, data = source
+    pad = 3
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+                                      rms_norm_eps=1e-5, num_labels=1, pad_token_id=pad)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForSequenceClassification(config).eval()
+    folder = tmp_path / "hf_rm"
+    hf.save_pretrained(folder)
+    rm = engine_for(data, "objective.kind=rm")
+    assert "keeps" not in load_initial_weights(rm, f"hf:{folder}", rm.topo.host_group)
+    tokens = torch.randint(pad + 1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens[0, 9:] = pad
+    with torch.no_grad():
+        ours = rm.chunks[0].eval()(tokens)[torch.tensor([0, 1]), torch.tensor([8, 15]), 0]
+        assert (ours - hf(tokens).logits[:, 0]).abs().max().item() <= 1e-5
+    code, err = run_cli("train", EXAMPLES / "tiny.yaml", "--run-dir", tmp_path / "sft", f"data.path={data}", *SMALL,
+                        "objective.kind=sft", f"init.from=hf:{folder}")
+    assert code == 2 and "is a reward model (score head); objective.kind sft needs a language-model head" in err
