@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--hf", type=Path, required=True, help="output folder")
     exp.add_argument("--step", type=int, default=None)
     exp.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    exp.add_argument("--pad-id", type=int, default=None,
+                     help="a reward model's padding token id (config pad_token_id; default: the data's pad_id)")
     exp.add_argument("--force", action="store_true",
                      help="export into a non-empty folder, replacing its *.safetensors, index, config.json, "
                           "generation_config.json and tokenizer files (other files stay)")
@@ -268,10 +270,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg = validate_for_world(cfg, args.nproc)
     check_data(cfg)
+    from triarch.checkpointing.init_from import check_init_source
     from triarch.launcher.run_dir import usable_run_dir, write_attempt_config
     from triarch.launcher.run_lock import RunDirBusy, run_dir_lock
 
-    run_dir = usable_run_dir(args.run_dir or Path("runs") / cfg.name)
+    run_dir = args.run_dir or Path("runs") / cfg.name
+    check_init_source(cfg, run_dir)  # before the run directory is touched: a refused init.from writes nothing
+    run_dir = usable_run_dir(run_dir)
 
     try:
         with run_dir_lock(run_dir) as lock_fd:
@@ -414,8 +419,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         runs = plan_runs(args.config, args.overrides, args.run_dir, options)
         print(render_sbatch(options, runs, log_folder(runs), sys.executable), end="")
         return 0
+    from triarch.checkpointing.init_from import check_init_source
+
     for run in plan_runs(args.config, args.overrides, args.run_dir, options):
         check_data(run.cfg)
+        check_init_source(run.cfg, run.run_dir)
     for record in submit(args.config, args.overrides, args.run_dir, options):
         print(f"submitted job {record.job_id}" + (f" [{record.label}]" if record.label else ""))
         print(f"  run directory: {record.run_dir}")

@@ -1,5 +1,8 @@
 """``triarch ckpt import --hf``: a Hugging Face Llama folder -> a new run directory (committed step 0).
 
+A one-label ``LlamaForSequenceClassification`` folder imports as a reward model (``objective.kind: rm``,
+``score.weight``).
+
 The folder is checked before anything is written: ``config.json`` (family, required fields, features
 triarch lacks), the safetensors headers (truncation, names, shapes) and the tied-embedding rule. The run
 directory must be new or empty (a lock file left by an earlier run aside) and not held by a live run:
@@ -82,7 +85,7 @@ def _checked_names(weights: HFWeights, args: LlamaArgs, config_path: Path) -> li
     for name in expected:
         if name not in weights.entries and name != HEAD:
             raise CheckpointError(f"{weights.source}: missing tensor {name}")
-    if HEAD not in weights.entries and not args.tie_embeddings:
+    if HEAD not in weights.entries and not args.tie_embeddings and args.head == "lm":
         raise CheckpointError(f"{weights.source}: missing tensor {HEAD} ({config_path} has tie_word_embeddings "
                               f"false, so the output projection is its own tensor)")
     return [name for name in expected if name in weights.entries]
@@ -93,14 +96,18 @@ def _triarch_tensors(weights: HFWeights, names: list[str], args: LlamaArgs, conf
     """The weights under triarch's names, float32; a tied model's head must equal its embedding."""
     hf = load_tensors(weights, names)
     if args.tie_embeddings and HEAD in hf:
-        head = hf.pop(HEAD)
-        if not torch.equal(head, hf[EMBEDDING]):
-            raise CheckpointError(f"{weights.entries[HEAD].file}: tensor {HEAD} differs from {EMBEDDING}, but "
-                                  f"{config_path} has tie_word_embeddings true")
+        check_tied_head(weights, hf.pop(HEAD), hf[EMBEDDING], config_path)
     tensors = from_hf_state_dict(hf, args.n_layers)
     if args.tie_embeddings:
-        tensors.pop("output.weight")
+        tensors.pop("output.weight", None)  # a reward model has no LM head to untie
     return tensors
+
+
+def check_tied_head(weights: HFWeights, head: torch.Tensor, embedding: torch.Tensor, config_path: Path) -> None:
+    """A tied model's ``lm_head.weight``, when the folder has one, must equal its embedding."""
+    if not torch.equal(head, embedding):
+        raise CheckpointError(f"{weights.entries[HEAD].file}: tensor {HEAD} differs from {EMBEDDING}, but "
+                              f"{config_path} has tie_word_embeddings true")
 
 
 def _run_config(args: LlamaArgs, run_dir: Path, config_path: Path) -> TriarchConfig:
@@ -109,8 +116,9 @@ def _run_config(args: LlamaArgs, run_dir: Path, config_path: Path) -> TriarchCon
              "n_kv_heads": args.n_kv_heads, "ffn_hidden": args.ffn_hidden, "max_seq_len": args.max_seq_len,
              "seq_len": min(args.max_seq_len, 2048), "rope_theta": args.rope_theta, "norm_eps": args.norm_eps,
              "tie_embeddings": args.tie_embeddings}
+    objective = {"kind": "rm"} if args.head == "score" else {}
     try:
-        return config_from_dict({"name": run_dir.resolve().name, "model": model})
+        return config_from_dict({"name": run_dir.resolve().name, "model": model, "objective": objective})
     except ConfigError as err:
         raise CheckpointError(f"{config_path}: {err}") from None
 
@@ -130,15 +138,22 @@ def _write_run(run_dir: Path, tensors: dict[str, torch.Tensor], cfg: TriarchConf
     return step_dir
 
 
-def import_hf(hf_dir: Path, run_dir: Path) -> Path:
-    """Write a committed step-0 checkpoint and a matching ``config.yaml`` into a new or empty ``run_dir``."""
+def checked_hf_folder(hf_dir: Path) -> tuple[LlamaArgs, HFWeights, list[str]]:
+    """The folder's model shape, its weight files and the tensors to load, after every check of the config
+    and the safetensors headers (no tensor data is read)."""
     config_path = hf_dir / CONFIG_FILE
     try:
         args = args_from_hf_config(read_hf_config(hf_dir))
     except ValueError as err:
         raise CheckpointError(f"{config_path}: {err}") from None
     weights = hf_weights(hf_dir)
-    names = _checked_names(weights, args, config_path)
+    return args, weights, _checked_names(weights, args, config_path)
+
+
+def import_hf(hf_dir: Path, run_dir: Path) -> Path:
+    """Write a committed step-0 checkpoint and a matching ``config.yaml`` into a new or empty ``run_dir``."""
+    config_path = hf_dir / CONFIG_FILE
+    args, weights, names = checked_hf_folder(hf_dir)
     cfg = _run_config(args, run_dir, config_path)
     with _claimed(run_dir) as created:
         try:

@@ -1,5 +1,7 @@
 """``triarch ckpt export --hf``: a committed step -> a Hugging Face Llama folder (safetensors, config, tokenizer).
 
+A reward model's step becomes a one-label ``LlamaForSequenceClassification`` folder.
+
 The export is written into a temporary sibling folder first. A new or empty target is then replaced by a
 rename, so it never holds half an export. A non-empty target is refused unless ``force``: then the files an
 export owns (weights, index, configs, tokenizer files) are removed and the new ones renamed in, and files
@@ -122,9 +124,42 @@ def _write_via_sibling(out: Path, tensors: dict[str, torch.Tensor], config: dict
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str = "bf16", force: bool = False) -> Path:
+def _data_tokens(cfg: TriarchConfig) -> dict:
+    """The ``tokenizer`` record of the run's data manifest (``eos_id``, and ``pad_id`` for preference data),
+    or nothing when the data is not where the config says."""
+    try:
+        record = json.loads((Path(cfg.data.path) / "manifest.json").read_text()).get("tokenizer")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def reward_pad_id(cfg: TriarchConfig, pad_id: int | None) -> int:
+    """The ``pad_token_id`` of an exported reward model: ``pad_id`` when given, else the data's padding id.
+
+    transformers scores the rightmost token that is not ``pad_token_id``; a sequence ending in EOS would be
+    scored one token early if padding were EOS, so a padding id equal to EOS is refused.
+    """
+    tokens = _data_tokens(cfg)
+    eos = tokens.get("eos_id")
+    chosen = pad_id if pad_id is not None else tokens.get("pad_id")
+    if chosen is None:
+        raise CheckpointError(f"exporting a reward model needs its padding token id (transformers scores the last "
+                              f"token that is not padding): the data at {cfg.data.path} names none; pass --pad-id")
+    if not 0 <= chosen < cfg.model.vocab_size:
+        raise CheckpointError(f"--pad-id {chosen} is outside the vocabulary (model.vocab_size {cfg.model.vocab_size})")
+    if chosen == eos:
+        raise CheckpointError(f"the reward model's padding id {chosen} is its EOS id too: transformers would score "
+                              f"the token before each final EOS; pass --pad-id with a token that never ends a sequence")
+    return chosen
+
+
+def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str = "bf16", force: bool = False,
+              pad_id: int | None = None) -> Path:
     """Write ``out/model.safetensors``, ``out/config.json`` and the run's tokenizer (when found).
 
+    A reward model (``objective.kind: rm``) is written as a one-label ``LlamaForSequenceClassification``
+    whose ``pad_token_id`` is ``pad_id`` or the data's padding id (:func:`reward_pad_id`).
     A non-empty ``out`` is refused unless ``force``, which removes the files a previous export left there.
     """
     if dtype not in _DTYPES:
@@ -133,9 +168,10 @@ def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str =
     _check_target(out, force)
     cfg = saved_config(info)
     args = _args(cfg)
+    pad = reward_pad_id(cfg, pad_id) if args.head == "score" else pad_id
     hf = to_hf_state_dict(read_full_tensors(info.path), tie_embeddings=args.tie_embeddings)
     tensors = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}
-    config = hf_config_dict(args, dtype="bfloat16" if dtype == "bf16" else "float32")
+    config = hf_config_dict(args, dtype="bfloat16" if dtype == "bf16" else "float32", pad_token_id=pad)
     tokenizer = Path(cfg.data.path) / "tokenizer.json"
     _write_via_sibling(out, tensors, config, tokenizer if tokenizer.is_file() else None)
     return out

@@ -271,6 +271,10 @@ class CheckpointManager:
         dist.broadcast_object_list(listing, src=0, group=self._host)
         return listing[0]
 
+    def verify_step(self, step_dir: Path) -> str | None:
+        """Check one step folder (of any run) together (collective): the first problem found, or None."""
+        return self._verify_together(step_dir)
+
     def _verify_together(self, step_dir: Path) -> str | None:
         """Each rank checks its share (:func:`share_of`) of the step's files; the first problem any rank
         found (with the rank that found it), or None on every rank when all match."""

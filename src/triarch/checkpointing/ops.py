@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if args.ckpt_command == "inspect":
         return inspect_run(args.run_dir, args.step)
     if args.ckpt_command == "export":
-        out = export_hf(args.run_dir, args.hf, step=args.step, dtype=args.dtype, force=args.force)
+        out = export_hf(args.run_dir, args.hf, step=args.step, dtype=args.dtype, force=args.force,
+                        pad_id=getattr(args, "pad_id", None))
         print(f"exported to {out}")
         return 0
     step_dir = import_hf(args.hf, args.run_dir)

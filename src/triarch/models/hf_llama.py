@@ -30,6 +30,8 @@ _TOP_NAMES = {
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+SCORE = "score.weight"  # the scalar head's name on both sides
+_SEQUENCE_CLASSIFICATION = "LlamaForSequenceClassification"
 _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 # Rotary frequencies some older HF checkpoints saved; both sides recompute them.
 _HF_IGNORED_RE = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
@@ -41,6 +43,12 @@ def _name_map(n_layers: int, with_head: bool) -> dict[str, str]:
     for i in range(n_layers):
         names.update({f"layers.{i}.{k}": f"model.layers.{i}.{v}" for k, v in _LAYER_NAMES.items()})
     return names
+
+
+def hf_names(n_layers: int, *, with_head: bool = True) -> dict[str, str]:
+    """Every triarch parameter name of a Llama with ``n_layers`` layers -> its HF name (``with_head``:
+    include ``output.weight`` -> ``lm_head.weight``). The score head keeps its name (:data:`SCORE`)."""
+    return _name_map(n_layers, with_head)
 
 
 def _convert(sd: dict[str, Tensor], names: dict[str, str], side: str) -> dict[str, Tensor]:
@@ -66,12 +74,15 @@ def to_hf_state_dict(sd: dict[str, Tensor], *, tie_embeddings: bool | None = Non
     ``output.weight`` is absent or shares storage with ``tok_embeddings.weight`` (``Llama.state_dict()``
     of a tied model).
     """
-    if tie_embeddings is None:
-        head, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
-        tie_embeddings = head is None or _shares_storage(head, emb)
     layer_ids = [int(m.group(1)) for k in sd if (m := _LAYER_RE.match(k))]
     n_layers = max(layer_ids) + 1 if layer_ids else 0
     sd = dict(sd)
+    if SCORE in sd:  # a reward model: the trunk and its scalar head, no LM head
+        score = sd.pop(SCORE)
+        return {**_convert(sd, _name_map(n_layers, with_head=False), "triarch"), SCORE: score}
+    if tie_embeddings is None:
+        head, emb = sd.get("output.weight"), sd.get("tok_embeddings.weight")
+        tie_embeddings = head is None or _shares_storage(head, emb)
     if tie_embeddings:
         sd.pop("output.weight", None)
     return _convert(sd, _name_map(n_layers, with_head=not tie_embeddings), "triarch")
@@ -84,6 +95,10 @@ def from_hf_state_dict(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor
     ``Llama(tie_embeddings=True).load_state_dict(..., strict=True)`` works.
     """
     sd = {k: v for k, v in sd.items() if not ignored_hf_tensor(k)}
+    if SCORE in sd:  # LlamaForSequenceClassification: no LM head, tied or not
+        score = sd.pop(SCORE)
+        trunk = {v: k for k, v in _name_map(n_layers, with_head=False).items()}
+        return {**_convert(sd, trunk, "HF"), SCORE: score}
     tied = "lm_head.weight" not in sd
     to_hf = _name_map(n_layers, with_head=not tied)
     out = _convert(sd, {v: k for k, v in to_hf.items()}, "HF")
@@ -92,10 +107,21 @@ def from_hf_state_dict(sd: dict[str, Tensor], n_layers: int) -> dict[str, Tensor
     return out
 
 
-def hf_config_dict(args: LlamaArgs, dtype: str = "float32") -> dict:
-    """A ``LlamaConfig``-compatible dict (the ``config.json`` of an exported model)."""
+def hf_config_dict(args: LlamaArgs, dtype: str = "float32", pad_token_id: int | None = None) -> dict:
+    """A ``LlamaConfig``-compatible dict (the ``config.json`` of an exported model).
+
+    A reward model (``args.head == "score"``) is a ``LlamaForSequenceClassification`` with one label, whose
+    ``pad_token_id`` tells transformers where each sequence ends: it scores the rightmost token that is not
+    ``pad_token_id``.
+    """
+    extra: dict = {}
+    if args.head == "score":
+        extra = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}, "num_labels": 1,
+                 "pad_token_id": pad_token_id}
+    elif pad_token_id is not None:
+        extra = {"pad_token_id": pad_token_id}
     return {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [_SEQUENCE_CLASSIFICATION if args.head == "score" else "LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": args.dim,
         "intermediate_size": args.ffn_hidden,
@@ -113,6 +139,7 @@ def hf_config_dict(args: LlamaArgs, dtype: str = "float32") -> dict:
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": dtype,
+        **extra,
     }
 
 
@@ -218,8 +245,21 @@ def _heads(cfg: dict, defaults: dict) -> tuple[int, int]:
     return heads, kv
 
 
+def _head(cfg: dict) -> str:
+    """``"score"`` for a one-label ``*ForSequenceClassification`` (a reward model), else ``"lm"``."""
+    architectures = cfg.get("architectures") or []
+    if not any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in architectures):
+        return "lm"
+    labels = cfg.get("num_labels", len(cfg.get("id2label") or {}) or 2)  # transformers' default is 2 labels
+    if labels != 1:
+        raise ValueError(f"num_labels is {labels}: triarch's score head has one output (a reward or value); "
+                         f"only a one-label sequence classifier imports")
+    return "score"
+
+
 def args_from_hf_config(cfg: dict) -> LlamaArgs:
-    """:class:`LlamaArgs` from a HF Llama (or window-free Mistral) config dict.
+    """:class:`LlamaArgs` from a HF Llama (or window-free Mistral) config dict; a one-label
+    ``LlamaForSequenceClassification`` gives ``head="score"``.
 
     Anything missing, malformed or not implemented is a one-line ``ValueError`` naming the field.
     """
@@ -238,6 +278,7 @@ def args_from_hf_config(cfg: dict) -> LlamaArgs:
         rope_theta=_rope(cfg),
         norm_eps=_positive_float(cfg, "rms_norm_eps", defaults["rms_norm_eps"]),
         tie_embeddings=cfg.get("tie_word_embeddings", defaults["tie_word_embeddings"]),
+        head=_head(cfg),
     )
 
 
@@ -247,14 +288,18 @@ def ignored_hf_tensor(name: str) -> bool:
 
 
 def hf_tensor_shapes(args: LlamaArgs) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name of an untied model of this shape -> its shape."""
+    """Every HF tensor name of an untied model of this shape -> its shape (a reward model: ``score.weight``
+    instead of ``lm_head.weight``)."""
     dim, q, kv, ffn = args.dim, args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.ffn_hidden
     layer = {"self_attn.q_proj.weight": (q, dim), "self_attn.k_proj.weight": (kv, dim),
              "self_attn.v_proj.weight": (kv, dim), "self_attn.o_proj.weight": (dim, q),
              "mlp.gate_proj.weight": (ffn, dim), "mlp.up_proj.weight": (ffn, dim), "mlp.down_proj.weight": (dim, ffn),
              "input_layernorm.weight": (dim,), "post_attention_layernorm.weight": (dim,)}
-    shapes = {"model.embed_tokens.weight": (args.vocab_size, dim), "model.norm.weight": (dim,),
-              "lm_head.weight": (args.vocab_size, dim)}
+    shapes = {"model.embed_tokens.weight": (args.vocab_size, dim), "model.norm.weight": (dim,)}
+    if args.head == "score":
+        shapes[SCORE] = (1, dim)
+    else:
+        shapes["lm_head.weight"] = (args.vocab_size, dim)
     for i in range(args.n_layers):
         shapes.update({f"model.layers.{i}.{k}": v for k, v in layer.items()})
     return shapes

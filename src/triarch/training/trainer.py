@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from triarch.checkpointing.init_from import start_weights
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import TriarchConfig, dump_config, validate_for_world
 from triarch.data_pipeline.errors import DataError
@@ -130,28 +131,21 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
     if control is not None:
         control.groups_ready()
     start_step, first_eval, first_loss = 0, None, float("nan")
-    init_source: str | None = None
+    init_from: str | None = None
     resume_from = manager.newest_usable()
     if resume_from is not None:
         saved = manager.load(resume_from, engine)
         if "data" in saved:
             data.load_state_dict(saved["data"])
         start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)
-        init_source = saved.get("init_source")
         set_schedule_step(engine.scheduler, start_step)
+        init_from = saved.get("init_from")  # a resumed run ignores init.from and keeps what it started from
         if rank0:
             log.info("resumed from %s (step %d, saved with layout %s)", resume_from.path, start_step, saved.get("layout"))
-    elif cfg.init.from_ is not None:
-        from triarch.checkpointing.init_from import load_initial_weights, resolve_init_source
-
-        init_source = resolve_init_source(cfg.init.from_)
-        loaded = load_initial_weights(engine, init_source, topo.host_group)
-        if rank0:
-            log.info("initial weights: %s", loaded)
-    elif cfg.objective.kind != "pretrain" and rank0:
-        log.warning("starting %s from random weights (set init.from to a run directory or hf:PATH)", cfg.objective.kind)
+    else:  # init.from's weights (checked on the host already), or random ones
+        init_from = start_weights(engine, cfg, topo.host_group)
     eval_streams = {cfg.data.train_split: data} | ({cfg.data.eval_split: evaluator.stream} if evaluator else {})
-    stage = Stage(build_objective(cfg), build_reference(cfg, topo, run_dir, eval_streams, init_source, topo.host_group))
+    stage = Stage(build_objective(cfg), build_reference(cfg, topo, run_dir, eval_streams, init_from, topo.host_group))
     if publish_config and rank0:
         dump_config(cfg, run_dir / "config.yaml")
     consumed_at_start = data.consumed_sequences  # sequences consumed before this attempt's first step
@@ -212,8 +206,9 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
                 manager.save(step, engine, {
                     "world_size": topo.world_size, "layout": topo.describe(),
                     "data": {**data.state_dict(), "consumed_sequences": consumed(step)},
-                    "consumed_tokens": consumed_tokens(step), "first_loss": first_loss, "init_source": init_source,
-                    "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json", by_alias=True)})
+                    "consumed_tokens": consumed_tokens(step), "first_loss": first_loss,
+                    "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json", by_alias=True),
+                    "init_from": init_from})
                 if control is not None:
                     control.progress()
             if exiting:
