@@ -75,3 +75,23 @@ def test_bf16_autocast_trains_close_to_fp32() -> None:
         assert losses["bf16"] != losses["fp32"]  # autocast really ran in bf16
     finally:
         shutdown_distributed()
+
+
+def test_tied_embeddings_stay_one_parameter_through_materialization() -> None:
+    """Allocating from the meta device gives each module a new tensor; the tie must survive it (one tensor in
+    the model, the optimizer and the checkpoint; trained as one)."""
+    device = torch.device("cpu")
+    init_distributed(device)
+    try:
+        cfg = validate_for_world(load_config(None, [*SMALL, "model.tie_embeddings=true"]), 1)
+        topo = Topology.build(device, pp=1, dp_replicate=1, dp_shard=1, tp=1)
+        engine = NativeEngine(cfg, topo)
+        chunk = engine.chunks[0]
+        assert chunk.output.weight is chunk.tok_embeddings.weight
+        assert sum(len(g["params"]) for g in engine.optimizer.param_groups) == len(list(chunk.parameters()))
+        batch = _batch()
+        engine.train_step(batch[:, :-1], batch[:, 1:], step=1)
+        assert chunk.output.weight is chunk.tok_embeddings.weight
+        assert "output.weight" not in engine.full_parameters()
+    finally:
+        shutdown_distributed()

@@ -269,13 +269,13 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg = validate_for_world(cfg, args.nproc)
-    check_data(cfg)
     from triarch.checkpointing.init_from import check_init_source
     from triarch.launcher.run_dir import usable_run_dir, write_attempt_config
     from triarch.launcher.run_lock import RunDirBusy, run_dir_lock
 
     run_dir = args.run_dir or Path("runs") / cfg.name
     check_init_source(cfg, run_dir)  # before the run directory is touched: a refused init.from writes nothing
+    check_data(cfg)
     run_dir = usable_run_dir(run_dir)
 
     try:

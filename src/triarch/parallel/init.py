@@ -110,7 +110,9 @@ def materialize(model: Llama, device: torch.device, *, seed: int, std: float) ->
 
     Returns the number of random elements this rank drew.
     """
+    shared = _shared_parameter_names(model)
     model.to_empty(device=device)
+    _retie(model, shared)
     model.reset_buffers()
     drawn = 0
     for raw_name, param in model.named_parameters():
@@ -123,6 +125,24 @@ def materialize(model: Llama, device: torch.device, *, seed: int, std: float) ->
         local.copy_(value.to(local.dtype))
         drawn += count
     return drawn
+
+
+def _shared_parameter_names(model: nn.Module) -> list[list[str]]:
+    """Names that refer to one parameter (tied embeddings), grouped; first name first."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def _retie(model: nn.Module, shared: list[list[str]]) -> None:
+    """``to_empty`` gives each module its own new tensor (meta -> device cannot keep the object): make every
+    name of a shared group refer to the first name's parameter again."""
+    for first, *others in shared:
+        param = model.get_parameter(first)
+        for name in others:
+            owner, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(owner), attr, param)
 
 
 def full_parameters(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
