@@ -127,8 +127,11 @@ def _write_via_sibling(out: Path, tensors: dict[str, torch.Tensor], config: dict
 def _data_tokens(cfg: TriarchConfig) -> dict:
     """The ``tokenizer`` record of the run's data manifest (``eos_id``, and ``pad_id`` for preference data),
     or nothing when the data is not where the config says."""
+    folder = Path(cfg.data.path)
+    if (folder / cfg.data.train_split / "manifest.json").is_file():  # a folder with held-out splits
+        folder = folder / cfg.data.train_split
     try:
-        record = json.loads((Path(cfg.data.path) / "manifest.json").read_text()).get("tokenizer")
+        record = json.loads((folder / "manifest.json").read_text()).get("tokenizer")
     except (OSError, ValueError, AttributeError):
         return {}
     return record if isinstance(record, dict) else {}
