@@ -98,7 +98,7 @@ def test_bad_records_counted_per_reason(tmp_path: Path, tokenizer_path: Path) ->
     source.write_bytes(b"\n".join(lines) + b"\n")
     dropped = prepare_preferences(source, tokenizer_path, tmp_path / "drop", MAX_LEN, too_long="drop")
     assert dropped["bad_records"] == {"bad_json": 2, "invalid_utf8": 1, "missing_field": 1, "non_string": 1,
-                                      "empty": 1, "too_long": 1, "truncated_file": 0}
+                                      "bad_margin": 0, "empty": 1, "too_long": 1, "truncated_file": 0}
     assert dropped["records"] == 5 and dropped["truncated"] == 0
     assert dropped["bad_examples"]["missing_field"] == f"{source}:8"
 
@@ -195,3 +195,25 @@ def test_manifest_last_and_idempotent(tmp_path: Path, tokenizer_path: Path, monk
     assert read_preference_manifest(out)["records"] == 20
     with pytest.raises(DataError, match="another request"):
         prepare_preferences(source, tokenizer_path, out, MAX_LEN + 1, shard_records=8)
+
+
+def test_margins_are_kept_per_pair_and_reach_both_rows(tokenizer_path: Path, tmp_path: Path) -> None:
+    from triarch.data_pipeline.stream.preferences import PreferenceStream
+
+    records = [{**_pair(i), "margin": i / 4} for i in range(8)]
+    records += [{**_pair(8), "margin": "high"}, _pair(9), {**_pair(10), "margin": float("nan")}, {**_pair(11), "margin": True}]
+    source = tmp_path / "margins.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in records))
+    manifest = prepare_preferences(source, tokenizer_path, tmp_path / "out", MAX_LEN, shard_records=3)
+    assert manifest["columns"] == ["prompt", "chosen", "rejected", "margin"] and manifest["records"] == 8
+    assert manifest["bad_records"]["bad_margin"] == 3 and manifest["bad_records"]["missing_field"] == 1
+    data = PreferenceDataset(tmp_path / "out", seed=0)
+    assert [float(data.record(i)["margin"][0]) for i in range(8)] == [i / 4 for i in range(8)]
+    stream = PreferenceStream(tmp_path / "out", "train", MAX_LEN, global_batch_size=4, seed=0, dp_rank=1, dp_size=2)
+    batch = stream.batch_for_step(0)
+    pairs = batch["example_ids"].view(-1, 2)[:, 0].tolist()
+    assert batch["margin"].view(-1, 2).tolist() == [[p / 4, p / 4] for p in pairs]
+    plain = prepare_preferences(_write_jsonl(tmp_path / "plain.jsonl", [_pair(i) for i in range(4)]), tokenizer_path,
+                                tmp_path / "plain", MAX_LEN)
+    assert "margin" not in plain["columns"] and "margin" not in PreferenceStream(
+        tmp_path / "plain", "train", MAX_LEN, global_batch_size=2, seed=0, dp_rank=0, dp_size=1).batch_for_step(0)

@@ -235,9 +235,11 @@ def check_preference_data(cfg: TriarchConfig) -> None:
         if len(dataset) < cfg.train.global_batch_size:
             raise CliError(f"data.path '{folder}' holds {len(dataset)} pairs, fewer than one global batch "
                            f"(train.global_batch_size {cfg.train.global_batch_size})")
-    if cfg.objective.margin:
-        raise CliError("objective.margin needs a per-pair margin column, which prepared preference sets do not "
-                       "have yet; set objective.margin=false")
+        if cfg.objective.margin and "margin" not in dataset.columns:
+            raise CliError(f"objective.margin needs a per-pair margin, and data.path '{folder}' has none (prepare "
+                           "pairs whose JSONL records carry a numeric \"margin\"), or set objective.margin=false")
+    if cfg.objective.margin and cfg.objective.kind != "rm":
+        raise CliError(f"objective.margin applies to reward models (objective.kind rm), not {cfg.objective.kind}")
 
 
 def check_sft_data(cfg: TriarchConfig) -> None:

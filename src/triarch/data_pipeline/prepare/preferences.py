@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -44,9 +45,11 @@ from triarch.data_pipeline.prepare.pydocs import TRAIN, VALIDATION, split_of
 from triarch.data_pipeline.prepare.tokenizer import eos_id, load_tokenizer
 
 TRUNCATE, DROP = "truncate", "drop"
-BAD_REASONS = ("bad_json", "invalid_utf8", "missing_field", "non_string", "empty", "too_long", "truncated_file")
+BAD_REASONS = ("bad_json", "invalid_utf8", "missing_field", "non_string", "bad_margin", "empty", "too_long",
+               "truncated_file")
 PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 DEFAULT_SHARD_RECORDS = 50_000
+MARGIN = "margin"
 ENCODE_BATCH_RECORDS = 1024
 _JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 _GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
@@ -104,9 +107,10 @@ def _count(bad: dict[str, int], examples: dict[str, str], reason: str, where: st
 
 
 def _texts(files: list[Path], fields: list[str], bad: dict[str, int], examples: dict[str, str],
-           keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, list[str]]]:
-    """(``file:line``, text fields) of every good record whose prompt ``keep`` accepts, in input order; bad
-    ones are counted by reason."""
+           keep: Callable[[str], bool] | None = None,
+           margin_field: str | None = None) -> Iterator[tuple[str, list[str], float | None]]:
+    """(``file:line``, text fields, margin) of every good record whose prompt ``keep`` accepts, in input
+    order; bad ones are counted by reason. With ``margin_field`` every record needs a finite number there."""
     for path in files:
         for number, line in _lines(path, bad, examples):
             where = f"{path}:{number}"
@@ -126,12 +130,21 @@ def _texts(files: list[Path], fields: list[str], bad: dict[str, int], examples: 
                 _count(bad, examples, "non_string", where)
             elif any(not record[name].strip() for name in fields):
                 _count(bad, examples, "empty", where)
+            elif margin_field is not None and margin_field not in record:
+                _count(bad, examples, "missing_field", where)
+            elif margin_field is not None and not _finite_number(record[margin_field]):
+                _count(bad, examples, "bad_margin", where)
             elif keep is None or keep(record[fields[0]]):
-                yield where, [record[name] for name in fields]
+                yield where, [record[name] for name in fields], \
+                    float(record[margin_field]) if margin_field is not None else None
 
 
-def _detect_kind(files: list[Path], chosen_field: str, rejected_field: str) -> str:
-    """``pairs`` if the first JSON object in the inputs has a response field, else ``prompts``."""
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _first_object(files: list[Path]) -> dict[str, Any]:
+    """The first JSON object record of the inputs (the set's kind and optional fields follow it)."""
     bad = dict.fromkeys(BAD_REASONS, 0)
     for path in files:
         for _, line in _lines(path, bad, {}):
@@ -140,7 +153,7 @@ def _detect_kind(files: list[Path], chosen_field: str, rejected_field: str) -> s
             except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(record, dict):
-                return PAIRS if chosen_field in record or rejected_field in record else PROMPTS
+                return record
     raise DataError(f"no JSON object records in {', '.join(str(f) for f in files)}")
 
 
@@ -163,9 +176,10 @@ def _fit(prompt: list[int], responses: list[list[int]], max_len: int, max_prompt
     return prompt[len(prompt) - keep:], [r[:budget] for r in responses], True
 
 
-def _tokenized(tokenizer: Tokenizer, eos: int, batches: Iterator[list[tuple[str, list[str]]]],
-               prompt_special_tokens: bool) -> Iterator[tuple[str, list[list[int]]]]:
-    """(where, [prompt ids, response ids + EOS, ...]) per record, encoded a batch of records at a time."""
+def _tokenized(tokenizer: Tokenizer, eos: int, batches: Iterator[list[tuple[str, list[str], float | None]]],
+               prompt_special_tokens: bool) -> Iterator[tuple[str, list[list[int]], float | None]]:
+    """(where, [prompt ids, response ids + EOS, ...], margin) per record, encoded a batch of records at a
+    time."""
     for records in batches:
         texts = [r[1] for r in records]
         prompts = tokenizer.encode_batch([t[0] for t in texts], add_special_tokens=prompt_special_tokens)
@@ -173,8 +187,8 @@ def _tokenized(tokenizer: Tokenizer, eos: int, batches: Iterator[list[tuple[str,
         for col in range(1, len(texts[0])):
             encoded = tokenizer.encode_batch([t[col] for t in texts], add_special_tokens=False)
             columns.append([e.ids + [eos] if e.ids else [] for e in encoded])
-        for (where, _), *parts in zip(records, *columns, strict=True):
-            yield where, parts
+        for (where, _, margin), *parts in zip(records, *columns, strict=True):
+            yield where, parts, margin
 
 
 def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
@@ -189,9 +203,13 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-def _write_shard(path: Path, root: Path, columns: list[str], rows: list[list[list[int]]]) -> dict[str, Any]:
-    """Write one shard (temp file + rename) and return its manifest entry."""
-    arrays = [pa.array([row[i] for row in rows], type=pa.list_(pa.uint32())) for i in range(len(columns))]
+def _write_shard(path: Path, root: Path, columns: list[str], rows: list[list[list[int]]],
+                 margins: list[float] | None = None) -> dict[str, Any]:
+    """Write one shard (temp file + rename) and return its manifest entry (token columns, then ``margin``)."""
+    token_columns = [c for c in columns if c != MARGIN]
+    arrays = [pa.array([row[i] for row in rows], type=pa.list_(pa.uint32())) for i in range(len(token_columns))]
+    if margins is not None:
+        arrays.append(pa.array(margins, type=pa.float64()))
     table = pa.Table.from_arrays(arrays, names=columns)
     tmp = temp_path(path)
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
@@ -228,8 +246,9 @@ def _write_records(records: Iterator[tuple[str, list[list[int]]]], out_dir: Path
     """Fit tokenized records to ``request["max_len"]`` and write them in shards; return (entries, truncated)."""
     shards: list[dict[str, Any]] = []
     pending: list[list[list[int]]] = []
+    margins: list[float] | None = [] if MARGIN in columns else None
     truncated = 0
-    for where, parts in records:
+    for where, parts, margin in records:
         if not all(parts):  # text that encodes to no tokens
             _count(bad, examples, "empty", where)
             continue
@@ -239,11 +258,13 @@ def _write_records(records: Iterator[tuple[str, list[list[int]]]], out_dir: Path
             continue
         truncated += fitted[2]
         pending.append([fitted[0], *fitted[1]])
+        if margins is not None:
+            margins.append(margin)
         if len(pending) == request["shard_records"]:
-            shards.append(_write_shard(out_dir / shard_name(len(shards)), out_dir, columns, pending))
-            pending = []
+            shards.append(_write_shard(out_dir / shard_name(len(shards)), out_dir, columns, pending, margins))
+            pending, margins = [], [] if margins is not None else None
     if pending:
-        shards.append(_write_shard(out_dir / shard_name(len(shards)), out_dir, columns, pending))
+        shards.append(_write_shard(out_dir / shard_name(len(shards)), out_dir, columns, pending, margins))
     return shards, truncated
 
 
@@ -252,7 +273,8 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
                         max_prompt_len: int | None = None, prompt_field: str = "prompt",
                         chosen_field: str = "chosen", rejected_field: str = "rejected",
                         prompt_special_tokens: bool = False, shard_records: int = DEFAULT_SHARD_RECORDS,
-                        split: str | None = None, eval_fraction: float | None = None) -> dict[str, Any]:
+                        split: str | None = None, eval_fraction: float | None = None,
+                        margin_field: str = MARGIN) -> dict[str, Any]:
     """Tokenize preference JSONL into ``out_dir`` (see the module docstring); return the manifest.
 
     ``kind``: ``pairs``, ``prompts`` or ``auto`` (from the first JSON object). ``max_len`` bounds
@@ -261,7 +283,9 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
     and counted in ``truncated``, or dropped and counted as ``too_long`` (``too_long="drop"``).
     ``split`` (``train`` or ``validation``, with ``eval_fraction`` in (0, 1)) keeps only the records of that
     side of the prompt-hash split (module docstring). If ``out_dir`` already holds a manifest of the same
-    request, returns it without work; one of another request is a DataError.
+    request, returns it without work; one of another request is a DataError. A pairs set whose first record
+    has ``margin_field`` (a number) keeps it per pair in a ``margin`` column (for a reward model's margin
+    loss); every record then needs a finite number there.
     """
     out_dir, tokenizer_path = Path(out_dir), Path(tokenizer_path)
     max_prompt_len = max_len // 2 if max_prompt_len is None else max_prompt_len
@@ -272,9 +296,11 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
                         f"shard_records >= 1 (got {shard_records})")
     keep = _split_filter(split, eval_fraction)
     files = find_inputs(inputs)
+    first = _first_object(files)
     if kind == "auto":
-        kind = _detect_kind(files, chosen_field, rejected_field)
+        kind = PAIRS if chosen_field in first or rejected_field in first else PROMPTS
     fields = [prompt_field, chosen_field, rejected_field] if kind == PAIRS else [prompt_field]
+    with_margin = kind == PAIRS and margin_field in first
     tokenizer = load_tokenizer(tokenizer_path)
     eos = eos_id(tokenizer, tokenizer_path)
     request = {"kind": kind, "fields": fields, "max_len": max_len, "max_prompt_len": max_prompt_len,
@@ -284,6 +310,8 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
                            for f in files]}
     if split is not None:
         request["split"] = {"name": split, "method": "prompt_sha256", "eval_fraction": eval_fraction}
+    if with_margin:
+        request["margin_field"] = margin_field
     manifest_file = out_dir / MANIFEST_NAME
     if manifest_file.is_file():
         existing = read_preference_manifest(out_dir)
@@ -294,7 +322,9 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
     out_dir.mkdir(parents=True, exist_ok=True)
     bad, examples = dict.fromkeys(BAD_REASONS, 0), {}
     columns = ["prompt", "chosen", "rejected"] if kind == PAIRS else ["prompt"]
-    texts = _texts(files, fields, bad, examples, keep)
+    if with_margin:
+        columns.append(MARGIN)
+    texts = _texts(files, fields, bad, examples, keep, margin_field if with_margin else None)
     records = _tokenized(tokenizer, eos, _chunks(texts, ENCODE_BATCH_RECORDS), prompt_special_tokens)
     shards, truncated = _write_records(records, out_dir, columns, request, bad, examples)
     total = sum(s["records"] for s in shards)

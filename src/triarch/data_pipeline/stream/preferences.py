@@ -26,7 +26,8 @@ from triarch.labels import IGNORE_INDEX
 
 
 def _map_columns(file: Path, columns: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Memory-map one shard: per column, (int64 row offsets, uint32 token values), without copying tokens."""
+    """Memory-map one shard: per column, (int64 row offsets, uint32 token values), without copying tokens; a
+    scalar column (a pair's ``margin``) has one value per row."""
     try:
         table = pa.ipc.open_file(pa.memory_map(str(file), "r")).read_all()
     except (OSError, pa.ArrowInvalid) as exc:
@@ -36,6 +37,9 @@ def _map_columns(file: Path, columns: list[str]) -> dict[str, tuple[np.ndarray, 
     mapped = {}
     for name in columns:
         chunk = table.column(name).combine_chunks()
+        if not pa.types.is_list(chunk.type):
+            mapped[name] = (np.arange(len(chunk) + 1, dtype=np.int64), chunk.to_numpy(zero_copy_only=False))
+            continue
         offsets = chunk.offsets.to_numpy().astype(np.int64)
         mapped[name] = (offsets - offsets[0], chunk.values.to_numpy(zero_copy_only=True)[offsets[0]:offsets[-1]])
     return mapped
@@ -81,7 +85,8 @@ class PreferenceDataset:
         row = index - int(self._starts[shard])
         out = {}
         for name, (offsets, values) in self._shards[shard].items():
-            out[name] = values[offsets[row]:offsets[row + 1]].astype(np.int64)
+            part = values[offsets[row]:offsets[row + 1]]
+            out[name] = part.astype(np.int64) if part.dtype == np.uint32 else part.copy()
         return out
 
     def permutation(self, epoch: int) -> np.ndarray:
@@ -110,6 +115,8 @@ class PreferenceDataset:
                 ids[r, prompt_len:seq_len] = rec[side]
                 labels[r, prompt_len - 1:seq_len - 1] = rec[side]  # position i predicts token i + 1
             out[f"{side}_input_ids"], out[f"{side}_labels"] = torch.from_numpy(ids), torch.from_numpy(labels)
+        if "margin" in self.columns:
+            out["margin"] = torch.tensor([float(rec["margin"][0]) for rec in records], dtype=torch.float64)
         return out
 
     def global_indices(self, start: int, count: int) -> list[int]:
@@ -211,6 +218,7 @@ class PreferenceStream:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.local_batch_size = global_batch_size // dp_size  # pairs
         self.vocab_size = self.dataset.vocab_size
+        self.has_margin = "margin" in self.dataset.columns
         self.consumed_sequences = 0
 
     @property
@@ -227,7 +235,10 @@ class PreferenceStream:
         ids[:, :width] = torch.stack([pairs["chosen_input_ids"], pairs["rejected_input_ids"]], 1).flatten(0, 1)
         labels[:, :width] = torch.stack([pairs["chosen_labels"], pairs["rejected_labels"]], 1).flatten(0, 1)
         example_ids = torch.tensor(list(indices), dtype=torch.int64).repeat_interleave(2)
-        return {"input_ids": ids, "labels": labels, "example_ids": example_ids}
+        batch = {"input_ids": ids, "labels": labels, "example_ids": example_ids}
+        if "margin" in pairs:  # the pair's margin on both of its rows
+            batch["margin"] = pairs["margin"].repeat_interleave(2)
+        return batch
 
     def batch_at(self, start: int) -> dict[str, torch.Tensor]:
         """This rank's rows of the global batch that starts at global example ``start``."""
@@ -253,8 +264,11 @@ class PreferenceStream:
         rows = 2 * self.local_batch_size
         labels = torch.full((rows, self.seq_len), IGNORE_INDEX, dtype=torch.int64)
         labels[:, 0] = 0
-        return {"input_ids": torch.zeros((rows, self.seq_len), dtype=torch.int64), "labels": labels,
+        batch = {"input_ids": torch.zeros((rows, self.seq_len), dtype=torch.int64), "labels": labels,
                 "example_ids": torch.zeros(rows, dtype=torch.int64)}
+        if self.has_margin:
+            batch["margin"] = torch.zeros(rows, dtype=torch.float64)
+        return batch
 
     def integrity_error(self) -> str | None:
         """Preference shards are checked when opened (record counts, token ids); nothing runs behind."""
