@@ -215,7 +215,8 @@ def check_data(cfg: TriarchConfig) -> None:
 
 def check_preference_data(cfg: TriarchConfig) -> None:
     """A reward model or DPO reads a prepared *pairs* folder (and its held-out split when evaluating)."""
-    from triarch.data_pipeline.stream.preferences import PreferenceDataset, split_folder
+    from triarch.data_pipeline.split_folders import split_folder
+    from triarch.data_pipeline.stream.preferences import PreferenceDataset
 
     d = cfg.data
     for split in (d.train_split, d.eval_split if cfg.train.eval_interval else None):
@@ -467,9 +468,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from triarch.data_pipeline.errors import DataError
-
     from triarch.checkpointing.commit import CheckpointError
+    from triarch.data_pipeline.errors import DataError
     from triarch.slurm.commands import SlurmError
 
     handlers = {"train": cmd_train, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "prepare": cmd_prepare,

@@ -15,6 +15,7 @@ from typing import Any
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.manifest import MANIFEST_NAME, load_manifest_json, manifest_where, open_folder
+from triarch.data_pipeline.split_folders import TRAIN, VALIDATION, split_folder
 
 FORMAT_NAME = "triarch.sft"
 FORMAT_VERSION = 1
@@ -22,19 +23,8 @@ TOKENIZER_NAME = "tokenizer.json"
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
 MARKER_NAME = ".triarch-sft"
 COLUMNS = ("tokens", "mask")
-TRAIN, VALIDATION = "train", "validation"
 
 
-def split_folder(path: str | Path, split: str) -> Path:
-    """The prepared folder of ``split``: ``path/<split>`` when that folder exists, else ``path`` itself for
-    the train split; another split of a folder prepared without one is a one-line DataError."""
-    path = Path(path)
-    if (path / split).is_dir():
-        return path / split
-    if split == TRAIN:
-        return path
-    raise DataError(f"{path} has no SFT split {split!r} (no folder {path / split}; "
-                    f"prepare with --eval-fraction for a validation split)")
 
 
 def read_sft_manifest(data_dir: str | Path) -> dict[str, Any]:

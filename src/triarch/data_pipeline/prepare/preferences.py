@@ -17,13 +17,10 @@ folder as above; a record is held out when a stable hash of its prompt falls bel
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import shutil
-import zlib
 from collections.abc import Callable, Iterator, Sequence
-from glob import glob
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +38,7 @@ from triarch.data_pipeline.preference_format import (
     TOKENIZER_NAME,
     read_preference_manifest,
 )
+from triarch.data_pipeline.prepare.jsonl_inputs import count_bad, find_inputs, jsonl_lines
 from triarch.data_pipeline.prepare.pydocs import TRAIN, VALIDATION, split_of
 from triarch.data_pipeline.prepare.tokenizer import eos_id, load_tokenizer
 
@@ -51,8 +49,6 @@ PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>")
 DEFAULT_SHARD_RECORDS = 50_000
 MARGIN = "margin"
 ENCODE_BATCH_RECORDS = 1024
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 
 
 def shard_name(index: int) -> str:
@@ -60,50 +56,10 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.arrow"
 
 
-def find_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """JSONL files named by ``inputs`` (files, directories searched recursively, globs), in a fixed order."""
-    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_JSONL_SUFFIXES)))
-        elif path.is_file():
-            files.append(path)
-        elif any(ch in str(item) for ch in "*?["):
-            files.extend(sorted(Path(p) for p in glob(str(item), recursive=True) if Path(p).is_file()))
-        else:
-            raise DataError(f"preference input not found: {item}")
-    if not files:
-        raise DataError(f"no .jsonl or .jsonl.gz files in {', '.join(str(i) for i in items)}")
-    return files
 
 
-def _lines(path: Path, bad: dict[str, int], examples: dict[str, str]) -> Iterator[tuple[int, bytes]]:
-    """Non-blank lines of one JSONL file with their numbers; a truncated gzip ends the file, counted."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        handle = opener(path, "rb")
-    except OSError as exc:
-        raise DataError(f"cannot read preference input {path}: {exc.strerror or exc}") from exc
-    number = 0
-    with handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield number, line
-        except _GZIP_ERRORS as exc:
-            if number == 0:
-                raise DataError(f"cannot read preference input {path}: {exc}") from exc
-            _count(bad, examples, "truncated_file", f"{path}:{number + 1}")
-        except OSError as exc:
-            raise DataError(f"cannot read preference input {path}: {exc.strerror or exc}") from exc
 
 
-def _count(bad: dict[str, int], examples: dict[str, str], reason: str, where: str) -> None:
-    """Count one bad record and remember where the first of each reason was."""
-    bad[reason] += 1
-    examples.setdefault(reason, where)
 
 
 def _texts(files: list[Path], fields: list[str], bad: dict[str, int], examples: dict[str, str],
@@ -112,28 +68,28 @@ def _texts(files: list[Path], fields: list[str], bad: dict[str, int], examples: 
     """(``file:line``, text fields, margin) of every good record whose prompt ``keep`` accepts, in input
     order; bad ones are counted by reason. With ``margin_field`` every record needs a finite number there."""
     for path in files:
-        for number, line in _lines(path, bad, examples):
+        for number, line in jsonl_lines(path, 'preference', bad, examples):
             where = f"{path}:{number}"
             try:
                 record = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError:
-                _count(bad, examples, "invalid_utf8", where)
+                count_bad(bad, examples, "invalid_utf8", where)
                 continue
             except json.JSONDecodeError:
-                _count(bad, examples, "bad_json", where)
+                count_bad(bad, examples, "bad_json", where)
                 continue
             if not isinstance(record, dict):
-                _count(bad, examples, "bad_json", where)
+                count_bad(bad, examples, "bad_json", where)
             elif any(name not in record for name in fields):
-                _count(bad, examples, "missing_field", where)
+                count_bad(bad, examples, "missing_field", where)
             elif any(not isinstance(record[name], str) for name in fields):
-                _count(bad, examples, "non_string", where)
+                count_bad(bad, examples, "non_string", where)
             elif any(not record[name].strip() for name in fields):
-                _count(bad, examples, "empty", where)
+                count_bad(bad, examples, "empty", where)
             elif margin_field is not None and margin_field not in record:
-                _count(bad, examples, "missing_field", where)
+                count_bad(bad, examples, "missing_field", where)
             elif margin_field is not None and not _finite_number(record[margin_field]):
-                _count(bad, examples, "bad_margin", where)
+                count_bad(bad, examples, "bad_margin", where)
             elif keep is None or keep(record[fields[0]]):
                 yield where, [record[name] for name in fields], \
                     float(record[margin_field]) if margin_field is not None else None
@@ -147,7 +103,7 @@ def _first_object(files: list[Path]) -> dict[str, Any]:
     """The first JSON object record of the inputs (the set's kind and optional fields follow it)."""
     bad = dict.fromkeys(BAD_REASONS, 0)
     for path in files:
-        for _, line in _lines(path, bad, {}):
+        for _, line in jsonl_lines(path, 'preference', bad, {}):
             try:
                 record = json.loads(line.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
@@ -250,11 +206,11 @@ def _write_records(records: Iterator[tuple[str, list[list[int]]]], out_dir: Path
     truncated = 0
     for where, parts, margin in records:
         if not all(parts):  # text that encodes to no tokens
-            _count(bad, examples, "empty", where)
+            count_bad(bad, examples, "empty", where)
             continue
         fitted = _fit(parts[0], parts[1:], request["max_len"], request["max_prompt_len"], request["too_long"])
         if fitted is None:
-            _count(bad, examples, "too_long", where)
+            count_bad(bad, examples, "too_long", where)
             continue
         truncated += fitted[2]
         pending.append([fitted[0], *fitted[1]])
@@ -295,7 +251,7 @@ def prepare_preferences(inputs: str | Path | Sequence[str | Path], tokenizer_pat
         raise DataError(f"need max_len >= 2 (got {max_len}), 1 <= max_prompt_len ({max_prompt_len}) < max_len, "
                         f"shard_records >= 1 (got {shard_records})")
     keep = _split_filter(split, eval_fraction)
-    files = find_inputs(inputs)
+    files = find_inputs(inputs, 'preference')
     first = _first_object(files)
     if kind == "auto":
         kind = PAIRS if chosen_field in first or rejected_field in first else PROMPTS

@@ -43,13 +43,10 @@ written last (temp file + rename; format: ``sft_format``). ``stream.sft.SFTStrea
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import shutil
-import zlib
 from collections.abc import Iterator, Sequence
-from glob import glob
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +64,7 @@ from triarch.data_pipeline.prepare.chat_templates import (
     TemplateFailure,
     resolve_template,
 )
+from triarch.data_pipeline.prepare.jsonl_inputs import count_bad, find_inputs, jsonl_lines
 from triarch.data_pipeline.prepare.preferences import PAD_CANDIDATES
 from triarch.data_pipeline.prepare.tokenizer import eos_id, load_tokenizer
 from triarch.data_pipeline.sft_format import (
@@ -89,8 +87,6 @@ BAD_REASONS = ("bad_json", "invalid_utf8", "missing_field", "wrong_type", "empty
                "no_assistant_turn", "template_error", "too_long", "truncated_file")
 DEFAULT_SHARD_RECORDS = 50_000
 ENCODE_BATCH_RECORDS = 1024
-_JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-_GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 _OWN_FILES = ("shard_*.arrow*", MANIFEST_NAME, TOKENIZER_NAME, TOKENIZER_CONFIG_NAME, TEMPLATE_FILE)
 _HASH_SCALE = float(1 << 64)
 
@@ -102,50 +98,10 @@ def shard_name(index: int) -> str:
 
 # --- inputs -------------------------------------------------------------------------------------------
 
-def find_inputs(inputs: str | Path | Sequence[str | Path]) -> list[Path]:
-    """JSONL files named by ``inputs`` (files, directories searched recursively, globs), in a fixed order."""
-    items = [inputs] if isinstance(inputs, str | Path) else list(inputs)
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(_JSONL_SUFFIXES)))
-        elif path.is_file():
-            files.append(path)
-        elif any(ch in str(item) for ch in "*?["):
-            files.extend(sorted(Path(p) for p in glob(str(item), recursive=True) if Path(p).is_file()))
-        else:
-            raise DataError(f"SFT input not found: {item}")
-    if not files:
-        raise DataError(f"no .jsonl or .jsonl.gz files in {', '.join(str(i) for i in items)}")
-    return files
 
 
-def _count(bad: dict[str, int], examples: dict[str, str], reason: str, where: str) -> None:
-    """Count one bad record and remember where the first of each reason was."""
-    bad[reason] += 1
-    examples.setdefault(reason, where)
 
 
-def _lines(path: Path, bad: dict[str, int], examples: dict[str, str]) -> Iterator[tuple[int, bytes]]:
-    """Non-blank lines of one JSONL file with their numbers; a truncated gzip ends the file, counted."""
-    opener = gzip.open if path.name.endswith(".gz") else open
-    try:
-        handle = opener(path, "rb")
-    except OSError as exc:
-        raise DataError(f"cannot read SFT input {path}: {exc.strerror or exc}") from exc
-    number = 0
-    with handle:
-        try:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    yield number, line
-        except _GZIP_ERRORS as exc:
-            if number == 0:
-                raise DataError(f"cannot read SFT input {path}: {exc}") from exc
-            _count(bad, examples, "truncated_file", f"{path}:{number + 1}")
-        except OSError as exc:
-            raise DataError(f"cannot read SFT input {path}: {exc.strerror or exc}") from exc
 
 
 def _valid_text(value: Any) -> str | None:
@@ -193,19 +149,19 @@ def _check_record(record: Any) -> str | None:
 def _records(files: list[Path], bad: dict[str, int], examples: dict[str, str]) -> Iterator[tuple[str, dict]]:
     """(``file:line``, record) of every well-formed record, in input order; bad ones are counted by reason."""
     for path in files:
-        for number, line in _lines(path, bad, examples):
+        for number, line in jsonl_lines(path, 'SFT', bad, examples):
             where = f"{path}:{number}"
             try:
                 record = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError:
-                _count(bad, examples, "invalid_utf8", where)
+                count_bad(bad, examples, "invalid_utf8", where)
                 continue
             except json.JSONDecodeError:
-                _count(bad, examples, "bad_json", where)
+                count_bad(bad, examples, "bad_json", where)
                 continue
             reason = _check_record(record)
             if reason:
-                _count(bad, examples, reason, where)
+                count_bad(bad, examples, reason, where)
             else:
                 yield where, record
 
@@ -243,7 +199,7 @@ def _tokenized(tokenizer: Tokenizer, eos: int, renderer: Renderer, records: Iter
             try:
                 rendered.append((where, record, [p for p in _parts(record, renderer) if p[0] or p[2]]))
             except TemplateFailure:
-                _count(bad, examples, "template_error", where)
+                count_bad(bad, examples, "template_error", where)
         texts = [text for _, _, parts in rendered for text, _, _ in parts]
         encoded = iter(tokenizer.encode_batch(texts, add_special_tokens=False)) if texts else iter(())
         for where, record, parts in rendered:
@@ -395,15 +351,15 @@ def _write_examples(examples_in: Iterator[tuple[str, dict, np.ndarray, np.ndarra
     max_len, too_long = request["max_len"], request["too_long"]
     for where, record, tokens, mask in examples_in:
         if not mask.any():
-            _count(bad, examples, "empty", where)
+            count_bad(bad, examples, "empty", where)
             continue
         cut = len(tokens) > max_len
         if cut and too_long == DROP:
-            _count(bad, examples, "too_long", where)
+            count_bad(bad, examples, "too_long", where)
             continue
         tokens, mask = tokens[:max_len], mask[:max_len]
         if not mask.any():  # the cut left nothing to train on
-            _count(bad, examples, "too_long", where)
+            count_bad(bad, examples, "too_long", where)
             continue
         writer = writers[VALIDATION if _held_out(record, request["seed"], request["eval_fraction"]) else TRAIN]
         writer.truncated += cut
@@ -442,7 +398,7 @@ def prepare_sft(inputs: str | Path | Sequence[str | Path], tokenizer: str | Path
         raise DataError(f"need max_len >= 2 (got {max_len}) and shard_records >= 1 (got {shard_records})")
     if not 0 <= eval_fraction < 1:
         raise DataError(f"eval_fraction ({eval_fraction}) must be in [0, 1)")
-    files = find_inputs(inputs)
+    files = find_inputs(inputs, 'SFT')
     tokenizer_path = resolve_tokenizer(tokenizer)
     tok = load_tokenizer(tokenizer_path)
     eos = eos_id(tok, tokenizer_path)

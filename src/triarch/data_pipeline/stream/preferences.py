@@ -22,6 +22,7 @@ import torch
 
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.preference_format import PROMPTS, read_preference_manifest
+from triarch.data_pipeline.split_folders import split_folder
 from triarch.labels import IGNORE_INDEX
 
 
@@ -177,16 +178,6 @@ def dp_slice_batch(batch: dict[str, torch.Tensor], dp_rank: int, dp_size: int) -
     return {name: dp_slice(value, dp_rank, dp_size) for name, value in batch.items()}
 
 
-def split_folder(path: str | Path, split: str, *, train_split: str = "train") -> Path:
-    """The prepared folder of ``split``: ``path/split`` when it exists, else ``path`` itself for the training
-    split (a folder prepared without a held-out part); a one-line DataError otherwise."""
-    root = Path(path)
-    if (root / split).is_dir():
-        return root / split
-    if split == train_split:
-        return root
-    raise DataError(f"{root} has no '{split}' split (a folder {root / split}); prepare it with a held-out "
-                    "fraction, or set train.eval_interval=0")
 
 
 class PreferenceStream:
@@ -204,7 +195,7 @@ class PreferenceStream:
 
     def __init__(self, path: str | Path, split: str, seq_len: int, *, global_batch_size: int, seed: int,
                  dp_rank: int, dp_size: int, train_split: str = "train") -> None:
-        self.folder = split_folder(path, split, train_split=train_split)
+        self.folder = split_folder(path, split, train_split=train_split, what="preference")
         self.dataset = PreferenceDataset(self.folder, seed)
         if self.dataset.kind != "pairs":
             raise DataError(f"{self.folder} is a '{self.dataset.kind}' preference set; reward models and DPO "

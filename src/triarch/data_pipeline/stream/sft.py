@@ -34,16 +34,10 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from triarch.data_pipeline.errors import DataError
-from triarch.data_pipeline.sft_format import COLUMNS, read_sft_manifest, split_folder
+from triarch.data_pipeline.sft_format import COLUMNS, read_sft_manifest
+from triarch.data_pipeline.split_folders import split_folder
 from triarch.data_pipeline.stream.preferences import _map_columns
-from triarch.data_pipeline.stream.shard_check import (
-    VERIFY_MODES,
-    HashJob,
-    ShardHasher,
-    VerifyMode,
-    advice,
-    check_sizes,
-)
+from triarch.data_pipeline.stream.shard_check import VERIFY_MODES, HashJob, ShardHasher, VerifyMode, advice, check_sizes
 from triarch.labels import IGNORE_INDEX
 
 STATE_VERSION = 1
@@ -74,7 +68,7 @@ class SFTStream:
         self.global_batch_size, self.dp_rank, self.dp_size = global_batch_size, dp_rank, dp_size
         self.local_batch_size = global_batch_size // dp_size
         self.position_ids, self.verify = position_ids, verify
-        self.folder = split_folder(path, split)
+        self.folder = split_folder(path, split, what="SFT")
         manifest = read_sft_manifest(self.folder)
         tokenizer = manifest["tokenizer"]
         self.vocab_size: int = tokenizer["vocab_size"]
