@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from triarch.config import dump_config, load_config
 from triarch.data_pipeline.prepare.synthetic_preferences import make_synthetic_preferences
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -100,6 +101,8 @@ def test_bad_input_is_one_line_and_writes_nothing(prefs: Path, tmp_path: Path, r
         "margin_without_column": ([f"data.path={prefs}", "objective.margin=true"], "objective.margin"),
         "bad_loss_type": ([f"data.path={prefs}", "objective.loss_type=kto"], "objective.loss_type"),
         "smoothing_range": ([f"data.path={prefs}", "objective.label_smoothing=0.7"], "objective.label_smoothing"),
+        "smoothing_not_sigmoid": ([f"data.path={prefs}", "objective.loss_type=ipo", "objective.label_smoothing=0.1"],
+                                  "applies to loss_type sigmoid only"),
     }
     for name, (overrides, needle) in cases.items():
         run = tmp_path / f"run_{name}"
@@ -108,3 +111,9 @@ def test_bad_input_is_one_line_and_writes_nothing(prefs: Path, tmp_path: Path, r
         assert not (run / "checkpoints").exists(), name
     code, err = run_cli("rm", str(EXAMPLES / "tiny_dpo.yaml"), f"data.path={prefs}")
     assert code == 2 and "sets objective.kind=dpo, but this is 'triarch rm'" in err
+    pretrained = tmp_path / "pretrained_run"  # a directory that holds a pretraining run is not resumed as DPO
+    pretrained.mkdir()
+    dump_config(load_config(EXAMPLES / "tiny.yaml"), pretrained / "config.yaml")
+    code, err = run_cli("dpo", config, "--run-dir", str(pretrained), f"data.path={prefs}")
+    assert code == 2 and err.strip().count("\n") == 0 and "holds a pretrain run" in err, err
+    assert sorted(p.name for p in pretrained.iterdir()) == ["config.yaml"]

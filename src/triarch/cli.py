@@ -233,7 +233,7 @@ def check_preference_data(cfg: TriarchConfig) -> None:
         if dataset.max_len > cfg.model.seq_len:
             raise CliError(f"data.path '{folder}' was prepared with max_len {dataset.max_len}, more than "
                            f"model.seq_len ({cfg.model.seq_len})")
-        if len(dataset) < cfg.train.global_batch_size:
+        if split == d.train_split and len(dataset) < cfg.train.global_batch_size:
             raise CliError(f"data.path '{folder}' holds {len(dataset)} pairs, fewer than one global batch "
                            f"(train.global_batch_size {cfg.train.global_batch_size})")
         if cfg.objective.margin and "margin" not in dataset.columns:
@@ -258,6 +258,24 @@ def check_sft_data(cfg: TriarchConfig) -> None:
             stream.close()
 
 
+def check_same_objective(cfg: TriarchConfig, run_dir: Path) -> None:
+    """A run directory resumes only the objective it was started with (``triarch dpo`` on a config named like
+    a pretraining run would otherwise resume that run)."""
+    import yaml
+
+    published = run_dir / "config.yaml"
+    if not published.is_file():
+        return
+    try:
+        saved = yaml.safe_load(published.read_text()) or {}
+        kind = (saved.get("objective") or {}).get("kind", "pretrain")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # the ranks compare the checkpoint's own config
+    if kind != cfg.objective.kind:
+        raise CliError(f"{run_dir} holds a {kind} run; objective.kind {cfg.objective.kind} cannot resume it: "
+                       "use a new --run-dir")
+
+
 def cmd_stage(args: argparse.Namespace) -> int:
     """``triarch sft|rm|dpo``: train with the objective the command names."""
     cfg = load_config(args.config, args.overrides)
@@ -277,6 +295,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from triarch.launcher.run_lock import RunDirBusy, run_dir_lock
 
     run_dir = args.run_dir or Path("runs") / cfg.name
+    check_same_objective(cfg, run_dir)
     check_init_source(cfg, run_dir)  # before the run directory is touched: a refused init.from writes nothing
     check_data(cfg)
     run_dir = usable_run_dir(run_dir)

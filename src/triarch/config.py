@@ -239,6 +239,13 @@ class ObjectiveConfig(_Section):
     reference: Literal["online", "precompute"] = "online"
     margin: bool = False
 
+    @model_validator(mode="after")
+    def _smoothing_is_for_sigmoid(self) -> "ObjectiveConfig":
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ValueError(f"objective.label_smoothing ({self.label_smoothing}) applies to loss_type sigmoid only, "
+                             f"not {self.loss_type}")
+        return self
+
     @property
     def uses_pairs(self) -> bool:
         """True for the objectives that read preference pairs."""

@@ -64,8 +64,10 @@ def llama_args(cfg: TriarchConfig) -> LlamaArgs:
     )
 
 
-def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology) -> Llama:
-    """Apply TP/SP, activation checkpointing, compile and DP to one meta-device chunk (in place)."""
+def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology, *, trainable: bool = True) -> Llama:
+    """Apply TP/SP, activation checkpointing, compile and DP to one meta-device chunk (in place). Under PP a
+    trainable chunk keeps its gathered weights from forward to backward; a frozen one (forward only) frees
+    them after each forward."""
     if topo.tp > 1:
         apply_tensor_parallel(chunk, topo.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     apply_activation_checkpointing(chunk, cfg.train.activation_checkpoint)
@@ -73,7 +75,7 @@ def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology) -> Llama
         for key, block in list(chunk.layers.items()):
             chunk.layers[key] = torch.compile(block)
     param_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
-    apply_data_parallel(chunk, topo, param_dtype=param_dtype, reshard_after_forward=topo.pp == 1)
+    apply_data_parallel(chunk, topo, param_dtype=param_dtype, reshard_after_forward=topo.pp == 1 or not trainable)
     return chunk
 
 
@@ -89,7 +91,7 @@ class NativeEngine:
         self.specs = chunk_specs(args.n_layers, topo.pp, cfg.parallel.virtual_stages, topo.pp_rank)
         with torch.device("meta"):
             chunks = [build_chunk(args, spec) for spec in self.specs]
-        self.chunks: list[Llama] = [parallelize_chunk(c, cfg, topo) for c in chunks]
+        self.chunks: list[Llama] = [parallelize_chunk(c, cfg, topo, trainable=trainable) for c in chunks]
         if not materialize_weights:
             return
         for chunk in self.chunks:
@@ -174,6 +176,9 @@ class NativeEngine:
         micro_losses: list[torch.Tensor] = []
         self._stat_sums = []
         n = self.n_microbatches
+        if inputs.shape[0] % (n * self._objective.rows_per_example):
+            raise ValueError(f"{inputs.shape[0]} rows cannot be split into {n} micro-batches of whole examples "
+                             f"({self._objective.rows_per_example} rows each)")
         if self._schedule is not None:
             scaled: list[torch.Tensor] = []
             self._fields = fields
@@ -345,6 +350,14 @@ class NativeEngine:
         self._loss_scale = 1.0
         local = self._forward_backward(inputs, fields, position_ids, backward=False)
         return out if local is not None else None
+
+    def close(self) -> None:
+        """Drop this engine's model, schedule and optimizer state (a frozen reference once its work is done)."""
+        self.chunks.clear()
+        self._schedule = None
+        self._objective, self._fields, self._pending_stats, self._stat_sums = PRETRAIN, {}, [], []
+        if self.trainable:
+            self.optimizer.state.clear()
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Full (gathered) parameters of this rank's chunks keyed by canonical name (collective)."""

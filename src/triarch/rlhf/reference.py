@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from triarch.checkpointing.safe_load import load_plain
+from triarch.config import TriarchConfig
 from triarch.data_pipeline.stream.preferences import PreferenceStream
 from triarch.engine.native import NativeEngine
 from triarch.parallel.topology import Topology
@@ -83,21 +84,43 @@ def reference_table(engine: NativeEngine, stream: PreferenceStream, topo: Topolo
     return reduced.cpu()
 
 
-def precomputed_reference(engine: NativeEngine, streams: dict[str, PreferenceStream], topo: Topology,
-                          run_dir: Path, source: str | None) -> PrecomputedReference:
-    """The reference tables of ``streams`` (split -> stream): read from the run directory when they match
-    this data and source, else computed with ``engine`` and written there (rank 0, temp file + rename)."""
-    folder = run_dir / REFERENCE_DIR
-    tables: dict[str, torch.Tensor] = {}
+def table_identity(stream: PreferenceStream, cfg: TriarchConfig, source: str | None) -> dict:
+    """What a stored reference table must match to be reused: the data, the starting weights (the source,
+    or the seed of the random init) and everything else that changes the values."""
+    return {"data_sha256": stream.dataset.data_sha256, "examples": len(stream.dataset),
+            "source": source or f"random init, seed {cfg.train.seed}, init_std {cfg.model.init_std}",
+            "model": cfg.model.model_dump(mode="json"), "precision": cfg.train.precision,
+            "seq_len": stream.seq_len}
+
+
+def stored_tables(streams: dict[str, PreferenceStream], cfg: TriarchConfig, run_dir: Path,
+                  source: str | None) -> dict[str, torch.Tensor]:
+    """The reference tables already in the run directory that match (``table_identity``), by split."""
+    found = {}
     for split, stream in streams.items():
-        path = folder / f"{split}.pt"
-        identity = {"data_sha256": stream.dataset.data_sha256, "source": source or "random init",
-                    "examples": len(stream.dataset)}
+        path = run_dir / REFERENCE_DIR / f"{split}.pt"
         saved = load_plain(path) if path.is_file() else None
-        if isinstance(saved, dict) and saved.get("identity") == identity:
-            tables[split] = saved["logps"]
+        if isinstance(saved, dict) and saved.get("identity") == table_identity(stream, cfg, source):
+            found[split] = saved["logps"]
             log.info("reference log-probs of split %s read from %s", split, path)
+    return found
+
+
+def precomputed_reference(engine: NativeEngine | None, streams: dict[str, PreferenceStream], topo: Topology,
+                          cfg: TriarchConfig, run_dir: Path, source: str | None,
+                          stored: dict[str, torch.Tensor]) -> PrecomputedReference:
+    """The reference tables of ``streams`` (split -> stream): ``stored`` (those every rank found, see
+    ``stored_tables``), the others computed with ``engine`` (collective) and written to the run directory
+    (rank 0, temp file + rename)."""
+    folder = run_dir / REFERENCE_DIR
+    tables = dict(stored)
+    for split, stream in streams.items():
+        if split in tables:
             continue
+        if engine is None:
+            raise RuntimeError(f"no stored reference table for split {split} and no frozen engine to compute it")
+        path = folder / f"{split}.pt"
+        identity = table_identity(stream, cfg, source)
         tables[split] = reference_table(engine, stream, topo)
         if dist.get_rank() == 0:
             folder.mkdir(parents=True, exist_ok=True)
@@ -109,8 +132,8 @@ def precomputed_reference(engine: NativeEngine, streams: dict[str, PreferenceStr
 
 
 def release(engine: NativeEngine) -> None:
-    """Free a frozen engine's memory once its work is done."""
-    engine.chunks.clear()
+    """Free a frozen engine's memory once its work is done (its schedule holds the stages too)."""
+    engine.close()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -92,16 +92,26 @@ def build_reference(cfg: TriarchConfig, topo: Topology, run_dir: Path, streams: 
     resolved ``init.from``; None: the seeded random init, equal to the policy's), online or precomputed."""
     if cfg.objective.kind != "dpo":
         return None
-    from triarch.engine.native import NativeEngine
-    from triarch.rlhf.reference import OnlineReference, precomputed_reference, release
+    import torch.distributed as dist
 
+    from triarch.engine.native import NativeEngine
+    from triarch.rlhf.reference import OnlineReference, precomputed_reference, release, stored_tables
+
+    precompute = cfg.objective.reference == "precompute"
+    stored = stored_tables(streams, cfg, run_dir, source) if precompute else {}
+    found: list = [None] * dist.get_world_size(host_group)  # computing a table is collective: all ranks agree
+    dist.all_gather_object(found, sorted(stored), group=host_group)
+    agreed = set.intersection(*(set(f) for f in found))
+    stored = {split: table for split, table in stored.items() if split in agreed}
+    if precompute and len(stored) == len(streams):  # every table is stored: no frozen model, no source read
+        return precomputed_reference(None, streams, topo, cfg, run_dir, source, stored)
     engine = NativeEngine(cfg, topo, trainable=False)
     if source is not None:
         from triarch.checkpointing.init_from import load_initial_weights
 
         load_initial_weights(engine, source, host_group)
-    if cfg.objective.reference == "online":
+    if not precompute:
         return OnlineReference(engine)
-    reference = precomputed_reference(engine, streams, topo, run_dir, source)
+    reference = precomputed_reference(engine, streams, topo, cfg, run_dir, source, stored)
     release(engine)
     return reference

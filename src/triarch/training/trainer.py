@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from triarch.checkpointing.init_from import start_weights
 from triarch.checkpointing.manager import CheckpointManager
-from triarch.config import TriarchConfig, dump_config, validate_for_world
+from triarch.config import ConfigError, TriarchConfig, dump_config, validate_for_world
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.stream.dali_stage import loader_stage
 from triarch.engine.native import NativeEngine
@@ -135,6 +135,10 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
     resume_from = manager.newest_usable()
     if resume_from is not None:
         saved = manager.load(resume_from, engine)
+        saved_kind = ((saved.get("config") or {}).get("objective") or {}).get("kind", "pretrain")
+        if saved_kind != cfg.objective.kind:
+            raise ConfigError(f"{run_dir} holds a {saved_kind} run (step {saved['step']}); objective.kind "
+                              f"{cfg.objective.kind} cannot resume it: use a new --run-dir")
         if "data" in saved:
             data.load_state_dict(saved["data"])
         start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)

@@ -273,10 +273,13 @@ class PreferenceStream:
 
     def state_dict(self) -> dict[str, Any]:
         """The position in examples, plus what must match for it to mean the same examples."""
-        return {"consumed_sequences": self.consumed_sequences, "seed": self.dataset.seed,
+        return {"kind": "preference_pairs", "consumed_sequences": self.consumed_sequences, "seed": self.dataset.seed,
                 "data_sha256": self.dataset.data_sha256}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore the position; another seed or data set is a one-line DataError."""
+        """Restore the position; a state of another reader, seed or data set is a one-line DataError."""
+        if state.get("kind") != "preference_pairs":
+            raise DataError(f"the saved data position belongs to another reader ({state.get('kind') or 'token stream'}),"
+                            f" not to preference pairs; start this run in a new run directory")
         self.dataset.load_state_dict({**state, "consumed": state.get("consumed_sequences")})
         self.consumed_sequences = self.dataset.consumed
