@@ -19,7 +19,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/triarch prepare --out $(DEMO_DATA) --vocab-size 2048
-	$(BIN)/triarch train examples/tiny.yaml --nproc 2 --run-dir runs/tiny-demo
+	$(BIN)/triarch train examples/tiny.yaml --nproc 2 --run-dir runs/tiny-demo checkpoint.interval=150
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
