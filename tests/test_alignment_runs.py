@@ -117,3 +117,14 @@ def test_bad_input_is_one_line_and_writes_nothing(prefs: Path, tmp_path: Path, r
     code, err = run_cli("dpo", config, "--run-dir", str(pretrained), f"data.path={prefs}")
     assert code == 2 and err.strip().count("\n") == 0 and "holds a pretrain run" in err, err
     assert sorted(p.name for p in pretrained.iterdir()) == ["config.yaml"]
+
+
+def test_a_damaged_reference_table_is_computed_again(prefs: Path, tmp_path: Path) -> None:
+    from triarch.data_pipeline.stream.preferences import PreferenceStream
+    from triarch.rlhf.reference import REFERENCE_DIR, stored_tables
+
+    cfg = load_config(EXAMPLES / "tiny_dpo.yaml", [f"data.path={prefs}"])
+    stream = PreferenceStream(prefs, "validation", 128, global_batch_size=8, seed=cfg.train.seed, dp_rank=0, dp_size=1)
+    (tmp_path / REFERENCE_DIR).mkdir()
+    (tmp_path / REFERENCE_DIR / "validation.pt").write_bytes(b"not a table")
+    assert stored_tables({"validation": stream}, cfg, tmp_path, None) == {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from triarch.checkpointing.commit import CheckpointError
 from triarch.checkpointing.safe_load import load_plain
 from triarch.config import TriarchConfig
 from triarch.data_pipeline.stream.preferences import PreferenceStream
@@ -99,8 +100,13 @@ def stored_tables(streams: dict[str, PreferenceStream], cfg: TriarchConfig, run_
     found = {}
     for split, stream in streams.items():
         path = run_dir / REFERENCE_DIR / f"{split}.pt"
-        saved = load_plain(path) if path.is_file() else None
-        if isinstance(saved, dict) and saved.get("identity") == table_identity(stream, cfg, source):
+        try:
+            saved = load_plain(path) if path.is_file() else None
+        except CheckpointError as err:  # a damaged cache is computed again
+            log.warning("ignoring %s: %s", path, err)
+            saved = None
+        if isinstance(saved, dict) and saved.get("identity") == table_identity(stream, cfg, source) \
+                and isinstance(saved.get("logps"), torch.Tensor) and saved["logps"].shape == (len(stream.dataset), 2):
             found[split] = saved["logps"]
             log.info("reference log-probs of split %s read from %s", split, path)
     return found
