@@ -110,15 +110,20 @@ def check_tied_head(weights: HFWeights, head: torch.Tensor, embedding: torch.Ten
                               f"{config_path} has tie_word_embeddings true")
 
 
-def _run_config(args: LlamaArgs, run_dir: Path, config_path: Path) -> TriarchConfig:
-    """The run config of the imported model (training settings at their defaults)."""
+def hf_run_config(args: LlamaArgs, name: str) -> dict:
+    """A run config (as a dict) for a model of shape ``args``, training settings at their defaults."""
     model = {"vocab_size": args.vocab_size, "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads,
              "n_kv_heads": args.n_kv_heads, "ffn_hidden": args.ffn_hidden, "max_seq_len": args.max_seq_len,
              "seq_len": min(args.max_seq_len, 2048), "rope_theta": args.rope_theta, "norm_eps": args.norm_eps,
              "tie_embeddings": args.tie_embeddings}
     objective = {"kind": "rm"} if args.head == "score" else {}
+    return {"name": name, "model": model, "objective": objective}
+
+
+def _run_config(args: LlamaArgs, run_dir: Path, config_path: Path) -> TriarchConfig:
+    """The run config of the imported model (training settings at their defaults)."""
     try:
-        return config_from_dict({"name": run_dir.resolve().name, "model": model, "objective": objective})
+        return config_from_dict(hf_run_config(args, run_dir.resolve().name))
     except ConfigError as err:
         raise CheckpointError(f"{config_path}: {err}") from None
 

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from triarch.config import TriarchConfig
+from triarch.engine.generation import Generation, SamplingParams, generate
 from triarch.models.llama import Llama, LlamaArgs
 from triarch.parallel.activation_checkpoint import apply_activation_checkpointing
 from triarch.parallel.data_parallel import apply_data_parallel
@@ -350,6 +351,21 @@ class NativeEngine:
         self._loss_scale = 1.0
         local = self._forward_backward(inputs, fields, position_ids, backward=False)
         return out if local is not None else None
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 prompt_index: torch.Tensor | None = None) -> Generation:
+        """Continue this DP rank's ``prompts`` (token id lists) on the chunks as trained, with a KV cache
+        (``engine.generation``). ``prompt_index`` (global prompt indices, which key the sampling) defaults to
+        ``dp_rank * len(prompts) + i``: prompts split over DP ranks in order. Every rank of the model group
+        takes part; the result is identical on all of them."""
+        for chunk in self.chunks:
+            chunk.eval()
+        if prompt_index is None:
+            prompt_index = torch.arange(len(prompts)) + self.topo.dp_rank * len(prompts)
+        dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+        return generate(self.chunks, self.specs, self.topo, prompts, prompt_index, params, activation_dtype=dtype,
+                        sequence_parallel=self.topo.tp > 1 and self.cfg.parallel.sequence_parallel,
+                        autocast=self._precision_context())
 
     def close(self) -> None:
         """Drop this engine's model, schedule and optimizer state (a frozen reference once its work is done)."""

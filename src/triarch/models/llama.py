@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from triarch.models.document_attention import Documents, document_attention, documents
+from triarch.models.kv_cache import DecodeInputs, LayerCache
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,13 @@ def rotary_rows(table: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor
 @dataclass(frozen=True)
 class AttentionInputs:
     """What every attention layer reads, computed once per forward: ``rope`` (the cos/sin table, or per-token
-    rows from ``rotary_rows``) and the packed ``documents`` (``None``: one causal sequence per row)."""
+    rows from ``rotary_rows``) and the packed ``documents`` (``None``: one causal sequence per row). An
+    incremental (decoding) forward also carries the layer's ``cache`` and the ``mask`` of visible keys."""
 
     rope: torch.Tensor
     documents: Documents | None = None
+    cache: LayerCache | None = None
+    mask: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -107,7 +111,10 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rotary(q, inputs.rope), apply_rotary(k, inputs.rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if inputs.documents is None:
+        if inputs.cache is not None:
+            k, v = inputs.cache.write(k, v)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, enable_gqa=q.shape[1] != k.shape[1])
+        elif inputs.documents is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
         else:
             out = document_attention(q, k, v, inputs.documents)
@@ -149,7 +156,10 @@ class Llama(nn.Module):
 
     ``forward`` takes token ids (first pipeline stage) or hidden states (later stages), and optionally
     per-document ``position_ids`` (module docstring), and returns hidden states, or the head's output
-    (logits, or values of shape (batch, seq, 1)) when the head is present.
+    (logits, or values of shape (batch, seq, 1)) when the head is present. With ``decode`` (incremental
+    decoding, ``models.kv_cache``) the tokens continue the cached ones: rotary positions and the mask come
+    from ``decode``, each layer reads and extends its cache, blocks run uncompiled (their shapes change every
+    token), and the head sees only the ``decode.keep`` positions.
     """
 
     def __init__(self, args: LlamaArgs) -> None:
@@ -174,7 +184,10 @@ class Llama(nn.Module):
         """Recompute non-persistent buffers (after materializing from the meta device)."""
         self.rope = rotary_table(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.rope.device)
 
-    def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, position_ids: torch.Tensor | None = None, *,
+                decode: DecodeInputs | None = None) -> torch.Tensor:
+        if decode is not None:
+            return self._decode(h, decode)
         inputs = AttentionInputs(self.rope)
         if position_ids is not None:
             inputs = AttentionInputs(rotary_rows(self.rope, position_ids), documents(position_ids))
@@ -182,6 +195,20 @@ class Llama(nn.Module):
             h = self.tok_embeddings(h)
         for layer in self.layers.values():
             h = layer(h, inputs)
+        return self._head(h)
+
+    def _decode(self, h: torch.Tensor, decode: DecodeInputs) -> torch.Tensor:
+        rope = rotary_rows(self.rope, decode.position_ids)
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(h)
+        for key, layer in self.layers.items():
+            inputs = AttentionInputs(rope, cache=LayerCache(decode.cache, key), mask=decode.mask)
+            h = getattr(layer, "_orig_mod", layer)(h, inputs)
+        if decode.keep is not None and (self.norm is not None or self.output is not None or self.score is not None):
+            h = h[:, decode.keep]
+        return self._head(h)
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
         if self.norm is not None:
             h = self.norm(h)
         if self.output is not None:
