@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -119,7 +120,60 @@ def build_parser() -> argparse.ArgumentParser:
                      help="held-out fraction in [0, 1): > 0 writes OUT/train and OUT/validation")
     sft.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     _add_prepare_preferences(sub)
+    _add_generate(sub)
     return parser
+
+
+def _float_arg(low: float | None, high: float | None, *, low_open: bool = False):
+    """An argparse type: a float in [low, high] (``low_open``: low excluded; None: unbounded)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if math.isnan(value) or (low is not None and (value < low or (low_open and value == low))) or \
+                (high is not None and value > high):
+            lo = "(" if low_open else "["
+            span = f"{lo}{low}, {high}]" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text} must be {'in ' if high is not None else ''}{span}")
+        return value
+
+    return parse
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="continue prompts with a run's (or a Hugging Face folder's) model",
+                         description="Continue prompts on the training engine (any TP/PP/DP layout). Weights: "
+                                     "RUN_DIR's newest committed step (or --step), or --hf PATH.")
+    gen.add_argument("overrides", nargs="*", metavar="RUN_DIR|KEY=VALUE",
+                     help="a run directory, and dotted overrides (e.g. parallel.tp=2 train.precision=bf16)")
+    gen.add_argument("--hf", type=Path, default=None, metavar="PATH",
+                     help="a Hugging Face Llama folder instead of a run")
+    prompts = gen.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                         help="a prompt (repeat for several)")
+    prompts.add_argument("--prompts", type=Path, default=None, metavar="FILE",
+                         help='a JSONL file, one {"prompt": "..."} per line')
+    gen.add_argument("--step", type=_non_negative_int, default=None, metavar="N", help="the run's committed step N")
+    gen.add_argument("--tokenizer", type=Path, default=None, metavar="FILE",
+                     help="a tokenizer.json or a folder holding one (default: the run's data folder's, or the "
+                          "HF folder's)")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap each prompt in the built-in SFT chat template (a user turn, then the assistant "
+                          "header)")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    gen.add_argument("--temperature", type=_float_arg(0.0, None), default=0.0, help="0: greedy (default)")
+    gen.add_argument("--top-k", type=_non_negative_int, default=0, help="0: no limit (default)")
+    gen.add_argument("--top-p", type=_float_arg(0.0, 1.0, low_open=True), default=1.0,
+                     help="nucleus sampling mass in (0, 1] (default 1.0: no limit)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed; tokens depend on (seed, prompt, position)")
+    gen.add_argument("--batch-size", type=_positive_int, default=32,
+                     help="prompts per data-parallel rank in one generation batch (default 32)")
+    gen.add_argument("--out", type=Path, default=None,
+                     help="write JSONL records {prompt, completion, completion_ids, finish} here instead of "
+                          "printing")
+    gen.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
 
 
 def _add_prepare_preferences(sub: argparse._SubParsersAction) -> None:
@@ -471,6 +525,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return cancel_job(args.job)
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from triarch.launcher.generate_job import generate_command
+
+    return generate_command(args)
+
+
 def cmd_ckpt(args: argparse.Namespace) -> int:
     from triarch.checkpointing.ops import run
 
@@ -482,7 +542,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command not in ("train", "submit", "sft", "rm", "dpo")]
+    takes_overrides = args.command in ("train", "submit", "sft", "rm", "dpo", "generate")
+    unknown = [e for e in extra if e.startswith("-") or not takes_overrides
+               or ("=" not in e and args.command != "generate")]  # generate: also its RUN_DIR
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
@@ -494,7 +556,7 @@ def main(argv: list[str] | None = None) -> None:
     handlers = {"train": cmd_train, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "prepare": cmd_prepare,
                 "prepare-sft": cmd_prepare_sft, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
                 "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
-                "prepare-preferences": cmd_prepare_preferences}
+                "prepare-preferences": cmd_prepare_preferences, "generate": cmd_generate}
     try:
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:
