@@ -232,7 +232,7 @@ class ObjectiveConfig(_Section):
     count pairs, and every pair's two rows stay in one micro-batch.
     """
 
-    kind: Literal["pretrain", "sft", "rm", "dpo"] = "pretrain"
+    kind: Literal["pretrain", "sft", "rm", "dpo", "ppo", "grpo", "rloo"] = "pretrain"
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
@@ -250,6 +250,67 @@ class ObjectiveConfig(_Section):
     def uses_pairs(self) -> bool:
         """True for the objectives that read preference pairs."""
         return self.kind in ("rm", "dpo")
+
+    @property
+    def is_rl(self) -> bool:
+        """True for the objectives that learn from their own rollouts (``rl`` and ``reward`` sections)."""
+        return self.kind in RL_KINDS
+
+
+RL_KINDS = ("ppo", "grpo", "rloo")
+
+
+class RolloutConfig(_Section):
+    """What one RL iteration generates: ``prompts`` (global, per iteration) x ``samples`` completions each,
+    of at most ``max_new_tokens``, sampled at ``temperature`` with ``top_k`` / ``top_p`` (0 / 1.0: off)."""
+
+    prompts: int = Field(16, gt=0)
+    samples: int = Field(1, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class RLConfig(_Section):
+    """PPO, GRPO and RLOO (``docs/alignment.md``). Each iteration generates ``rollout.prompts *
+    rollout.samples`` rows, then takes ``epochs`` passes over them in optimizer steps of
+    ``train.global_batch_size`` rows (row ``j`` of the rollout belongs to minibatch ``j % minibatches``), so
+    an iteration is ``epochs * rows / global_batch_size`` optimizer steps of the actor (and of the critic,
+    for ppo); ``train.steps`` counts iterations and the LR schedule counts optimizer steps.
+
+    ``clip`` / ``value_clip``: PPO's ratio and value clipping; ``entropy_coef``: entropy bonus; ``gamma`` /
+    ``lam``: GAE; ``kl_coef`` with ``kl_estimator`` k1 or k3, applied in the per-token reward (``kl_in:
+    reward``, PPO's classic form) or as a loss term (``loss``, GRPO's); ``kl_target`` turns on the adaptive
+    controller (horizon ``kl_horizon`` samples); ``missing_eos_penalty`` is subtracted from the score of a
+    completion cut at ``max_new_tokens``; ``critic_init``: the critic starts from the reward model
+    (``reward``) or from the policy with a fresh value head (``policy``)."""
+
+    rollout: RolloutConfig = RolloutConfig()
+    epochs: int = Field(1, gt=0)
+    clip: float = Field(0.2, gt=0)
+    value_clip: float = Field(0.2, gt=0)
+    entropy_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    whiten_advantages: bool = True
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    kl_in: Literal["reward", "loss"] = "reward"
+    kl_target: float | None = Field(None, gt=0)
+    kl_horizon: int = Field(10000, gt=0)
+    missing_eos_penalty: float | None = None
+    critic_init: Literal["reward", "policy"] = "reward"
+
+
+class RewardConfig(_Section):
+    """Where an RL iteration's scores come from: a frozen reward model (``kind: model``, ``model`` names a
+    reward-model run directory, checkpoint folder or ``hf:PATH``) or a rule on the decoded text (``kind:
+    rule``; ``rule: judge`` is ``rlhf.judge``)."""
+
+    kind: Literal["model", "rule"] = "model"
+    model: str | None = Field(None, min_length=1)
+    rule: Literal["judge"] = "judge"
 
 
 class InitConfig(_Section):
@@ -276,6 +337,32 @@ class TriarchConfig(_Section):
     fault: FaultConfig = FaultConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     init: InitConfig = InitConfig()
+    rl: RLConfig = RLConfig()
+    reward: RewardConfig = RewardConfig()
+
+    @model_validator(mode="after")
+    def _rl_rules(self) -> "TriarchConfig":
+        if not self.objective.is_rl:
+            return self
+        kind, rl = self.objective.kind, self.rl
+        if self.reward.kind == "model" and self.reward.model is None:
+            raise ValueError(f"reward.kind model needs reward.model (a reward-model run directory, checkpoint "
+                             f"folder or hf:PATH) for objective.kind {kind}, or set reward.kind=rule")
+        if kind in ("grpo", "rloo") and rl.rollout.samples < 2:
+            raise ValueError(f"objective.kind {kind} compares several completions per prompt: "
+                             f"rl.rollout.samples must be >= 2, got {rl.rollout.samples}")
+        if kind == "ppo" and rl.critic_init == "reward" and self.reward.kind != "model":
+            raise ValueError("rl.critic_init reward needs a reward model (reward.kind model); "
+                             "set rl.critic_init=policy")
+        if rl.rollout.max_new_tokens >= self.model.seq_len:
+            raise ValueError(f"rl.rollout.max_new_tokens ({rl.rollout.max_new_tokens}) leaves no room for a "
+                             f"prompt in model.seq_len ({self.model.seq_len})")
+        rows = rl.rollout.prompts * rl.rollout.samples
+        if rows % self.train.global_batch_size:
+            raise ValueError(f"a rollout of rl.rollout.prompts*samples ({rl.rollout.prompts}*{rl.rollout.samples} "
+                             f"= {rows}) rows must split into optimizer steps of train.global_batch_size "
+                             f"({self.train.global_batch_size}) rows")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,6 +551,9 @@ def validate_for_world(cfg: TriarchConfig, world_size: int) -> TriarchConfig:
             f"micro-batches per step ({n_micro}) must be a multiple of parallel.pp ({par.pp}) "
             f"for interleaved schedules"
         )
+    if cfg.objective.is_rl and cfg.rl.rollout.prompts % dp:
+        raise ConfigError(f"rl.rollout.prompts ({cfg.rl.rollout.prompts}) must be divisible by the data-parallel "
+                          f"size ({dp}): each data-parallel rank generates its own prompts")
     if trn.precision == "fp8":
         raise ConfigError("train.precision 'fp8' needs a Hopper GPU and the fp8 path, which is not built yet")
     return cfg.model_copy(update={"parallel": par.model_copy(update={"dp_shard": dp_shard})})

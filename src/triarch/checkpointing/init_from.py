@@ -195,10 +195,11 @@ def _config_hint(source: InitSource, ours: LlamaArgs) -> str:
     return f"; set {', '.join(changes)} to match it" if changes else ""
 
 
-def fresh_parameters(source: InitSource, cfg: TriarchConfig) -> frozenset[str]:
-    """Check ``source`` against this run's model; the parameters that keep their fresh initialization
-    (the score head of a reward model started from a language model). Raises :class:`InitSourceError`."""
-    ours_args = llama_args(cfg)
+def fresh_parameters(source: InitSource, cfg: TriarchConfig, head: str | None = None) -> frozenset[str]:
+    """Check ``source`` against this run's model (with ``head`` when it is not the objective's, e.g. a PPO
+    critic); the parameters that keep their fresh initialization (the score head of a reward model or
+    critic started from a language model). Raises :class:`InitSourceError`."""
+    ours_args = llama_args(cfg, head)
     ours, theirs = model_shapes(ours_args), source.shapes
     if SCORE in theirs and SCORE not in ours:
         raise InitSourceError(f"init.from {source.spec} is a reward model (score head); objective.kind "
@@ -298,7 +299,7 @@ def _load_hf(params: dict[str, torch.Tensor], source: InitSource, group: dist.Pr
 
 def _load(engine: NativeEngine, source: str, host_group: dist.ProcessGroup) -> tuple[InitSource, frozenset[str]]:
     described = describe_source(source, host_group)
-    fresh = fresh_parameters(described, engine.cfg)
+    fresh = fresh_parameters(described, engine.cfg, engine.args.head)
     params = {name: p for name, p in named_parameters(engine).items() if name not in fresh}
     if described.hf:
         _load_hf(params, described, host_group)

@@ -55,13 +55,15 @@ class StepResult:
     stats: dict[str, float] = field(default_factory=dict)  # the objective's statistics, means over its units
 
 
-def llama_args(cfg: TriarchConfig) -> LlamaArgs:
-    """Model shape from the config."""
+def llama_args(cfg: TriarchConfig, head: str | None = None) -> LlamaArgs:
+    """Model shape from the config; ``head`` ("lm" or "score") defaults to the objective's (a reward model
+    scores, everything else predicts tokens)."""
     m = cfg.model
     return LlamaArgs(
         vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.kv_heads,
         ffn_hidden=m.ffn_hidden, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-        tie_embeddings=m.tie_embeddings, head="score" if cfg.objective.kind == "rm" else "lm",
+        tie_embeddings=m.tie_embeddings,
+        head=head if head is not None else ("score" if cfg.objective.kind == "rm" else "lm"),
     )
 
 
@@ -84,11 +86,12 @@ class NativeEngine:
     """Owns the model chunks of this rank, the optimizer, the LR schedule and the step."""
 
     def __init__(self, cfg: TriarchConfig, topo: Topology, *, materialize_weights: bool = True,
-                 trainable: bool = True) -> None:
+                 trainable: bool = True, head: str | None = None) -> None:
         """``trainable=False`` builds a frozen instance (a DPO reference): same layout, no gradients, no
-        optimizer state; it runs ``forward_rows`` and ``eval_step`` only."""
+        optimizer state; it runs ``forward_rows``, ``eval_step`` and ``generate`` only. ``head`` overrides
+        the objective's head (``llama_args``): a PPO critic or reward model is a "score" engine."""
         self.cfg, self.topo = cfg, topo
-        args = llama_args(cfg)
+        args = self.args = llama_args(cfg, head)
         self.specs = chunk_specs(args.n_layers, topo.pp, cfg.parallel.virtual_stages, topo.pp_rank)
         with torch.device("meta"):
             chunks = [build_chunk(args, spec) for spec in self.specs]
@@ -336,16 +339,18 @@ class NativeEngine:
 
     @torch.no_grad()
     def forward_rows(self, inputs: torch.Tensor, fields: Fields, row_fn: RowFn, *,
-                     position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+                     position_ids: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor | None:
         """Forward only: ``row_fn(output, fields)`` -> one float per row of each micro-batch (e.g. a
-        sequence's log-probability, computed vocabulary-parallel under TP), as a (rows,) float64 tensor of
-        this DP rank's rows on the last pipeline stage, None on the others. Every rank of the model group
-        takes part (it runs the schedule)."""
+        sequence's log-probability, computed vocabulary-parallel under TP), or ``width`` floats per row
+        (per-token log-probs or values), as a (rows[, width]) float64 tensor of this DP rank's rows on the
+        last pipeline stage, None on the others. Every rank of the model group takes part (it runs the
+        schedule)."""
         for chunk in self.chunks:
             chunk.eval()
         inputs, fields, position_ids = self._to_device(inputs, None, fields, position_ids)
         rows = inputs.shape[0]
-        out = torch.zeros(rows, dtype=torch.float64, device=self.topo.device)
+        shape = (rows,) if width is None else (rows, width)
+        out = torch.zeros(shape, dtype=torch.float64, device=self.topo.device)
         fields["row_index"] = torch.arange(rows, device=self.topo.device)
         self._objective = _RowCollector(row_fn, out)
         self._loss_scale = 1.0
