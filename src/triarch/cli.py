@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<config name>)")
 
     for kind, text in (("sft", "supervised fine-tuning"), ("rm", "train a reward model"),
-                       ("dpo", "direct preference optimization")):
+                       ("dpo", "direct preference optimization"), ("ppo", "proximal policy optimization"),
+                       ("grpo", "group relative policy optimization"), ("rloo", "REINFORCE leave-one-out")):
         stage = sub.add_parser(kind, help=f"{text}: 'train' with objective.kind={kind} (docs/alignment.md)")
         stage.add_argument("config", help="YAML config file")
         stage.add_argument("overrides", nargs="*", help="dotted overrides, e.g. init.from=runs/tiny objective.beta=0.1")
@@ -248,6 +249,10 @@ def _add_slurm_commands(sub: argparse._SubParsersAction) -> None:
 
 def check_data(cfg: TriarchConfig) -> None:
     """The prepared data must exist and fit the model's vocabulary."""
+    if cfg.objective.is_rl:
+        from triarch.rlhf.rl_checks import check_rl_setup
+
+        return check_rl_setup(cfg)
     if cfg.objective.uses_pairs:
         return check_preference_data(cfg)
     if cfg.objective.kind == "sft":
@@ -542,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = args.command in ("train", "submit", "sft", "rm", "dpo", "generate")
+    takes_overrides = args.command in ("train", "submit", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "generate")
     unknown = [e for e in extra if e.startswith("-") or not takes_overrides
                or ("=" not in e and args.command != "generate")]  # generate: also its RUN_DIR
     if unknown:
@@ -553,7 +558,8 @@ def main(argv: list[str] | None = None) -> None:
     from triarch.data_pipeline.errors import DataError
     from triarch.slurm.commands import SlurmError
 
-    handlers = {"train": cmd_train, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "prepare": cmd_prepare,
+    handlers = {"train": cmd_train, "sft": cmd_stage, "rm": cmd_stage, "dpo": cmd_stage, "ppo": cmd_stage,
+                "grpo": cmd_stage, "rloo": cmd_stage, "prepare": cmd_prepare,
                 "prepare-sft": cmd_prepare_sft, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
                 "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                 "prepare-preferences": cmd_prepare_preferences, "generate": cmd_generate}

@@ -108,6 +108,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _all_state(engine: NativeEngine, others: dict[str, NativeEngine]) -> dict[str, Any]:
+    state = engine_state(engine)
+    for name, other in others.items():
+        state.update(engine_state(other, prefix=f"{name}."))
+    return state
+
+
 class CheckpointManager:
     """Saves and restores the whole training state of a run directory, on every rank (collective).
 
@@ -137,8 +144,12 @@ class CheckpointManager:
         self.last_commit_s = 0.0
 
     # ------------------------------------------------------------------------------------------ save
-    def save(self, step: int, engine: NativeEngine, trainer_state: dict[str, Any]) -> Path:
-        """Write step ``step`` (in the background when async) and commit it once every rank is done."""
+    def save(self, step: int, engine: NativeEngine, trainer_state: dict[str, Any], *,
+             others: dict[str, NativeEngine] | None = None) -> Path:
+        """Write step ``step`` (in the background when async) and commit it once every rank is done.
+        ``others`` are further trained models of the run (a PPO critic), saved under ``<name>.model.*`` /
+        ``<name>.optim.*`` with their LR schedules in the trainer state as ``<name>_scheduler``."""
+        others = others or {}
         started = time.perf_counter()
         self._finish_write()
         self.last_wait_s = time.perf_counter() - started
@@ -154,15 +165,16 @@ class CheckpointManager:
         commit_info = {"step": step, "world_size": dist.get_world_size(), "layout": trainer_state.get("layout")}
         writer = DigestingWriter(step_dir)
         try:
-            own = self._write_own_files(step, step_dir, engine, trainer_state)
+            schedules = {f"{name}_scheduler": scheduler_state(e) for name, e in others.items()}
+            own = self._write_own_files(step, step_dir, engine, {**trainer_state, **schedules})
+            state = _all_state(engine, others)
             if self.async_save:
                 # DCP stages a CPU copy before returning; only the write (and its hashing) runs in the background
-                future = dcp.async_save(engine_state(engine), checkpoint_id=str(step_dir), storage_writer=writer,
+                future = dcp.async_save(state, checkpoint_id=str(step_dir), storage_writer=writer,
                                         process_group=self._group, async_stager=self._stager)
                 self._pending = _PendingSave(step, step_dir, commit_info, future, writer, own)
             else:
-                dcp.save(engine_state(engine), checkpoint_id=str(step_dir), storage_writer=writer,
-                         process_group=self._host)
+                dcp.save(state, checkpoint_id=str(step_dir), storage_writer=writer, process_group=self._host)
         except (Exception, CheckpointException) as err:  # OSError from our files; DCP: any rank's failure
             error = f"saving {step_dir} failed: {_reason(err, self.dir)}"
         self._agree_or_raise(error, step_dir)
@@ -292,20 +304,26 @@ class CheckpointManager:
         dist.all_gather_object(found, problem, group=self._host)
         return next((f"{p}; found by rank {r}" for r, p in enumerate(found) if p is not None), None)
 
-    def load(self, info: StepInfo, engine: NativeEngine) -> dict[str, Any]:
-        """Load step ``info`` into ``engine`` (any layout); returns the trainer state saved with it."""
-        state = engine_state(engine)
+    def load(self, info: StepInfo, engine: NativeEngine, *, others: dict[str, NativeEngine] | None = None
+             ) -> dict[str, Any]:
+        """Load step ``info`` into ``engine`` (and ``others``, as saved by :meth:`save`) on any layout; returns
+        the trainer state saved with it."""
+        others = others or {}
+        state = _all_state(engine, others)
         saved_keys = set(tensor_metadata(info.path))
-        missing_model = [k for k in state if k.startswith("model.") and k not in saved_keys]
+        prefixes = ["", *(f"{name}." for name in others)]
+        models = [k for k in state if any(k.startswith(f"{p}model.") for p in prefixes)]
+        missing_model = [k for k in models if k not in saved_keys]
         if missing_model:
             raise CheckpointError(f"{info.path} does not fit this model: no tensor {missing_model[0]}")
         metas = tensor_metadata(info.path)
-        for key, value in state.items():
-            if key.startswith("model.") and tuple(metas[key].size) != tuple(value.shape):
+        for key in models:
+            if tuple(metas[key].size) != tuple(state[key].shape):
                 raise CheckpointError(f"{info.path} does not fit this model: {key} is {tuple(metas[key].size)} "
-                                      f"there, {tuple(value.shape)} here")
-        if not any(k.startswith("optim.") for k in saved_keys):  # weights only (e.g. imported): fresh optimizer
-            state = {k: v for k, v in state.items() if k.startswith("model.")}
+                                      f"there, {tuple(state[key].shape)} here")
+        for p in prefixes:  # weights only (e.g. imported): that model's optimizer starts fresh
+            if not any(k.startswith(f"{p}optim.") for k in saved_keys):
+                state = {k: v for k, v in state.items() if not k.startswith(f"{p}optim.")}
         try:
             dcp.load(state, checkpoint_id=str(info.path), process_group=self._host)
         except Exception as err:  # DCP wraps per-rank failures (shape mismatch, unreadable shard) in one error
@@ -314,6 +332,9 @@ class CheckpointManager:
         trainer_state = load_plain(info.path / TRAINER_STATE)
         if "scheduler" in trainer_state:
             load_scheduler_state(engine, trainer_state["scheduler"])
+        for name, other in others.items():
+            if f"{name}_scheduler" in trainer_state:
+                load_scheduler_state(other, trainer_state[f"{name}_scheduler"])
         rng_file = info.path / "rng" / f"rank_{dist.get_rank()}.pt"
         if trainer_state.get("world_size") == dist.get_world_size() and rng_file.is_file():
             set_rng_state(load_plain(rng_file))

@@ -41,16 +41,17 @@ def ensure_optimizer_state(engine: NativeEngine) -> None:
             opt.state[p] = {"step": step, **{m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in _MOMENTS}}
 
 
-def engine_state(engine: NativeEngine) -> dict[str, Any]:
-    """Tensors to save or load in place: ``model.<name>``, ``optim.<name>.<moment>``, ``optim.<name>.step``."""
+def engine_state(engine: NativeEngine, prefix: str = "") -> dict[str, Any]:
+    """Tensors to save or load in place: ``model.<name>``, ``optim.<name>.<moment>``, ``optim.<name>.step``,
+    each behind ``prefix`` (a second trained model of the run, e.g. ``critic.``)."""
     ensure_optimizer_state(engine)
     state: dict[str, Any] = {}
     for name, p in named_parameters(engine).items():
-        state[f"model.{name}"] = p.detach()
+        state[f"{prefix}model.{name}"] = p.detach()
         slot = engine.optimizer.state[p]
         for moment in _MOMENTS:
-            state[f"optim.{name}.{moment}"] = slot[moment]
-        state[f"optim.{name}.step"] = slot["step"]
+            state[f"{prefix}optim.{name}.{moment}"] = slot[moment]
+        state[f"{prefix}optim.{name}.step"] = slot["step"]
     return state
 
 

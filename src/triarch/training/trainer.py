@@ -107,6 +107,10 @@ def train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: RunC
     (the resume checks passed), so a refused attempt leaves the run's config untouched."""
     cfg = validate_for_world(cfg, dist.get_world_size())
     topo = build_topology(cfg, device, control.host_group if control is not None else None)
+    if cfg.objective.is_rl:
+        from triarch.rlhf.rl_run import train_rl
+
+        return train_rl(cfg, topo, run_dir, control, publish_config=publish_config)
     data, evaluator = _streams(cfg, topo)
     streams = [data] + ([evaluator.stream] if evaluator is not None else [])
     try:
