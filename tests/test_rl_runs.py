@@ -19,6 +19,7 @@ from triarch.data_pipeline.prepare.pydocs import stdlib_docstrings
 from triarch.data_pipeline.prepare.synthetic_preferences import make_synthetic_preferences
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+STOPPED = 6  # exit code of a run that saved and stopped on request (launcher.exit_codes)
 MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
          "model.seq_len=128", "model.max_seq_len=256"]
 COMMON = [*MODEL, "logging.progress=off", "logging.tensorboard=false", "logging.log_interval=1",
@@ -144,3 +145,23 @@ def test_bad_rl_input_is_one_line_and_exit_2(prefs, reward_run, grpo_run, tmp_pa
     (hf / "tokenizer.json").write_text(json.dumps(tokenizer))
     _one_line_error(cli(*base, f"reward.model=hf:{hf}"), "another tokenizer")
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_a_stop_signal_saves_after_the_iteration_and_the_run_resumes(prefs, tmp_path) -> None:
+    run = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "triarch.cli", "grpo", str(EXAMPLES / "tiny_grpo.yaml"), "--run-dir", str(run),
+           "--nproc", "2", f"data.path={prefs}", *COMMON, "reward.kind=rule", "checkpoint.interval=0"]
+    proc = subprocess.Popen([*cmd, "train.steps=1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").is_file() and metrics(run)):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGTERM)  # what SLURM's USR2 becomes under triarch submit: a stop request
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == STOPPED and "Traceback" not in err, err[-3000:]
+    step = max(metrics(run))
+    assert (run / "checkpoints" / f"step_{step}" / "COMMITTED.json").is_file()
+    done = subprocess.run([*cmd, f"train.steps={step + 1}"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "resumed from" in done.stderr, done.stderr[-3000:]
+    assert max(metrics(run)) == step + 1
