@@ -12,7 +12,7 @@ from triarch.training.mfu import parameter_count
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 WORLD = {"tiny": 2, "125m": 8, "1b": 8, "8b": 32, "70b": 64, "tiny_sft": 2, "tiny_rm": 2, "tiny_dpo": 2,
-         "8b_sft": 32, "8b_rm": 32, "8b_dpo": 32}
+         "8b_sft": 32, "8b_rm": 32, "8b_dpo": 32, "tiny_ppo": 2, "tiny_grpo": 2, "8b_ppo": 32}
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
