@@ -1,4 +1,4 @@
-"""Layout parity of PPO and GRPO: two iterations at tp2, pp2 and tp2 x pp2 equal one process (rollouts,
+"""Layout parity of PPO and GRPO: two iterations at tp2, pp2 and tp2 x pp2 (and dp2: FSDP, each rank its own prompts) equal one process (rollouts,
 rewards, losses, statistics, every updated actor and critic parameter; 1e-5, gradient norms 1e-4), and no train/rollout
 mismatch: the first optimizer step of each iteration sees ratio 1 and clip fraction 0, since the training
 forward recomputes exactly the rollout's log-probs."""
@@ -19,6 +19,7 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
+    "dp2": (2, ["parallel.dp_shard=2"]),
 }
 
 
