@@ -40,6 +40,8 @@ def rollout_mismatch(engine: NativeEngine, prompts: list[list[int]], result) -> 
     """Largest |rollout log-prob - full-forward log-prob| over the generated tokens of these prompts."""
     rows = [p + c for p, c in zip(prompts, result.completions())]
     width = -(-max(map(len, rows)) // 4) * 4  # sequence parallelism splits the sequence over tp ranks
+    if width > engine.cfg.model.max_seq_len:
+        return float("nan")  # a context too tight for the padded training rows: nothing to compare
     ids = torch.full((len(rows), width), PAD, dtype=torch.int64)
     labels = torch.full((len(rows), width), -100, dtype=torch.int64)
     for i, (prompt, row) in enumerate(zip(prompts, rows)):

@@ -187,8 +187,6 @@ def test_bad_input_is_one_line_and_exit_2(hf, tmp_path, capsys) -> None:
         "--max-new-tokens: 0 must be positive": [*src, "--prompt", "w1", "--max-new-tokens", "0"],
         "--prompt 2: the prompt is empty": [*src, "--prompt", "w1", "--prompt", ""],
         "--prompt 1 has 60 tokens": [*src, "--prompt", " ".join(["w3"] * 60), "--max-new-tokens", "8"],
-        "(+2 placeholder positions of sequence parallelism at tp 4)": [  # 52 + 12 fits, 52 + 12 + 2 does not
-            *src, "--prompt", " ".join(["w3"] * 52), "--max-new-tokens", "12", "--nproc", "4", "parallel.tp=4"],
         f"cannot read --prompts {tmp_path / 'missing.jsonl'}": [*src, "--prompts", str(tmp_path / "missing.jsonl")],
         "world size (1) is not divisible": [*src, "--prompt", "w1", "parallel.tp=2"],
         "--out": [*src, "--prompt", "w1", "--out", str(tmp_path / "no" / "such" / "out.jsonl")],

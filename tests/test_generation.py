@@ -30,7 +30,12 @@ LAYOUTS = {
                             "train.global_batch_size=4"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=false"]),
     "dp2": (2, ["parallel.dp_shard=2"]),
+    # 4 TP ranks share 2 KV heads (replicated K/V projections); the longest prompt plus NEW fills the whole
+    # context, so the sequence-parallel placeholders of the last steps sit past its end (clamped)
+    "tp4_sp_full_context": (4, ["parallel.tp=4", "parallel.sequence_parallel=true", "model.seq_len=16",
+                                f"model.max_seq_len={max(map(len, PROMPTS)) + NEW}"]),
 }
+TIGHT = {"tp4_sp_full_context"}  # no room for the padded training rows of the log-prob comparison
 
 
 def _hf_model() -> torch.nn.Module:
@@ -98,7 +103,8 @@ def test_layout_generates_the_same_tokens(layout, single, hf_greedy, hf_dir, tmp
     got = _run(tmp_path / layout, hf_dir, nproc, overrides)
     assert got["greedy"] == hf_greedy
     assert got["sampled"] == single["sampled"]
-    assert got["greedy_mismatch"] <= LOGPROB_ATOL and got["sampled_mismatch"] <= LOGPROB_ATOL
+    if layout not in TIGHT:
+        assert got["greedy_mismatch"] <= LOGPROB_ATOL and got["sampled_mismatch"] <= LOGPROB_ATOL
     for ours, theirs in zip(got["sampled_logprobs"], single["sampled_logprobs"]):
         assert max(abs(a - b) for a, b in zip(ours, theirs)) <= LOGPROB_ATOL
 

@@ -227,9 +227,16 @@ def generate(chunks: list[Llama], specs: list[ChunkSpec], topo: Topology, prompt
             slot = start + t
             batch.valid[:, slot] = True
             step_ids = torch.cat([new[:, None], new[:, None].expand(rows, width - 1)], dim=1)
-            positions = (batch.prompt_lengths + t)[:, None] + offsets[None, :]
+            positions = _decode_positions(batch.prompt_lengths, t, offsets, args.max_seq_len)
             pick = 0
     return Generation(tokens, logprobs, lengths)
+
+
+def _decode_positions(prompt_lengths: Tensor, t: int, offsets: Tensor, max_seq_len: int) -> Tensor:
+    """Positions of a decoding forward's tokens: token ``t`` (of every row) then the sequence-parallel
+    placeholders after it, clamped to the rotary table (a placeholder's output is discarded and its cache
+    slot overwritten, so its position does not matter)."""
+    return ((prompt_lengths + t)[:, None] + offsets[None, :]).clamp(max=max_seq_len - 1)
 
 
 def _any_running(running: Tensor, topo: Topology) -> bool:

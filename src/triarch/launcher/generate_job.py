@@ -190,19 +190,14 @@ def check_lengths(prompts: list[Prompt], ids: list[list[int]], cfg: TriarchConfi
     """Every prompt's tokens lie in the model's vocabulary, and the prompt plus ``max_new_tokens`` fits its
     context (``model.max_seq_len``)."""
     vocab, context = cfg.model.vocab_size, cfg.model.max_seq_len
-    # Under sequence parallelism each decoding forward carries tp - 1 placeholder tokens after the new one,
-    # and the engine gives them positions too: with tp > 2 the last ones would pass the rotary table's end.
-    tp = cfg.parallel.tp
-    spare = tp - 2 if cfg.parallel.sequence_parallel and tp > 2 else 0
     for p, row in zip(prompts, ids):
         bad = next((t for t in row if t >= vocab), None)
         if bad is not None:
             raise GenerateError(f"{p.where}: token id {bad} is outside the model's vocabulary (model.vocab_size "
                                 f"{vocab}); is this the model's tokenizer?")
-        if len(row) + max_new_tokens + spare > context:
-            extra = f" (+{spare} placeholder positions of sequence parallelism at tp {tp})" if spare else ""
+        if len(row) + max_new_tokens > context:
             raise GenerateError(f"{p.where} has {len(row)} tokens: with --max-new-tokens {max_new_tokens} it needs "
-                                f"{len(row) + max_new_tokens} positions{extra}, more than the model's context "
+                                f"{len(row) + max_new_tokens} positions, more than the model's context "
                                 f"(model.max_seq_len {context})")
 
 
