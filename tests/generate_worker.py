@@ -79,7 +79,7 @@ def main() -> None:
     mine = PROMPTS[topo.dp_rank * share:(topo.dp_rank + 1) * share]
     out: dict = {}
     for name, params in (("greedy", GREEDY), ("sampled", SAMPLED)):
-        result = engine.generate(mine, params)
+        result = engine.generate(mine, params, micro_batches=name == "sampled")  # PP: both decode schedules
         everyone: list = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, (topo.dp_rank, result.completions(), result.logprobs.tolist()))
         by_dp = {dp: (c, lp) for dp, c, lp in everyone}

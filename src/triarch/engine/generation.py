@@ -180,14 +180,21 @@ class _PipelineForward:
 
 def generate(chunks: list[Llama], specs: list[ChunkSpec], topo: Topology, prompts: Sequence[Sequence[int]],
              prompt_index: Tensor, params: SamplingParams, *, activation_dtype: torch.dtype,
-             sequence_parallel: bool, autocast: contextlib.AbstractContextManager) -> Generation:
+             sequence_parallel: bool, autocast: contextlib.AbstractContextManager,
+             micro_batches: bool = False) -> Generation:
     """Continue this data-parallel rank's ``prompts`` (token id lists; ``prompt_index`` their global
-    indices, which key the sampling). Every rank of the model group calls this with the same prompts."""
+    indices, which key the sampling). Every rank of the model group calls this with the same prompts. Under
+    PP with one chunk per rank, ``micro_batches`` keeps several in flight (``engine.pipelined_decode``);
+    False decodes the whole batch stage after stage (the same tokens)."""
     params.check()
     args = chunks[0].args
     check_prompts(prompts, args.vocab_size, args.max_seq_len, params.max_new_tokens)
     device, width = topo.device, topo.tp if sequence_parallel else 1
     n_new = params.max_new_tokens
+    if micro_batches and topo.pp > 1 and len(chunks) == 1 and len(prompts) >= 2:
+        with torch.no_grad(), gathered_weights(chunks), autocast:
+            return _pipelined(chunks[0], topo, prompts, prompt_index.to(device), params, width=width,
+                              dtype=activation_dtype, sequence_parallel=sequence_parallel)
     batch = _left_pad(prompts, width, n_new + width, params.pad_id, device)
     rows, start = batch.ids.shape
     cache = KVCache(start + n_new + width)
@@ -230,6 +237,33 @@ def generate(chunks: list[Llama], specs: list[ChunkSpec], topo: Topology, prompt
             positions = _decode_positions(batch.prompt_lengths, t, offsets, args.max_seq_len)
             pick = 0
     return Generation(tokens, logprobs, lengths)
+
+
+def _pipelined(chunk: Llama, topo: Topology, prompts: Sequence[Sequence[int]], prompt_index: Tensor,
+               params: SamplingParams, *, width: int, dtype: torch.dtype, sequence_parallel: bool) -> Generation:
+    """Micro-batches in flight through the pipeline (``engine.pipelined_decode``); every stage returns the
+    last stage's results."""
+    from triarch.engine.pipelined_decode import PipelinedDecoder, _Micro
+
+    device, n_new, rows = topo.device, params.max_new_tokens, len(prompts)
+    micros = []
+    for part in torch.arange(rows).tensor_split(min(topo.pp, rows)):
+        lo, hi = int(part[0]), int(part[-1]) + 1
+        batch = _left_pad(prompts[lo:hi], width, n_new + width, params.pad_id, device)
+        n = hi - lo
+        micros.append(_Micro(batch.ids, batch.valid, batch.prompt_lengths, prompt_index[lo:hi],
+                             KVCache(batch.ids.shape[1] + n_new + width),
+                             torch.full((n, n_new), params.pad_id, dtype=torch.int64, device=device),
+                             torch.zeros(n, n_new, dtype=torch.float32, device=device),
+                             torch.zeros(n, dtype=torch.int64, device=device),
+                             torch.ones(n, dtype=torch.bool, device=device)))
+    PipelinedDecoder(chunk, topo, params, width=width, dtype=dtype, sequence_parallel=sequence_parallel,
+                     pad_positions=_decode_positions).run(micros)
+    results = torch.cat([torch.cat([m.tokens.double(), m.logprobs.double(), m.lengths[:, None].double()], dim=1)
+                         for m in micros])
+    group = topo.mesh["pp"].get_group()
+    dist.broadcast(results, src=dist.get_global_rank(group, topo.pp - 1), group=group)
+    return Generation(results[:, :n_new].long(), results[:, n_new:2 * n_new].float(), results[:, -1].long())
 
 
 def _decode_positions(prompt_lengths: Tensor, t: int, offsets: Tensor, max_seq_len: int) -> Tensor:

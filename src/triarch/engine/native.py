@@ -358,11 +358,13 @@ class NativeEngine:
         return out if local is not None else None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 prompt_index: torch.Tensor | None = None) -> Generation:
+                 prompt_index: torch.Tensor | None = None, *, micro_batches: bool = False) -> Generation:
         """Continue this DP rank's ``prompts`` (token id lists) on the chunks as trained, with a KV cache
         (``engine.generation``). ``prompt_index`` (global prompt indices, which key the sampling) defaults to
         ``dp_rank * len(prompts) + i``: prompts split over DP ranks in order. Every rank of the model group
-        takes part; the result is identical on all of them."""
+        takes part; the result is identical on all of them. ``micro_batches``: under PP, keep several
+        micro-batches of prompts in flight (every stage busy; pays when a stage's forward is compute-bound:
+        large batches) rather than one batch stage after stage."""
         for chunk in self.chunks:
             chunk.eval()
         if prompt_index is None:
@@ -370,7 +372,7 @@ class NativeEngine:
         dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
         return generate(self.chunks, self.specs, self.topo, prompts, prompt_index, params, activation_dtype=dtype,
                         sequence_parallel=self.topo.tp > 1 and self.cfg.parallel.sequence_parallel,
-                        autocast=self._precision_context())
+                        autocast=self._precision_context(), micro_batches=micro_batches)
 
     def close(self) -> None:
         """Drop this engine's model, schedule and optimizer state (a frozen reference once its work is done)."""
