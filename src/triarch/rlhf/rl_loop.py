@@ -99,10 +99,11 @@ class RLIteration:
     def _share(self, values: Tensor | None, like: Tensor) -> Tensor:
         """The last pipeline stage's ``values`` on every stage (same shape and dtype as ``like``)."""
         out = values.to(like.dtype) if values is not None else torch.zeros_like(like)
-        if self.topo.pp > 1:
+        if self.topo.pp > 1:  # on the device: the pipeline group is NCCL on GPUs
             group = self.topo.mesh["pp"].get_group()
+            out = out.to(self.topo.device)
             dist.broadcast(out, src=dist.get_global_rank(group, self.topo.pp - 1), group=group)
-        return out
+        return out.cpu()
 
     def _dp_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.topo.device)
