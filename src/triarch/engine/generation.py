@@ -122,8 +122,11 @@ def gathered_weights(chunks: list[Llama]) -> Iterator[None]:
     saved = []
     for module in modules:
         state = module._get_fsdp_state()
-        saved.append((state, state._auto_reshard_after_forward,
-                      [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups]))
+        groups = getattr(state, "_fsdp_param_groups", None)  # torch < 2.8 keeps one ``_fsdp_param_group``
+        if groups is None:
+            groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
+        saved.append((state, getattr(state, "_auto_reshard_after_forward", None),
+                      [(g, g.post_forward_mesh_info) for g in groups]))
         module.set_reshard_after_forward(False, recurse=False)
     for module in modules:
         module.unshard()
@@ -133,7 +136,8 @@ def gathered_weights(chunks: list[Llama]) -> Iterator[None]:
         for module in modules:
             module.reshard()
         for state, auto, groups in saved:
-            state._auto_reshard_after_forward = auto
+            if auto is not None:
+                state._auto_reshard_after_forward = auto
             for group, info in groups:
                 group.post_forward_mesh_info = info
 
