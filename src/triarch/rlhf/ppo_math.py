@@ -73,7 +73,7 @@ class Moments:
     squares: float
 
     @classmethod
-    def of(cls, x: Tensor, mask: Tensor) -> "Moments":
+    def of(cls, x: Tensor, mask: Tensor) -> Moments:
         x = x.double() * mask
         return cls(float(mask.sum()), float(x.sum()), float((x * x).sum()))
 

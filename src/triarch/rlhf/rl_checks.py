@@ -26,9 +26,11 @@ def _source_tokenizer(spec: str, path: Path, hf: bool) -> Path | None:
     from triarch.checkpointing.hf_io import saved_config
     from triarch.checkpointing.steps import StepInfo
 
+    from triarch.checkpointing.commit import CheckpointError
+
     try:
         cfg = saved_config(StepInfo(step=0, path=path, committed=True))
-    except Exception:  # an unreadable trainer state: the shapes check still ran
+    except (CheckpointError, OSError, ValueError, KeyError):  # no readable saved config: shapes were checked
         return None
     folder = Path(cfg.data.path)
     for candidate in (folder / "tokenizer.json", folder / cfg.data.train_split / "tokenizer.json"):
