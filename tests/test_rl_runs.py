@@ -165,3 +165,16 @@ def test_a_stop_signal_saves_after_the_iteration_and_the_run_resumes(prefs, tmp_
     done = subprocess.run([*cmd, f"train.steps={step + 1}"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "resumed from" in done.stderr, done.stderr[-3000:]
     assert max(metrics(run)) == step + 1
+
+
+def test_train_with_objective_rloo_runs_leave_one_out(prefs, tmp_path) -> None:
+    run = tmp_path / "rloo"
+    done = cli("train", str(EXAMPLES / "tiny_grpo.yaml"), "objective.kind=rloo", "--run-dir", str(run),
+               f"data.path={prefs}", *COMMON, "reward.kind=rule", "train.steps=1", "checkpoint.interval=0",
+               "rl.rollout.samples=2", "rl.rollout.prompts=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = metrics(run)[1]
+    assert row["clip_fraction"] >= 0 and 0 < row["response_length"] <= 12
+    refused = cli("train", str(EXAMPLES / "tiny_grpo.yaml"), "objective.kind=rloo", "--run-dir", str(tmp_path / "one"),
+                  f"data.path={prefs}", *COMMON, "reward.kind=rule", "rl.rollout.samples=1")
+    _one_line_error(refused, "rl.rollout.samples must be >= 2")
