@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_argument("--seed", type=int, default=0, help="seed of the held-out split")
     _add_prepare_preferences(sub)
     _add_generate(sub)
+    _add_align_report(sub)
     return parser
 
 
@@ -175,6 +176,28 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                      help="write JSONL records {prompt, completion, completion_ids, finish} here instead of "
                           "printing")
     gen.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
+
+
+def _add_align_report(sub: argparse._SubParsersAction) -> None:
+    rep = sub.add_parser("align-report", help="aligned models vs their base on held-out prompts: judge, reward "
+                                              "model, length, KL; report.md with figures (docs/alignment.md)")
+    rep.add_argument("--base", type=Path, required=True, help="the base model's run directory (or step folder)")
+    rep.add_argument("--model", action="append", required=True, metavar="NAME=RUN",
+                     help="an aligned model to compare (repeat), e.g. sft=runs/tiny_sft")
+    rep.add_argument("--reward", type=Path, required=True, help="the reward model's run directory")
+    rep.add_argument("--data", type=Path, required=True, help="a prepare-preferences folder (its prompts)")
+    rep.add_argument("--split", default="validation", help="the held-out split (default validation)")
+    rep.add_argument("--prompts", type=_positive_int, default=64, help="distinct prompts to evaluate (default 64)")
+    rep.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    rep.add_argument("--temperature", type=_float_arg(0.0, None), action="append", default=None,
+                     help="decoding (repeat for several tables; default 0: greedy)")
+    rep.add_argument("--seed", type=int, default=0, help="sampling seed (temperature > 0)")
+    rep.add_argument("--examples", type=_non_negative_int, default=6, help="prompts shown side by side (default 6)")
+    rep.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per generation batch")
+    rep.add_argument("--rl-metrics", action="append", default=[], metavar="NAME=RUN",
+                     help="an RL run whose per-iteration curves to plot (RL runs given as --model are plotted "
+                          "anyway)")
+    rep.add_argument("--out", type=Path, required=True, help="folder for report.md and its figures")
 
 
 def _add_prepare_preferences(sub: argparse._SubParsersAction) -> None:
@@ -536,6 +559,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return generate_command(args)
 
 
+def cmd_align_report(args: argparse.Namespace) -> int:
+    from triarch.rlhf.report import align_report_command
+
+    return align_report_command(args)
+
+
 def cmd_ckpt(args: argparse.Namespace) -> int:
     from triarch.checkpointing.ops import run
 
@@ -562,7 +591,8 @@ def main(argv: list[str] | None = None) -> None:
                 "grpo": cmd_stage, "rloo": cmd_stage, "prepare": cmd_prepare,
                 "prepare-sft": cmd_prepare_sft, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
                 "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
-                "prepare-preferences": cmd_prepare_preferences, "generate": cmd_generate}
+                "prepare-preferences": cmd_prepare_preferences, "generate": cmd_generate,
+                "align-report": cmd_align_report}
     try:
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:
