@@ -66,7 +66,7 @@ def test_report_tables_figures_and_scores(runs, run_cli) -> None:
     report = (out / "report.md").read_text()
     for row in ("| base | dpo |", "| dpo | dpo |", "| same | dpo |"):
         assert report.count(row) == 2, row  # one table per decoding
-    assert "## Greedy decoding" in report and "## Sampled (temperature 1) decoding" in report
+    assert "## Greedy\n" in report and "## Sampled (temperature 1)\n" in report
     for name in ("rm_scores_greedy.png", "rm_scores_t1.png", "rl_curves.png"):
         assert f"]({name})" in report
         width, height = _png_size(out / name)

@@ -9,7 +9,8 @@ for (greedy by default), and writes into ``--out``:
   runs' curves and the reward-model score distributions as figures;
 - ``rl_curves.png``: reward (the RL run's own ``reward_mean``: reward-model score minus any missing-EOS
   penalty), KL to its reference and response length per iteration, from each RL run's ``metrics.jsonl``;
-- ``rm_scores_<decoding>.png``: the reward model's score distribution of the base against each model;
+- ``rm_scores_<decoding>.png``: the reward model's score distribution of the base against each model (and
+  the judge's, below it);
 - ``completions.jsonl``: every completion (decoding, model, prompt, text, judge, reward-model score, tokens,
   words, KL, ended at EOS) and ``summary.json`` (the tables' figures), for scripts.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,19 +80,23 @@ def _pyplot():
     return plt
 
 
-def plot_rl_curves(runs: dict[str, list[dict[str, float]]], path: Path) -> None:
-    """Reward, KL and response length per iteration, one line per run."""
+def _moving_average(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def plot_rl_curves(runs: dict[str, list[dict[str, float]]], path: Path, window: int = 5) -> None:
+    """Reward, KL and response length per iteration, one color per run: each iteration's value (thin) and
+    the mean of the last ``window`` iterations (thick)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(RL_PANELS), figsize=(4.2 * len(RL_PANELS), 3.4))
     for ax, (key, title) in zip(axes, RL_PANELS):
         for name, rows in runs.items():
             steps = [r["step"] for r in rows if key in r]
             values = [r[key] for r in rows if key in r]
-            line, = ax.plot(steps, values, marker=".", label=name)
-            if key == "reward_mean" and all("reward_std" in r for r in rows):
-                std = [r["reward_std"] for r in rows]
-                ax.fill_between(steps, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)],
-                                color=line.get_color(), alpha=0.15)
+            line, = ax.plot(steps, values, marker=".", linewidth=0.8, alpha=0.5)
+            ax.plot(steps, _moving_average(values, window), color=line.get_color(), linewidth=2,
+                    label=f"{name} ({window}-iteration mean)")
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
@@ -101,23 +107,26 @@ def plot_rl_curves(runs: dict[str, list[dict[str, float]]], path: Path) -> None:
 
 
 def plot_rm_scores(results: Sequence[ModelResult], path: Path, label: str) -> None:
-    """The reward model's score distribution: the base against each other model, one panel each."""
+    """Score distributions, the base against each other model (one column each): the reward model's (top
+    row) and the judge's (bottom row), means in the legends."""
     plt = _pyplot()
-    base, others = results[0], list(results[1:])
-    values = [v for r in results for v in r.values("rm")]
-    low, high = min(values), max(values)
-    bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
-    fig, axes = plt.subplots(1, max(1, len(others)), figsize=(4.2 * max(1, len(others)), 3.4), squeeze=False)
-    for ax, other in zip(axes[0], others or [base]):
-        ax.hist(base.values("rm"), bins=bins, color="0.6", alpha=0.6, label=f"{base.name} ({base.mean('rm'):.2f})")
-        if other is not base:
-            ax.hist(other.values("rm"), bins=bins, histtype="step", linewidth=2,
-                    label=f"{other.name} ({other.mean('rm'):.2f})")
-        ax.set_title(f"{other.name} vs {base.name}")
-        ax.set_xlabel("reward-model score")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"completions ({label})")
+    base, others = results[0], list(results[1:]) or [results[0]]
+    fig, axes = plt.subplots(2, len(others), figsize=(4.2 * len(others), 6.4), squeeze=False)
+    for row, (key, what) in enumerate((("rm", "reward-model score"), ("judge", "judge score"))):
+        values = [v for r in results for v in r.values(key)]
+        low, high = min(values), max(values)
+        bins = [low + (high - low) * i / 30 for i in range(31)] if high > low else 10
+        for ax, other in zip(axes[row], others):
+            ax.hist(base.values(key), bins=bins, color="0.6", alpha=0.6,
+                    label=f"{base.name} ({base.mean(key):.2f})")
+            if other is not base:
+                ax.hist(other.values(key), bins=bins, histtype="step", linewidth=2,
+                        label=f"{other.name} ({other.mean(key):.2f})")
+            ax.set_title(f"{other.name} vs {base.name}")
+            ax.set_xlabel(what)
+            ax.legend(fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel(f"completions ({label})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -129,7 +138,10 @@ def _cell(text: str, limit: int = 240) -> str:
     if len(text) > limit:
         text = text[:limit] + " …"
     text = text.replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ")
-    return f"`{text}`" if text.strip() and "`" not in text else (text or "*(empty)*")
+    if not text.strip():
+        return "*(empty)*"
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if len(fence) > 1 else f"`{text}`"
 
 
 def _signed(x: float, digits: int = 3) -> str:
@@ -192,16 +204,17 @@ def render(decodings: Sequence[Decoding], prompts: EvalPrompts, settings: dict[s
              "log p_model − log p_base (nats), averaged over prompts."), "",
              "Models: " + ", ".join(f"{r.name} = `{r.source}`" for r in first) + ".", ""]
     for d in decodings:
-        lines += [f"## {d.label[0].upper() + d.label[1:]} decoding", "", *table(d.results), "", *verdicts(d.results),
-                  "", f"![reward-model scores, {d.label}](rm_scores_{d.slug}.png)", ""]
+        lines += [f"## {d.label[0].upper() + d.label[1:]}", "", *table(d.results), "", *verdicts(d.results),
+                  "", f"![reward-model (top) and judge (bottom) scores, {d.label}](rm_scores_{d.slug}.png)", ""]
     if rl_runs:
         lines += ["## RL runs per iteration", "",
                   ("From each run's `metrics.jsonl`: the mean reward of the iteration's rollouts (sampled at the "
-                  "run's temperature; the reward model's score minus any missing-EOS penalty, ±1 std shaded), "
-                  "the mean per-sequence KL to the run's reference (its starting model) and the mean response "
-                  f"length. Runs: {', '.join(rl_runs)}."), "", f"![RL curves]({RL_FIGURE})", ""]
+                   "run's temperature; the reward model's score minus any missing-EOS penalty), the mean "
+                   "per-sequence KL to the run's reference (its starting model) and the mean response length; thin: "
+                   f"each iteration, thick: the mean of the last 5. Runs: {', '.join(rl_runs)}."), "",
+                  f"![RL curves]({RL_FIGURE})", ""]
     for d in decodings:
-        lines += [f"## Examples ({d.label})", "", *examples(d.results, prompts, n_examples)]
+        lines += [f"## Examples: {d.label}", "", *examples(d.results, prompts, n_examples)]
     lines += ["Every completion with its scores: `completions.jsonl`; the tables' figures: `summary.json`.", ""]
     return "\n".join(lines)
 
