@@ -13,6 +13,7 @@ import itertools
 import os
 import sysconfig
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def iter_docstrings(root: Path, min_chars: int = MIN_DOCSTRING_CHARS, workers: i
             pool = stack.enter_context(spawn_executor(workers, die_with_parent, (os.getpid(),)))
             stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # stopping early cancels the rest
             with hidden_main():  # map submits every task now, which starts the workers
-                per_file = _worker_results(pool.map(file_docstrings, files, chunksize=_FILES_PER_TASK), workers)
+                per_file = _worker_results(pool, pool.map(file_docstrings, files, chunksize=_FILES_PER_TASK), workers)
         else:
             per_file = map(file_docstrings, files)
         for docs in per_file:
@@ -69,11 +70,17 @@ def iter_docstrings(root: Path, min_chars: int = MIN_DOCSTRING_CHARS, workers: i
                 yield doc
 
 
-def _worker_results(results: Iterator[list[str]], workers: int) -> Iterator[list[str]]:
-    """``results`` of the docstring processes; a process that died is a one-line DataError."""
+def _worker_results(pool: ProcessPoolExecutor, results: Iterator[list[str]], workers: int) -> Iterator[list[str]]:
+    """``results`` of the docstring processes; a process that died is a one-line DataError.
+
+    Before raising, the broken pool is shut down without cancelling: its manager thread is still failing the
+    pending futures and terminating the other workers, and cancelling under it (what an early stop does) would
+    kill that thread half-way and leave workers running past this process.
+    """
     try:
         yield from results
     except BrokenProcessPool as exc:
+        pool.shutdown(wait=True)
         raise DataError(f"a docstring parser process died ({exc}); parse in this process with workers=1 "
                         f"(--workers 1) instead of {workers}") from None
 
