@@ -16,6 +16,7 @@ from triarch.data_pipeline.prepare.preferences import prepare_preference_splits
 from triarch.data_pipeline.prepare.pydocs import split_of, stdlib_docstrings
 from triarch.data_pipeline.prepare.synthetic_preferences import (
     KINDS,
+    MAX_TOO_SHORT_WORDS,
     MIN_EXTRA_WORDS,
     MIN_REJECTED_WORDS,
     make_synthetic_preferences,
@@ -81,10 +82,17 @@ def test_judge_prefers_chosen_on_every_pair(built: Path) -> None:
     assert all(prefers(p["prompt"], p["chosen"], p["rejected"]) for p in pairs)
     summary = json.loads((built / "synthetic.json").read_text())
     assert summary["judge"]["agreed"] == PAIRS and summary["judge"]["agreement"] == 1.0
-    for p in pairs:  # the differences the models must learn: length, and filler / repetition / topic
+    for p in pairs:  # the differences the models must learn: length both ways, and filler / repetition / topic
         chosen, rejected = len(p["chosen"].split()), len(p["rejected"].split())
-        assert chosen <= CONCISE_WORDS and rejected >= max(chosen + MIN_EXTRA_WORDS, MIN_REJECTED_WORDS)
+        assert chosen <= CONCISE_WORDS
+        if p["kind"] == "too_short":
+            assert rejected <= MAX_TOO_SHORT_WORDS < chosen and p["rejected"].endswith(".")
+            assert p["chosen"].split()[:rejected - 1] == p["rejected"].split()[:-1]  # the true rest, cut
+        else:
+            assert rejected >= max(chosen + MIN_EXTRA_WORDS, MIN_REJECTED_WORDS)
         assert p["chosen"].startswith(" ") and p["rejected"].startswith(" ")
+    shortest = {len(p["rejected"].split()) for p in pairs if p["kind"] == "too_short"}
+    assert shortest == set(range(1, MAX_TOO_SHORT_WORDS + 1)), shortest  # " ." counts as one word
 
 
 def test_splits_are_disjoint_and_sized_by_the_fraction(built: Path) -> None:

@@ -4,13 +4,17 @@ Each pair comes from one docstring whose first sentence is short, plain English:
 
 - ``prompt``: its first 3 to 6 words (at most ``MAX_PROMPT_TOKENS`` tokens);
 - ``chosen``: the true rest of that sentence (at most ``judge.CONCISE_WORDS`` words, ending the sentence);
-- ``rejected``, one of ``KINDS`` (the rarest so far that can be built, so the kinds are balanced), always at least
-  ``MIN_EXTRA_WORDS`` words longer than ``chosen`` and at least ``MIN_REJECTED_WORDS`` long:
-  ``filler`` (the true rest + sentences of filler phrases), ``repetition`` (the true rest said again and
-  again), ``off_topic`` (the rest of an unrelated docstring's opening sentence and what follows it, then
-  other unrelated docstrings' sentences if it is still short) and
-  ``rambling`` (the true rest and the docstring's next sentence, then sentence after sentence of
-  unrelated docstrings, up to the token budget). "Unrelated" docstrings share no content stem (``judge.content_stems``) with prompt + chosen.
+- ``rejected``, one of ``KINDS`` (the rarest so far that can be built, so the kinds are balanced). The four
+  verbose kinds are always at least ``MIN_EXTRA_WORDS`` words longer than ``chosen`` and at least
+  ``MIN_REJECTED_WORDS`` long: ``filler`` (the true rest + sentences of filler phrases), ``repetition`` (the
+  true rest said again and again), ``off_topic`` (the rest of an unrelated docstring's opening sentence and
+  what follows it, then other unrelated docstrings' sentences if it is still short) and ``rambling`` (the true
+  rest and the docstring's next sentence, then sentence after sentence of unrelated docstrings, up to the
+  token budget). "Unrelated" docstrings share no content stem (``judge.content_stems``) with prompt + chosen.
+  ``too_short`` is the other side of "helpful": the true rest cut after 0 to ``MAX_TOO_SHORT_WORDS`` words
+  and closed with a full stop (" ." or " the file."), so a model trained on the set learns that an answer can
+  be too short as well as too long (without it, every rejected response was the longer one, and a reward
+  model trained on them scored one-word answers highest).
 
 Responses start with a space (they continue the prompt's text, so a byte-level BPE tokenizes them as in
 running text). Every pair fits ``max_len`` tokens: prompt + the longer response + EOS. The judge
@@ -54,7 +58,8 @@ from triarch.data_pipeline.prepare.pydocs import TRAIN, VALIDATION, split_of, sp
 from triarch.data_pipeline.prepare.tokenizer import load_tokenizer, train_byte_level_bpe
 from triarch.rlhf.judge import CONCISE_WORDS, content_stems, count_fillers, judge, judge_parts
 
-KINDS = ("filler", "repetition", "off_topic", "rambling")
+KINDS = ("filler", "repetition", "off_topic", "rambling", "too_short")
+VERBOSE_KINDS = KINDS[:4]
 DEFAULT_PAIRS = 2000
 DEFAULT_MAX_LEN = 128  # the demo's seq_len
 DEFAULT_EVAL_FRACTION = 0.1
@@ -64,6 +69,7 @@ PROMPT_WORDS = (3, 6)
 MAX_PROMPT_TOKENS = 16
 MIN_CHOSEN_WORDS = 3
 MIN_EXTRA_WORDS = 12
+MAX_TOO_SHORT_WORDS = 2  # below MIN_CHOSEN_WORDS: a too-short answer is always shorter than the chosen one
 MIN_REJECTED_WORDS = CONCISE_WORDS + 8
 MIN_RAMBLING_WORDS = 2 * MIN_REJECTED_WORDS
 DONOR_TRIES = 20
@@ -202,6 +208,10 @@ class _Builder:
     def rambling(self, source: _Source) -> str | None:
         more = itertools.chain(source.after[:1], self._drift(source, DRIFT_DONORS))
         return self._grow(source, source.chosen, more, MIN_RAMBLING_WORDS, True)
+
+    def too_short(self, source: _Source) -> str | None:
+        words = source.chosen.split()[:self.rng.randint(0, MAX_TOO_SHORT_WORDS)]
+        return " " + " ".join([*words[:-1], words[-1].rstrip(".,;:!?") + "."] if words else ["."])
 
 
 def _min_rejected_words(source: _Source) -> int:
