@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test,dali]'
+	$(BIN)/pip install -q -e '.[test,dali,megatron]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,9 +29,9 @@ ALIGN ?= runs/align-demo
 ALIGN_PREFS ?= data/preferences
 ALIGN_SFT_DATA ?= data/sft
 TRIARCH := $(BIN)/triarch
-# DPO on these length-confounded, perfectly separable pairs collapses to "." within 10 steps at the example's
-# beta 0.1 / lr 5e-4: a stronger pull to the SFT reference and fewer steps
-ALIGN_DPO ?= objective.beta=0.5 train.lr=1e-4 train.steps=20 train.eval_interval=10 checkpoint.interval=10
+# DPO with a stronger pull to the SFT reference than the example's beta 0.1 / lr 5e-4: on 200 held-out prompts
+# the greedy judge score is 0.626 against 0.590 (sampled 0.623 against 0.673; docs/alignment.md)
+ALIGN_DPO ?= objective.beta=0.5 train.lr=1e-4
 
 align-demo: $(STAMP)
 	@start=$$(date +%s); $(MAKE) --no-print-directory align-demo-steps && \
