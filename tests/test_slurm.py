@@ -119,6 +119,57 @@ def test_usr2_saves_requeues_and_resumes_to_the_uninterrupted_losses(cluster, da
     assert losses(run) == pytest.approx(local_losses(tmp_path / "local", data, steps), rel=1e-6)
 
 
+GRPO = str(ROOT / "examples" / "tiny_grpo.yaml")
+RL_SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+            "model.seq_len=128", "model.max_seq_len=256", "logging.progress=off", "logging.tensorboard=false",
+            "logging.log_interval=1", "train.micro_batch_size=2", "train.global_batch_size=4",
+            "rl.rollout.max_new_tokens=12", "train.lr=1e-4", "reward.kind=rule", "checkpoint.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    from triarch.data_pipeline.prepare.pydocs import stdlib_docstrings
+    from triarch.data_pipeline.prepare.synthetic_preferences import make_synthetic_preferences
+
+    out = tmp_path_factory.mktemp("slurm-rl") / "prefs"
+    make_synthetic_preferences(out, seed=0, pairs=120, eval_fraction=0.15, max_len=96,
+                               docs=stdlib_docstrings(1500, workers=1))
+    return out
+
+
+def rl_metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "reward_mean" in r}
+
+
+def test_grpo_usr2_saves_requeues_and_resumes_to_the_uninterrupted_trajectory(cluster, prompts, home,
+                                                                              tmp_path) -> None:
+    """An RL run under SLURM: USR2 -> the iteration finishes, actor, reference position, KL controller and
+    prompt stream are saved -> requeue -> resume; every iteration's metrics equal an uninterrupted run's."""
+    run = tmp_path / "grpo-preempted"
+    iterations = 12
+    result = triarch(home, "submit", GRPO, *RL_SMALL, f"data.path={prompts}", f"train.steps={iterations}",
+                     "--run-dir", str(run), "--time", "10", "--nodes", "2")
+    job = submitted_job_id(result)
+    wait_for_step(run, 2)
+    slurm("scancel", "--signal=USR2", job)
+    assert wait_for_end(job, 400) == "COMPLETED", log_text(run, job, 0, "err")[-3000:]
+    assert ledger(run)["preemption"] == 1
+    err = log_text(run, job, 0, "err")
+    assert "preemption (SIGUSR2): saved step" in err and "resumed from" in err
+    got = rl_metrics(run)
+    assert sorted(got) == list(range(1, iterations + 1))
+    local = tmp_path / "grpo-local"
+    cmd = [sys.executable, "-m", "triarch.cli", "grpo", GRPO, *RL_SMALL, f"data.path={prompts}",
+           f"train.steps={iterations}", "--nproc", "2", "--run-dir", str(local)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    want = rl_metrics(local)
+    for step in range(1, iterations + 1):
+        for key in ("loss", "reward_mean", "kl", "response_length"):
+            assert got[step][key] == pytest.approx(want[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
 def test_time_limit_requeues_up_to_max_timeouts_then_saves_and_ends(cluster, data, home, tmp_path) -> None:
     """--time 2 with USR2 60 s before the end: the first warning requeues (a time-out), the second one finds
     --max-timeouts used up, saves and ends the job non-zero instead of letting SLURM kill it mid-step."""
