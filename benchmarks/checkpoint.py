@@ -28,7 +28,6 @@ import torch
 
 from triarch.checkpointing.commit import integrity_manifest, verify
 from triarch.checkpointing.manager import CheckpointManager, StepInfo
-from triarch.checkpointing.state import engine_state
 from triarch.config import load_config, validate_for_world
 from triarch.engine.native import NativeEngine
 from triarch.launcher.distributed import init_distributed, shutdown_distributed
@@ -42,7 +41,7 @@ QUICK_SHAPE = [*SHAPE, "model.vocab_size=8000", "model.dim=256", "model.n_heads=
 
 
 def state_bytes(engine: NativeEngine) -> int:
-    return sum(t.numel() * t.element_size() for t in engine_state(engine).values())
+    return sum(t.numel() * t.element_size() for t in engine.checkpoint_state().values())
 
 
 def raw_disk(path: Path, nbytes: int) -> tuple[float, float]:

@@ -53,7 +53,7 @@ def plain_loop(data: Path, steps: int) -> float:
 
     from triarch.config import load_config
     from triarch.data_pipeline.stream.preferences import PreferenceStream
-    from triarch.engine.native import llama_args
+    from triarch.engine.model_args import llama_args
     from triarch.models.llama import Llama
     from triarch.parallel.init import full_init_value
 

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from triarch.config import ConfigError, load_config, validate_for_world
-from triarch.engine.native import NativeEngine, llama_args
+from triarch.engine.model_args import llama_args
+from triarch.engine.native import NativeEngine
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.models.llama import Llama
 from triarch.parallel.topology import Topology

@@ -25,7 +25,7 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
 from triarch.config import load_config
-from triarch.engine.native import llama_args
+from triarch.engine.model_args import llama_args
 from triarch.models.llama import Llama
 from triarch.parallel.init import full_init_value, local_init_value, shard_indices
 

@@ -54,7 +54,7 @@ def plain_loop(data: Path, steps: int) -> float:
 
     from triarch.config import load_config
     from triarch.data_pipeline import TokenStream
-    from triarch.engine.native import llama_args
+    from triarch.engine.model_args import llama_args
     from triarch.models.llama import Llama
 
     cfg = load_config(CONFIG, [f"data.path={data}", *COMMON])

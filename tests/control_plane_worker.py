@@ -23,13 +23,13 @@ import torch
 import torch.distributed as dist
 
 from triarch.checkpointing.manager import CheckpointManager
-from triarch.launcher.distributed import exit_process
 from triarch.config import config_from_dict, validate_for_world
 from triarch.engine.native import NativeEngine
+from triarch.launcher.distributed import exit_process
 from triarch.launcher.stop_signal import StopRequest
+from triarch.objectives.token_loss import cross_entropy_sum
 from triarch.parallel.process_groups import all_groups, group_timeout, host_group
 from triarch.parallel.topology import Topology
-from triarch.training.loss import cross_entropy_sum
 from triarch.training.metrics import local_peak_memory, window_peak_memory
 from triarch.training.run_control import RunControl
 

@@ -22,8 +22,8 @@ from triarch.config import apply_overrides, config_from_dict, validate_for_world
 from triarch.engine.generation import SamplingParams
 from triarch.engine.native import NativeEngine
 from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
+from triarch.objectives.token_loss import token_log_probs
 from triarch.parallel.topology import Topology
-from triarch.training.loss import token_log_probs
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [3, 4, 5, 1], [40, 41, 42, 43, 44]]
 EOS, PAD, NEW = 2, 0, 10

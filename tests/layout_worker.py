@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from triarch.config import config_from_dict, apply_overrides, validate_for_world
 from triarch.data_pipeline.stream import document_positions
-from triarch.engine.native import NativeEngine
+from triarch.engine.build import build_engine
 from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
 from triarch.parallel.topology import Topology
 
@@ -47,13 +47,13 @@ def main() -> None:
     cfg = validate_for_world(cfg, dist.get_world_size())
     p = cfg.parallel
     topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
-    engine = NativeEngine(cfg, topo)
+    engine = build_engine(cfg, topo)
     initial = engine.full_parameters()
     init_norm = sum(float(v.norm()) for v in initial.values())
     if topo.dp_rank == 0 and topo.tp_rank == 0:
         torch.save(initial, out / f"initial_pp{topo.pp_rank}.pt")
     hidden_dtypes: set[str] = set()  # dtype of every block's output: the residual stream (and PP messages)
-    for chunk in engine.chunks:
+    for chunk in getattr(engine, "chunks", []):  # the native engine's blocks
         for block in chunk.layers.values():
             block.register_forward_hook(lambda _m, _i, out: hidden_dtypes.add(str(out.dtype)))
     losses, norms = [], []
@@ -72,7 +72,8 @@ def main() -> None:
         torch.save(params, out / f"params_pp{topo.pp_rank}.pt")
     if dist.get_rank() == 0:
         (out / "losses.json").write_text(json.dumps({"loss": losses, "grad_norm": norms, "init_norm": init_norm,
-                                                     "hidden_dtypes": sorted(hidden_dtypes)}))
+                                                     "hidden_dtypes": sorted(hidden_dtypes),
+                                                     "engine": getattr(engine, "describe", dict)()}))
     shutdown_distributed(sync=True)
 
 

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 
 from triarch.config import apply_overrides, config_from_dict, validate_for_world
-from triarch.engine.native import NativeEngine
+from triarch.engine.build import build_engine
 from triarch.labels import IGNORE_INDEX
 from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
+from triarch.objectives.base import PRETRAIN
+from triarch.objectives.preference import DpoObjective, RewardObjective, reference_row_fn
 from triarch.parallel.topology import Topology
-from triarch.rlhf.objectives import DpoObjective, RewardObjective, reference_row_fn
-from triarch.training.objective import PRETRAIN
 
 BASE = {
     "model": {"vocab_size": 256, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 128,
@@ -92,8 +92,8 @@ def run_objective(kind: str, overrides: list[str], device: torch.device) -> dict
     cfg = validate_for_world(cfg, dist.get_world_size())
     p = cfg.parallel
     topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
-    engine = NativeEngine(cfg, topo)
-    reference = NativeEngine(cfg, topo, trainable=False) if kind == "dpo" else None
+    engine = build_engine(cfg, topo)
+    reference = build_engine(cfg, topo, trainable=False) if kind == "dpo" else None
     calls: list[int] = []
     if kind == "rm":
         objective = PairsTogether(RewardObjective(use_margin=True), calls)

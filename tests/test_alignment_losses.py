@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from triarch.labels import IGNORE_INDEX
-from triarch.rlhf.losses import dpo_losses, last_label_positions, reward_losses, sequence_log_probs
-from triarch.rlhf.objectives import DpoObjective, RewardObjective
+from triarch.objectives.pair_losses import dpo_losses, last_label_positions, reward_losses, sequence_log_probs
+from triarch.objectives.preference import DpoObjective, RewardObjective
 
 LOGPS = [(-12.0, -15.5, -13.0, -14.0), (-40.25, -38.0, -41.0, -37.5), (-3.0, -3.0, -3.0, -3.0), (-7.5, -20.0, -9.0, -9.5)]
 

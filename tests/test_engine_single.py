@@ -8,9 +8,9 @@ import torch.distributed as dist
 
 from triarch.config import load_config, validate_for_world
 from triarch.engine.native import NativeEngine, NonFiniteLossError
+from triarch.engine.native_grad_norm import clip_gradients, global_grad_norm
 from triarch.launcher.distributed import init_distributed, shutdown_distributed
 from triarch.parallel.topology import Topology
-from triarch.training.grad_norm import clip_gradients, global_grad_norm
 
 SMALL = ["model.vocab_size=128", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=64",
          "model.seq_len=8", "train.global_batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",

@@ -26,11 +26,11 @@ from torch.overrides import TorchFunctionMode
 
 from triarch.config import load_config, validate_for_world
 from triarch.engine.native import NativeEngine
+from triarch.engine.native_grad_norm import GradNormer
 from triarch.launcher.distributed import init_distributed, shutdown_distributed
 from triarch.launcher.local import launch_local
 from triarch.launcher.rank_main import nccl_environment
 from triarch.parallel.topology import Topology
-from triarch.training.grad_norm import GradNormer
 
 WORKER = str(Path(__file__).with_name("control_plane_worker.py"))
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")

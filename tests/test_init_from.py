@@ -27,7 +27,8 @@ from triarch.checkpointing.safe_load import load_plain  # noqa: E402
 from triarch.cli import main  # noqa: E402
 from triarch.config import load_config, validate_for_world  # noqa: E402
 from triarch.data_pipeline import prepare_pydocs  # noqa: E402
-from triarch.engine.native import NativeEngine, llama_args  # noqa: E402
+from triarch.engine.model_args import llama_args  # noqa: E402
+from triarch.engine.native import NativeEngine  # noqa: E402
 from triarch.launcher.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from triarch.models.hf_llama import from_hf_state_dict  # noqa: E402
 from triarch.models.llama import Llama  # noqa: E402

@@ -1,4 +1,4 @@
-"""PPO, GRPO and RLOO formulas against direct implementations on fixed tensors (``rlhf.ppo_math``)."""
+"""PPO, GRPO and RLOO formulas against direct implementations on fixed tensors (``objectives.rl_math``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from triarch.rlhf.ppo_math import (
+from triarch.objectives.rl_math import (
     AdaptiveKLController,
     FixedKLController,
     Moments,

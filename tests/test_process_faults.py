@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from triarch.data_pipeline import prepare_pydocs
-from triarch.training.optimizer import lr_factor
 from triarch.config import load_config
+from triarch.data_pipeline import prepare_pydocs
+from triarch.engine.lr_schedule import lr_factor
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",

@@ -328,6 +328,7 @@ class TriarchConfig(_Section):
     """The whole resolved configuration of one run."""
 
     name: str = "run"
+    engine: Literal["native", "megatron", "deepspeed"] = "native"
     model: ModelConfig = ModelConfig()
     parallel: ParallelConfig = ParallelConfig()
     train: TrainConfig = TrainConfig()
@@ -556,4 +557,7 @@ def validate_for_world(cfg: TriarchConfig, world_size: int) -> TriarchConfig:
                           f"size ({dp}): each data-parallel rank generates its own prompts")
     if trn.precision == "fp8":
         raise ConfigError("train.precision 'fp8' needs a Hopper GPU and the fp8 path, which is not built yet")
+    from triarch.engine.build import check_engine_config
+
+    check_engine_config(cfg.model_copy(update={"parallel": par.model_copy(update={"dp_shard": dp_shard})}))
     return cfg.model_copy(update={"parallel": par.model_copy(update={"dp_shard": dp_shard})})

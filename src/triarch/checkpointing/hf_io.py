@@ -57,7 +57,7 @@ def saved_config(info: StepInfo) -> TriarchConfig:
 
 
 def _args(cfg: TriarchConfig) -> LlamaArgs:
-    from triarch.engine.native import llama_args
+    from triarch.engine.model_args import llama_args
 
     return llama_args(cfg)
 

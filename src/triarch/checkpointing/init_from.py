@@ -33,16 +33,15 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from triarch.checkpointing.commit import COMMIT_FILE, CheckpointError, read_commit, verify, verify_files
-from triarch.checkpointing.hf_folder import CONFIG_FILE
-from triarch.checkpointing.hf_folder import load_tensors
+from triarch.checkpointing.hf_folder import CONFIG_FILE, load_tensors
 from triarch.checkpointing.hf_import import EMBEDDING, HEAD, check_tied_head, checked_hf_folder
 from triarch.checkpointing.manager import TRAINER_STATE, CheckpointManager
 from triarch.checkpointing.offline import MODEL_PREFIX, tensor_metadata
 from triarch.checkpointing.safe_load import load_plain
-from triarch.checkpointing.state import named_parameters
 from triarch.checkpointing.steps import STEP_PATTERN, list_steps
 from triarch.config import ConfigError, TriarchConfig
-from triarch.engine.native import NativeEngine, llama_args
+from triarch.engine.interface import Engine
+from triarch.engine.model_args import llama_args
 from triarch.models.hf_llama import SCORE, hf_names
 from triarch.models.llama import Llama, LlamaArgs
 from triarch.parallel.init import local_indices
@@ -297,14 +296,15 @@ def _load_hf(params: dict[str, torch.Tensor], source: InitSource, group: dist.Pr
         raise _fail(source.spec, first)
 
 
-def _load(engine: NativeEngine, source: str, host_group: dist.ProcessGroup) -> tuple[InitSource, frozenset[str]]:
+def _load(engine: Engine, source: str, host_group: dist.ProcessGroup) -> tuple[InitSource, frozenset[str]]:
     described = describe_source(source, host_group)
     fresh = fresh_parameters(described, engine.cfg, engine.args.head)
-    params = {name: p for name, p in named_parameters(engine).items() if name not in fresh}
+    params = {name: p for name, p in engine.model_state().items() if name not in fresh}
     if described.hf:
         _load_hf(params, described, host_group)
     else:
         _load_checkpoint(params, described, host_group, tied=engine.cfg.model.tie_embeddings)
+    engine.state_loaded()
     return described, fresh
 
 
@@ -314,13 +314,13 @@ def _summary(source: InitSource, fresh: frozenset[str]) -> str:
     return f"init.from: weights of {source.resolved}{kept}{ignored}"
 
 
-def load_initial_weights(engine: NativeEngine, source: str, host_group: dist.ProcessGroup) -> str:
+def load_initial_weights(engine: Engine, source: str, host_group: dist.ProcessGroup) -> str:
     """Load the weights ``source`` names into ``engine``'s chunks, whatever its layout (collective: every
     rank calls it). Returns one line saying what was loaded."""
     return _summary(*_load(engine, source, host_group))
 
 
-def start_weights(engine: NativeEngine, cfg: TriarchConfig, host_group: dist.ProcessGroup) -> str | None:
+def start_weights(engine: Engine, cfg: TriarchConfig, host_group: dist.ProcessGroup) -> str | None:
     """The weights of a run that starts without a checkpoint of its own: ``init.from`` when set (rank 0 logs
     what was loaded), else the random initialization (a warning for sft, rm and dpo). Returns the resolved
     source (:func:`resolve_init_source`) for the checkpoints to record, or None."""

@@ -27,15 +27,20 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-from triarch.checkpointing.safe_load import load_plain
-from triarch.checkpointing.commit import (CheckpointError, merge_digests, read_commit, share_of, verify_files,
-                                          write_commit)
+from triarch.checkpointing.commit import (
+    CheckpointError,
+    merge_digests,
+    read_commit,
+    share_of,
+    verify_files,
+    write_commit,
+)
 from triarch.checkpointing.digests import DigestingWriter, FileRecord, file_record
 from triarch.checkpointing.offline import tensor_metadata
 from triarch.checkpointing.retention import BackgroundRetention
-from triarch.checkpointing.state import engine_state, load_scheduler_state, scheduler_state
+from triarch.checkpointing.safe_load import load_plain
 from triarch.checkpointing.steps import StepInfo, list_steps  # noqa: F401  (re-exported)
-from triarch.engine.native import NativeEngine
+from triarch.engine.interface import Engine
 from triarch.parallel.process_groups import host_group as default_host_group
 
 log = logging.getLogger("triarch.checkpoint")
@@ -108,10 +113,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _all_state(engine: NativeEngine, others: dict[str, NativeEngine]) -> dict[str, Any]:
-    state = engine_state(engine)
+def _all_state(engine: Engine, others: dict[str, Engine]) -> dict[str, Any]:
+    state = engine.checkpoint_state()
     for name, other in others.items():
-        state.update(engine_state(other, prefix=f"{name}."))
+        state.update(other.checkpoint_state(prefix=f"{name}."))
     return state
 
 
@@ -144,8 +149,8 @@ class CheckpointManager:
         self.last_commit_s = 0.0
 
     # ------------------------------------------------------------------------------------------ save
-    def save(self, step: int, engine: NativeEngine, trainer_state: dict[str, Any], *,
-             others: dict[str, NativeEngine] | None = None) -> Path:
+    def save(self, step: int, engine: Engine, trainer_state: dict[str, Any], *,
+             others: dict[str, Engine] | None = None) -> Path:
         """Write step ``step`` (in the background when async) and commit it once every rank is done.
         ``others`` are further trained models of the run (a PPO critic), saved under ``<name>.model.*`` /
         ``<name>.optim.*`` with their LR schedules in the trainer state as ``<name>_scheduler``."""
@@ -165,7 +170,7 @@ class CheckpointManager:
         commit_info = {"step": step, "world_size": dist.get_world_size(), "layout": trainer_state.get("layout")}
         writer = DigestingWriter(step_dir)
         try:
-            schedules = {f"{name}_scheduler": scheduler_state(e) for name, e in others.items()}
+            schedules = {f"{name}_scheduler": e.schedule_state() for name, e in others.items()}
             own = self._write_own_files(step, step_dir, engine, {**trainer_state, **schedules})
             state = _all_state(engine, others)
             if self.async_save:
@@ -191,7 +196,7 @@ class CheckpointManager:
             shutil.rmtree(step_dir)
         (step_dir / "rng").mkdir(parents=True)
 
-    def _write_own_files(self, step: int, step_dir: Path, engine: NativeEngine,
+    def _write_own_files(self, step: int, step_dir: Path, engine: Engine,
                          trainer_state: dict[str, Any]) -> dict[str, FileRecord]:
         """This rank's RNG state (and on rank 0 the trainer state), hashed: small files, written here."""
         rank = dist.get_rank()
@@ -199,7 +204,7 @@ class CheckpointManager:
         torch.save(rng_state(), paths[0])
         if rank == 0:
             paths.append(step_dir / TRAINER_STATE)
-            torch.save({**trainer_state, "step": step, "scheduler": scheduler_state(engine)}, paths[1])
+            torch.save({**trainer_state, "step": step, "scheduler": engine.schedule_state()}, paths[1])
         return {p.relative_to(step_dir).as_posix(): file_record(p) for p in paths}
 
     def poll(self) -> None:
@@ -304,7 +309,7 @@ class CheckpointManager:
         dist.all_gather_object(found, problem, group=self._host)
         return next((f"{p}; found by rank {r}" for r, p in enumerate(found) if p is not None), None)
 
-    def load(self, info: StepInfo, engine: NativeEngine, *, others: dict[str, NativeEngine] | None = None
+    def load(self, info: StepInfo, engine: Engine, *, others: dict[str, Engine] | None = None
              ) -> dict[str, Any]:
         """Load step ``info`` into ``engine`` (and ``others``, as saved by :meth:`save`) on any layout; returns
         the trainer state saved with it."""
@@ -329,12 +334,14 @@ class CheckpointManager:
         except Exception as err:  # DCP wraps per-rank failures (shape mismatch, unreadable shard) in one error
             first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise CheckpointError(f"loading {info.path} failed: {first}") from None
+        for loaded in (engine, *others.values()):
+            loaded.state_loaded()
         trainer_state = load_plain(info.path / TRAINER_STATE)
         if "scheduler" in trainer_state:
-            load_scheduler_state(engine, trainer_state["scheduler"])
+            engine.load_schedule_state(trainer_state["scheduler"])
         for name, other in others.items():
             if f"{name}_scheduler" in trainer_state:
-                load_scheduler_state(other, trainer_state[f"{name}_scheduler"])
+                other.load_schedule_state(trainer_state[f"{name}_scheduler"])
         rng_file = info.path / "rng" / f"rank_{dist.get_rank()}.pt"
         if trainer_state.get("world_size") == dist.get_world_size() and rng_file.is_file():
             set_rng_state(load_plain(rng_file))

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,46 +24,22 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from triarch.config import TriarchConfig
 from triarch.engine.generation import Generation, SamplingParams, generate
-from triarch.models.llama import Llama, LlamaArgs
+from triarch.engine.interface import NonFiniteLossError, RowFn, StepResult
+from triarch.engine.lr_schedule import build_scheduler, load_scheduler_state, scheduler_state
+from triarch.engine.lr_schedule import set_schedule_step as put_schedule_at
+from triarch.engine.model_args import llama_args
+from triarch.engine.native_grad_norm import GradNormer, clip_factor, scale_gradients, settle_partial_grads
+from triarch.engine.native_optimizer import build_optimizer
+from triarch.engine.native_state import engine_state, named_parameters
+from triarch.models.llama import Llama
+from triarch.objectives.base import PRETRAIN, Fields, Objective, TokenObjective
+from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
 from triarch.parallel.activation_checkpoint import apply_activation_checkpointing
 from triarch.parallel.data_parallel import apply_data_parallel
 from triarch.parallel.init import full_parameters, materialize
 from triarch.parallel.pipeline import build_chunk, build_schedule, chunk_specs
 from triarch.parallel.tensor_parallel import apply_tensor_parallel
 from triarch.parallel.topology import Topology
-from triarch.training.grad_norm import GradNormer, clip_factor, scale_gradients, settle_partial_grads
-from triarch.training.loss import TokenLossFn, cross_entropy_sum
-from triarch.training.objective import PRETRAIN, Fields, Objective, TokenObjective
-from triarch.training.optimizer import build_optimizer, build_scheduler
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss of a step was NaN or infinite; raised before the optimizer step."""
-
-
-@dataclass(frozen=True)
-class StepResult:
-    """What one optimizer step reports (identical on every rank)."""
-
-    loss: float
-    grad_norm: float
-    lr: float
-    tokens: int
-    stop: bool = False
-    data_error: bool = False  # some rank's batch or shards failed a check: no optimizer step was taken
-    stats: dict[str, float] = field(default_factory=dict)  # the objective's statistics, means over its units
-
-
-def llama_args(cfg: TriarchConfig, head: str | None = None) -> LlamaArgs:
-    """Model shape from the config; ``head`` ("lm" or "score") defaults to the objective's (a reward model
-    scores, everything else predicts tokens)."""
-    m = cfg.model
-    return LlamaArgs(
-        vocab_size=m.vocab_size, dim=m.dim, n_layers=m.n_layers, n_heads=m.n_heads, n_kv_heads=m.kv_heads,
-        ffn_hidden=m.ffn_hidden, max_seq_len=m.max_seq_len, rope_theta=m.rope_theta, norm_eps=m.norm_eps,
-        tie_embeddings=m.tie_embeddings,
-        head=head if head is not None else ("score" if cfg.objective.kind == "rm" else "lm"),
-    )
 
 
 def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology, *, trainable: bool = True) -> Llama:
@@ -83,14 +58,14 @@ def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology, *, train
 
 
 class NativeEngine:
-    """Owns the model chunks of this rank, the optimizer, the LR schedule and the step."""
+    """Owns the model chunks of this rank, the optimizer, the LR schedule and the step (``engine.interface``)."""
 
     def __init__(self, cfg: TriarchConfig, topo: Topology, *, materialize_weights: bool = True,
                  trainable: bool = True, head: str | None = None) -> None:
         """``trainable=False`` builds a frozen instance (a DPO reference): same layout, no gradients, no
         optimizer state; it runs ``forward_rows``, ``eval_step`` and ``generate`` only. ``head`` overrides
         the objective's head (``llama_args``): a PPO critic or reward model is a "score" engine."""
-        self.cfg, self.topo = cfg, topo
+        self.cfg, self.topo, self.trainable = cfg, topo, trainable
         args = self.args = llama_args(cfg, head)
         self.specs = chunk_specs(args.n_layers, topo.pp, cfg.parallel.virtual_stages, topo.pp_rank)
         with torch.device("meta"):
@@ -100,7 +75,6 @@ class NativeEngine:
             return
         for chunk in self.chunks:
             materialize(chunk, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
-        self.trainable = trainable
         if trainable:
             self.optimizer = build_optimizer(self.chunks, cfg.train, topo.device)
             self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -262,7 +236,7 @@ class NativeEngine:
         stacked; ``position_ids`` restrict attention to each packed document).
 
         ``objective`` (default: next-token loss ``loss_fn`` over ``labels``) reads ``fields`` (default
-        ``{"labels": labels}``), per-row tensors split with the inputs (``training.objective``).
+        ``{"labels": labels}``), per-row tensors split with the inputs (``objectives.base``).
         ``stop_requested`` (this rank's stop flag) is agreed in the same all-reduce as the loss and the
         gradient norm; ``StepResult.stop`` is True on every rank when any rank asked. So is ``data_error``
         (this rank's batch is a placeholder: its data failed a check); when any rank set it, no rank steps
@@ -386,8 +360,27 @@ class NativeEngine:
         """Full (gathered) parameters of this rank's chunks keyed by canonical name (collective)."""
         return full_parameters(list(self.chunks))
 
+    # --- state under canonical names (engine.interface) -----------------------------------------------
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters (DTensors where sharded) by canonical name, written in place by a load."""
+        return dict(named_parameters(self.chunks))
 
-RowFn = Callable[[torch.Tensor, Fields], torch.Tensor]
+    def checkpoint_state(self, prefix: str = "") -> dict[str, Any]:
+        """Parameters and AdamW moments under canonical names (``native_state.engine_state``)."""
+        return engine_state(self.chunks, self.optimizer, prefix)
+
+    def state_loaded(self) -> None:
+        """Nothing to do: loads write into the parameters and moments themselves."""
+
+    def schedule_state(self) -> dict[str, Any]:
+        return scheduler_state(self.scheduler)
+
+    def load_schedule_state(self, state: dict[str, Any]) -> None:
+        load_scheduler_state(self.scheduler, state)
+
+    def set_schedule_step(self, step: int) -> None:
+        put_schedule_at(self.scheduler, step)
+
 
 
 class _RowCollector:

@@ -96,15 +96,20 @@ def hf_source(hf_dir: Path) -> Source:
 
 def generation_config(config: dict[str, Any], overrides: list[str], nproc: int) -> TriarchConfig:
     """The source's config with the default layout (the weights load into any; the run's own may not fit
-    ``nproc``) and ``overrides``, batch settings that fit ``nproc`` ranks, no compile and no ``init.from``;
+    ``nproc``) on the native engine, and ``overrides``, batch settings that fit ``nproc`` ranks, no compile and no ``init.from``;
     checked against the world size."""
     data = json.loads(json.dumps(config))
     data["parallel"] = {}
+    data["engine"] = "native"  # generation runs on the native engine, whichever engine trained the weights
     data = apply_overrides(data, overrides)
     # one sequence per micro-batch and 2 * nproc of them: a multiple of dp, at least (and a multiple of) pp
     data = apply_overrides(data, ["train.micro_batch_size=1", f"train.global_batch_size={2 * nproc}",
                                   "train.compile=false", "init.from=null"])
     cfg = validate_for_world(config_from_dict(data), nproc)
+    if cfg.engine != "native":
+        raise GenerateError(f"generation runs on engine native (engine '{cfg.engine}' cannot generate yet); drop "
+                            f"the engine override: the weights load into the native engine whichever engine trained "
+                            f"them")
     if cfg.objective.kind == "rm":
         raise GenerateError("this model is a reward model (objective.kind rm, a score head): it scores sequences "
                             "and cannot generate")

@@ -36,13 +36,13 @@ INTERRUPTED = 130
 def _generate(cfg: TriarchConfig, device: torch.device, job: dict[str, Any]) -> dict[str, Any]:
     """Build, load, generate this rank's share; every rank returns the completions of all prompts."""
     from triarch.checkpointing.init_from import load_initial_weights
+    from triarch.engine.build import build_engine
     from triarch.engine.generation import SamplingParams
-    from triarch.engine.native import NativeEngine
     from triarch.parallel.topology import Topology
 
     p = cfg.parallel
     topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
-    engine = NativeEngine(cfg, topo, trainable=False)
+    engine = build_engine(cfg, topo, trainable=False)
     load_initial_weights(engine, job["weights"], topo.host_group)
     prompts: list[list[int]] = job["prompts"]
     share = -(-len(prompts) // topo.dp)

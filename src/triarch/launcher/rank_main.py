@@ -15,12 +15,12 @@ import torch.distributed as dist
 from triarch.checkpointing.commit import CheckpointError
 from triarch.config import ConfigError, TriarchConfig, load_config
 from triarch.data_pipeline.errors import DataError
-from triarch.engine.native import NonFiniteLossError
-from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
-from triarch.launcher.watchdog import HangWatchdog
+from triarch.engine.interface import NonFiniteLossError
 from triarch.launcher import exit_codes
+from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.parent_watch import die_with_parent
 from triarch.launcher.stop_signal import LOCAL_STOP_SIGNALS, StopRequest
+from triarch.launcher.watchdog import HangWatchdog
 from triarch.parallel.process_groups import host_group
 from triarch.training.data_checks import AgreedDataError
 from triarch.training.precision import configure_tf32

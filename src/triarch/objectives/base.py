@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from triarch.labels import IGNORE_INDEX
-from triarch.training.loss import TokenLossFn, cross_entropy_sum
+from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
 
 Fields = dict[str, torch.Tensor]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from triarch.labels import IGNORE_INDEX
-from triarch.training.loss import token_log_probs
+from triarch.objectives.token_loss import token_log_probs
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

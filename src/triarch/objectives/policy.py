@@ -1,4 +1,4 @@
-"""The policy and value objectives of PPO / GRPO / RLOO for the engine's step (``training.objective``).
+"""The policy and value objectives of PPO / GRPO / RLOO for the engine's step (``objectives.base``).
 
 Both normalize by the global count of completion tokens in the optimizer step (a token mean). Fields, all
 (rows, seq) in label positions: ``labels`` (completion tokens, else ``IGNORE_INDEX``), ``old_logprobs``
@@ -13,9 +13,9 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from triarch.labels import IGNORE_INDEX
-from triarch.rlhf.ppo_math import kl_per_token, policy_loss_terms, value_loss_terms
-from triarch.training.loss import token_log_probs
-from triarch.training.objective import Fields
+from triarch.objectives.base import Fields
+from triarch.objectives.rl_math import kl_per_token, policy_loss_terms, value_loss_terms
+from triarch.objectives.token_loss import token_log_probs
 
 POLICY_STATS = ("clip_fraction", "approx_kl", "entropy", "ratio", "kl_loss")
 VALUE_STATS = ("value_clip_fraction", "value_mean")
@@ -93,10 +93,10 @@ class ValueObjective(_TokenMean):
 
 
 def token_logprob_fn(output: torch.Tensor, fields: Fields) -> torch.Tensor:
-    """Per-token log-probs of ``labels`` for ``NativeEngine.forward_rows(width=seq)``."""
+    """Per-token log-probs of ``labels`` for ``Engine.forward_rows(width=seq)``."""
     return _plain(token_log_probs(output, fields["labels"]))
 
 
 def value_fn(output: torch.Tensor, fields: Fields) -> torch.Tensor:
-    """Per-position values of a score-head engine for ``NativeEngine.forward_rows(width=seq)``."""
+    """Per-position values of a score-head engine for ``Engine.forward_rows(width=seq)``."""
     return _plain(output).float().squeeze(-1)

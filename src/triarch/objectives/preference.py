@@ -1,4 +1,4 @@
-"""Reward-model and DPO objectives for the engine (``training.objective``): pair rows, losses, statistics.
+"""Reward-model and DPO objectives for the engine (``objectives.base``): pair rows, losses, statistics.
 
 A pair batch interleaves rows: row 2i is example i's chosen sequence, row 2i + 1 its rejected one
 (``rows_per_example = 2``), so any micro-batch split keeps each pair in one loss call. ``labels`` mark the
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor
 
-from triarch.rlhf.losses import dpo_losses, last_label_positions, reward_losses, sequence_log_probs
-from triarch.training.objective import Fields
+from triarch.objectives.base import Fields
+from triarch.objectives.pair_losses import dpo_losses, last_label_positions, reward_losses, sequence_log_probs
 
 DPO_STATS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
              "logps/rejected")
@@ -67,7 +67,7 @@ def sequence_rewards(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 
 class DpoObjective(_PairObjective):
-    """DPO and variants (``rlhf.losses``) against per-row reference log-probs in ``fields["ref_logps"]``."""
+    """DPO and variants (``objectives.pair_losses``) against per-row reference log-probs in ``fields["ref_logps"]``."""
 
     stat_names = DPO_STATS
 
@@ -88,5 +88,5 @@ class DpoObjective(_PairObjective):
 
 
 def reference_row_fn(output: torch.Tensor, fields: Fields) -> torch.Tensor:
-    """Per-row sequence log-probs for ``NativeEngine.forward_rows`` (the reference pass)."""
+    """Per-row sequence log-probs for ``Engine.forward_rows`` (the reference pass)."""
     return sequence_log_probs(output, fields["labels"])

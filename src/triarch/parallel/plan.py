@@ -25,7 +25,7 @@ def plan_layout(cfg: TriarchConfig, world_size: int) -> list[StagePlan]:
     """Per pipeline stage, the parameter elements on its first rank (no memory is allocated)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from triarch.engine.native import NativeEngine
+    from triarch.engine.build import build_engine
 
     if dist.is_initialized():
         raise RuntimeError("plan_layout needs a process without a process group")
@@ -38,7 +38,7 @@ def plan_layout(cfg: TriarchConfig, world_size: int) -> list[StagePlan]:
         dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
         try:
             topo = Topology.build(torch.device("cpu"), pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
-            engine = NativeEngine(cfg, topo, materialize_weights=False)
+            engine = build_engine(cfg, topo, materialize_weights=False)
             plans.append(StagePlan(stage, rank, engine.local_parameter_count()))
         finally:
             dist.destroy_process_group()

@@ -250,9 +250,9 @@ class _Models:
 
     def load(self, source: ModelSource, head: str | None = None):
         from triarch.checkpointing.init_from import load_initial_weights
-        from triarch.engine.native import NativeEngine
+        from triarch.engine.build import build_engine
 
-        engine = NativeEngine(_engine_config(source, self.seed), self.topo, trainable=False, head=head)
+        engine = build_engine(_engine_config(source, self.seed), self.topo, trainable=False, head=head)
         load_initial_weights(engine, source.weights, self.topo.host_group)
         return engine
 
@@ -270,9 +270,9 @@ def _batches(n: int, size: int) -> list[range]:
 @torch.no_grad()
 def _evaluate_one(engine, base, reward, source: ModelSource, prompts: EvalPrompts, params, batch_size: int,
                   decode: Callable[[list[int]], str]) -> ModelResult:
+    from triarch.objectives.policy import token_logprob_fn
+    from triarch.objectives.preference import sequence_rewards
     from triarch.rlhf.judge import judge
-    from triarch.rlhf.objectives import sequence_rewards
-    from triarch.rlhf.rl_objectives import token_logprob_fn
     from triarch.rlhf.rollout import rollout_rows
 
     result = ModelResult(source.name, source.spec, source.kind)

@@ -1,6 +1,6 @@
 """DPO's frozen reference: sequence log-probs of each pair row under the starting weights, on the same Topology.
 
-``online``: a frozen engine (``NativeEngine(trainable=False)``, no optimizer state) runs a forward pass per
+``online``: a frozen engine (``build_engine(cfg, topo, trainable=False)``, no optimizer state) runs a forward pass per
 batch. ``precompute``: that pass runs once over every example of each split before training, and the table
 (example x (chosen, rejected), float64) is kept in the run directory (``reference/<split>.pt``), so each step
 only looks rows up, a resumed run reads the same values, and the frozen engine's memory is freed before
@@ -21,16 +21,16 @@ from triarch.checkpointing.commit import CheckpointError
 from triarch.checkpointing.safe_load import load_plain
 from triarch.config import TriarchConfig
 from triarch.data_pipeline.stream.preferences import PreferenceStream
-from triarch.engine.native import NativeEngine
+from triarch.engine.interface import Engine
+from triarch.objectives.preference import reference_row_fn
 from triarch.parallel.topology import Topology
-from triarch.rlhf.objectives import reference_row_fn
 
 log = logging.getLogger("triarch.rlhf")
 
 REFERENCE_DIR = "reference"
 
 
-def row_logps(engine: NativeEngine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def row_logps(engine: Engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per-row reference log-probs of ``batch`` (float64, on every rank: zeros where the pass has no head;
     only the last pipeline stage's values reach a loss)."""
     values = engine.forward_rows(batch["input_ids"], {"labels": batch["labels"]}, reference_row_fn,
@@ -43,7 +43,7 @@ def row_logps(engine: NativeEngine, batch: dict[str, torch.Tensor]) -> torch.Ten
 class OnlineReference:
     """Reference log-probs from a frozen engine, one forward pass per batch."""
 
-    def __init__(self, engine: NativeEngine) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     def __call__(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
@@ -63,7 +63,7 @@ class PrecomputedReference:
         return table[rows, sides]
 
 
-def reference_table(engine: NativeEngine, stream: PreferenceStream, topo: Topology) -> torch.Tensor:
+def reference_table(engine: Engine, stream: PreferenceStream, topo: Topology) -> torch.Tensor:
     """(examples, 2) float64 reference log-probs of every example of ``stream``'s dataset, on every rank.
 
     Each global batch of examples in storage order is split over the DP ranks; the last pipeline stage's
@@ -112,7 +112,7 @@ def stored_tables(streams: dict[str, PreferenceStream], cfg: TriarchConfig, run_
     return found
 
 
-def precomputed_reference(engine: NativeEngine | None, streams: dict[str, PreferenceStream], topo: Topology,
+def precomputed_reference(engine: Engine | None, streams: dict[str, PreferenceStream], topo: Topology,
                           cfg: TriarchConfig, run_dir: Path, source: str | None,
                           stored: dict[str, torch.Tensor]) -> PrecomputedReference:
     """The reference tables of ``streams`` (split -> stream): ``stored`` (those every rank found, see
@@ -137,7 +137,7 @@ def precomputed_reference(engine: NativeEngine | None, streams: dict[str, Prefer
     return PrecomputedReference(tables)
 
 
-def release(engine: NativeEngine) -> None:
+def release(engine: Engine) -> None:
     """Free a frozen engine's memory once its work is done (its schedule holds the stages too)."""
     engine.close()
     gc.collect()

@@ -1,11 +1,11 @@
 """One PPO / GRPO / RLOO iteration on one Topology: roll out on the actor's own shards, score, train.
 
-Every model is a :class:`NativeEngine` sharded like the actor (TP, PP, DP as configured): the actor
+Every model is an engine (``engine.interface``) sharded like the actor (TP, PP, DP as configured): the actor
 (trainable, LM head), the critic (PPO only; trainable, score head), the frozen reference (when a KL term is
 on) and the frozen reward model (``reward.kind: model``). An iteration:
 
 1. each DP rank takes its share of the iteration's prompts (``rlhf.prompts``), ``rl.rollout.samples``
-   completions each, and generates on the actor (``NativeEngine.generate``); sampling is keyed by the
+   completions each, and generates on the actor (``Engine.generate``); sampling is keyed by the
    row's global index in the run, so the rollout is the same on every layout;
 2. scores: the reward model at each completion's last token (or the rule on the decoded text), minus
    ``missing_eos_penalty`` for completions cut at the token limit; per-token log-probs of the reference and
@@ -32,10 +32,11 @@ from torch import Tensor
 
 from triarch.config import TriarchConfig
 from triarch.engine.generation import SamplingParams
-from triarch.engine.native import NativeEngine
+from triarch.engine.interface import Engine
+from triarch.objectives.policy import PolicyObjective, ValueObjective, token_logprob_fn, value_fn
+from triarch.objectives.preference import sequence_rewards
 from triarch.parallel.topology import Topology
-from triarch.rlhf.objectives import sequence_rewards
-from triarch.rlhf.ppo_math import (
+from triarch.objectives.rl_math import (
     AdaptiveKLController,
     FixedKLController,
     Moments,
@@ -48,7 +49,6 @@ from triarch.rlhf.ppo_math import (
     whiten,
 )
 from triarch.rlhf.prompts import PromptSource
-from triarch.rlhf.rl_objectives import PolicyObjective, ValueObjective, token_logprob_fn, value_fn
 from triarch.rlhf.rollout import RolloutRows, rollout_rows
 
 
@@ -56,10 +56,10 @@ from triarch.rlhf.rollout import RolloutRows, rollout_rows
 class RLModels:
     """The engines of one RL run (``None``: not used by this configuration)."""
 
-    actor: NativeEngine
-    critic: NativeEngine | None = None
-    reference: NativeEngine | None = None
-    reward: NativeEngine | None = None
+    actor: Engine
+    critic: Engine | None = None
+    reference: Engine | None = None
+    reward: Engine | None = None
 
 
 @dataclass
@@ -143,7 +143,7 @@ class RLIteration:
             scores = scores - penalty * (~rollout.ended).double()
         return scores
 
-    def _per_token(self, engine: NativeEngine | None, rollout: RolloutRows, fn) -> Tensor | None:
+    def _per_token(self, engine: Engine | None, rollout: RolloutRows, fn) -> Tensor | None:
         if engine is None:
             return None
         like = torch.zeros(rollout.input_ids.shape, dtype=torch.float64)

@@ -22,7 +22,7 @@ from triarch.checkpointing.init_from import load_initial_weights, resolve_init_s
 from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import ConfigError, TriarchConfig, dump_config
 from triarch.data_pipeline.errors import DataError
-from triarch.engine.native import NativeEngine
+from triarch.engine.build import build_engine
 from triarch.parallel.topology import Topology
 from triarch.rlhf.prompts import PromptSource
 from triarch.rlhf.rl_loop import RLIteration, RLModels
@@ -30,7 +30,6 @@ from triarch.training.data_checks import agree
 from triarch.training.loggers import MetricsLogger
 from triarch.training.metrics import window_peak_memory
 from triarch.training.mfu import device_peak_flops, flops_per_token
-from triarch.training.optimizer import set_schedule_step
 from triarch.training.run_control import RunControl
 
 log = logging.getLogger("triarch.train")
@@ -81,10 +80,10 @@ def prompt_problem(cfg: TriarchConfig, prompts: PromptSource) -> str | None:
 def build_models(cfg: TriarchConfig, topo: Topology) -> RLModels:
     """The engines (random weights; the caller loads each one's source)."""
     kind = cfg.objective.kind
-    actor = NativeEngine(cfg, topo)
-    reference = NativeEngine(cfg, topo, trainable=False) if cfg.rl.kl_coef > 0 else None
-    reward = NativeEngine(cfg, topo, trainable=False, head="score") if cfg.reward.kind == "model" else None
-    critic = NativeEngine(cfg, topo, head="score") if kind == "ppo" else None
+    actor = build_engine(cfg, topo)
+    reference = build_engine(cfg, topo, trainable=False) if cfg.rl.kl_coef > 0 else None
+    reward = build_engine(cfg, topo, trainable=False, head="score") if cfg.reward.kind == "model" else None
+    critic = build_engine(cfg, topo, head="score") if kind == "ppo" else None
     return RLModels(actor=actor, critic=critic, reference=reference, reward=reward)
 
 
@@ -123,7 +122,7 @@ def train_rl(cfg: TriarchConfig, topo: Topology, run_dir: Path, control: RunCont
         loop.kl.load_state_dict(saved["kl"])
         loop.optimizer_steps = saved["optimizer_steps"]
         for engine in (models.actor, *others.values()):
-            set_schedule_step(engine.scheduler, loop.optimizer_steps)
+            engine.set_schedule_step(loop.optimizer_steps)
         if rank0:
             log.info("resumed from %s (iteration %d, saved with layout %s)", resume_from.path, start,
                      saved.get("layout"))

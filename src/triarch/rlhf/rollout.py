@@ -3,7 +3,7 @@
 Generation left-pads its batch (``engine.generation``); training reads right-padded rows whose real tokens
 start at position 0, so a completion's tokens keep the positions they were generated at and the training
 forward recomputes exactly the rollout's log-probs. Per-token tensors are in *label positions*
-(``rlhf.ppo_math``): position ``t`` belongs to token ``t + 1``.
+(``objectives.rl_math``): position ``t`` belongs to token ``t + 1``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ timeouts, and progress beats for the hang watchdog.
 A stop signal (``SIGUSR2`` by default: SLURM sends it before a time limit or on preemption) only sets a
 flag. At the next step boundary the flags of all ranks are combined, so every rank stops after the same
 step, saves the same checkpoint and exits together. The training step agrees the flag inside its own
-fused all-reduce (``NativeEngine.train_step(stop_requested=...)``); without that, :meth:`should_stop`
+fused all-reduce (``Engine.train_step(stop_requested=...)``); without that, :meth:`should_stop`
 agrees it with one small all-reduce on the host (gloo) group.
 """
 

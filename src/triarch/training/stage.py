@@ -20,8 +20,8 @@ import torch
 
 from triarch.config import TriarchConfig
 from triarch.data_pipeline.stream import TokenStream
+from triarch.objectives.base import PRETRAIN, Fields, Objective
 from triarch.parallel.topology import Topology
-from triarch.training.objective import PRETRAIN, Fields, Objective
 
 log = logging.getLogger("triarch.train")
 
@@ -32,11 +32,11 @@ def build_objective(cfg: TriarchConfig) -> Objective:
     """The loss of ``objective.kind``."""
     obj = cfg.objective
     if obj.kind == "rm":
-        from triarch.rlhf.objectives import RewardObjective
+        from triarch.objectives.preference import RewardObjective
 
         return RewardObjective(use_margin=obj.margin)
     if obj.kind == "dpo":
-        from triarch.rlhf.objectives import DpoObjective
+        from triarch.objectives.preference import DpoObjective
 
         return DpoObjective(beta=obj.beta, loss_type=obj.loss_type, label_smoothing=obj.label_smoothing)
     return PRETRAIN
@@ -94,7 +94,7 @@ def build_reference(cfg: TriarchConfig, topo: Topology, run_dir: Path, streams: 
         return None
     import torch.distributed as dist
 
-    from triarch.engine.native import NativeEngine
+    from triarch.engine.build import build_engine
     from triarch.rlhf.reference import OnlineReference, precomputed_reference, release, stored_tables
 
     precompute = cfg.objective.reference == "precompute"
@@ -105,7 +105,7 @@ def build_reference(cfg: TriarchConfig, topo: Topology, run_dir: Path, streams: 
     stored = {split: table for split, table in stored.items() if split in agreed}
     if precompute and len(stored) == len(streams):  # every table is stored: no frozen model, no source read
         return precomputed_reference(None, streams, topo, cfg, run_dir, source, stored)
-    engine = NativeEngine(cfg, topo, trainable=False)
+    engine = build_engine(cfg, topo, trainable=False)
     if source is not None:
         from triarch.checkpointing.init_from import load_initial_weights
 

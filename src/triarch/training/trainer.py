@@ -16,13 +16,13 @@ from triarch.checkpointing.manager import CheckpointManager
 from triarch.config import ConfigError, TriarchConfig, dump_config, validate_for_world
 from triarch.data_pipeline.errors import DataError
 from triarch.data_pipeline.stream.dali_stage import loader_stage
-from triarch.engine.native import NativeEngine
+from triarch.engine.build import build_engine
+from triarch.engine.interface import Engine
 from triarch.parallel.topology import Topology
 from triarch.training.data_checks import agree, integrity_problem, next_batch, placeholder_batch
 from triarch.training.loggers import MetricsLogger
 from triarch.training.metrics import ThroughputMeter, synchronize, window_peak_memory
 from triarch.training.mfu import device_peak_flops, flops_per_token
-from triarch.training.optimizer import set_schedule_step
 from triarch.training.run_control import RunControl
 from triarch.training.stage import Stage, build_objective, build_reference, open_stream
 
@@ -61,7 +61,7 @@ class Evaluator:
         if available < size:
             log.warning("eval split has %d examples, fewer than one global batch (%d); repeating", available, size)
 
-    def __call__(self, engine: NativeEngine, stage: Stage) -> tuple[float, dict[str, float]]:
+    def __call__(self, engine: Engine, stage: Stage) -> tuple[float, dict[str, float]]:
         problem = None
         try:  # every rank reads its batches first and agrees on their checks: none waits in a collective
             batches = [self.stream.batch_for_step(i) for i in range(self.n_batches)]
@@ -125,7 +125,7 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
     """The step loop of :func:`train`."""
     rank0 = dist.get_rank() == 0
     trn = cfg.train
-    engine = NativeEngine(cfg, topo)
+    engine = build_engine(cfg, topo)
     if rank0:
         log.info("layout %s, %d parameters on rank 0, %d micro-batches per step",
                  topo.describe(), engine.local_parameter_count(), engine.n_microbatches)
@@ -146,7 +146,7 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
         if "data" in saved:
             data.load_state_dict(saved["data"])
         start_step, first_eval, first_loss = saved["step"], saved.get("first_eval_loss"), saved.get("first_loss", first_loss)
-        set_schedule_step(engine.scheduler, start_step)
+        engine.set_schedule_step(start_step)
         init_from = saved.get("init_from")  # a resumed run ignores init.from and keeps what it started from
         if rank0:
             log.info("resumed from %s (step %d, saved with layout %s)", resume_from.path, start_step, saved.get("layout"))

@@ -185,7 +185,7 @@ class PreferenceStream:
 
     A global batch is the next ``global_batch_size`` examples in the dataset's seeded order (counted in
     ``consumed_sequences``); DP rank r takes its contiguous share of pairs. Rows interleave each pair's two
-    sequences (row 2i chosen, 2i + 1 rejected; ``rlhf.objectives``), right-padded to ``seq_len``; batches
+    sequences (row 2i chosen, 2i + 1 rejected; ``objectives.preference``), right-padded to ``seq_len``; batches
     carry ``input_ids``, ``labels`` (response tokens only) and ``example_ids`` (each row's storage index, for
     reference log-probs computed once per example).
     """

@@ -1,0 +1,33 @@
+"""Make the engine the config names (``engine``), behind the ``engine.interface.Engine`` interface."""
+
+from __future__ import annotations
+
+from triarch.config import ConfigError, TriarchConfig
+from triarch.engine.interface import Engine
+from triarch.parallel.topology import Topology
+
+
+def check_engine_config(cfg: TriarchConfig) -> None:
+    """The rules of the engine ``cfg`` names for this layout (``parallel`` resolved): one ConfigError line."""
+    if cfg.engine == "megatron":
+        from triarch.engine.megatron_model import check_megatron_config
+
+        check_megatron_config(cfg, cfg.parallel.tp, cfg.parallel.pp)
+    elif cfg.engine != "native":
+        raise ConfigError(f"engine '{cfg.engine}' is not built yet; use engine: native")
+
+
+def build_engine(cfg: TriarchConfig, topo: Topology, *, trainable: bool = True, head: str | None = None,
+                 materialize_weights: bool = True) -> Engine:
+    """This rank's engine for ``cfg`` on ``topo``. ``trainable=False``: a frozen model (reference, reward
+    model) without optimizer state. ``head``: "lm" or "score", overriding the objective's (a PPO critic).
+    ``materialize_weights=False``: shapes only, on the meta device (planning)."""
+    if cfg.engine == "native":
+        from triarch.engine.native import NativeEngine
+
+        return NativeEngine(cfg, topo, trainable=trainable, head=head, materialize_weights=materialize_weights)
+    if cfg.engine == "megatron":
+        from triarch.engine.megatron import MegatronEngine
+
+        return MegatronEngine(cfg, topo, trainable=trainable, head=head, materialize_weights=materialize_weights)
+    raise ConfigError(f"engine '{cfg.engine}' is not available in this version; use engine: native")

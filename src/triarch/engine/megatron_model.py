@@ -1,0 +1,157 @@
+"""The megatron engine's model: the run's config as a megatron-core ``TransformerConfig`` and ``GPTModel``.
+
+``check_megatron_config`` turns every combination this engine cannot run into one ``ConfigError`` line
+(before any rank starts). ``transformer_config`` maps the keys (docs/engine.md has the table);
+``build_gpt`` builds this pipeline stage's ``GPTModel`` with the Transformer Engine layer spec when TE
+imports and the device is CUDA, and megatron-core's local spec otherwise, with an RMSNorm that accepts
+sequence parallelism (megatron's torch norm refuses it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from triarch.config import ConfigError, TriarchConfig
+from triarch.models.llama import LlamaArgs
+from triarch.parallel.topology import Topology
+
+MEGATRON_INSTALL = "pip install 'triarch[megatron]' (megatron-core and psutil)"
+
+
+def megatron_available() -> bool:
+    """Whether megatron-core is installed (not imported: that is slow)."""
+    return importlib.util.find_spec("megatron") is not None and importlib.util.find_spec("megatron.core") is not None
+
+
+def check_megatron_config(cfg: TriarchConfig, tp: int, pp: int) -> None:
+    """One ConfigError naming the value and the rule, for what this engine cannot run."""
+    if not megatron_available():
+        raise ConfigError(f"engine 'megatron' needs megatron-core, which is not installed: {MEGATRON_INSTALL}")
+    m, par, trn = cfg.model, cfg.parallel, cfg.train
+    if cfg.objective.kind in ("rm", "ppo"):
+        raise ConfigError(f"engine 'megatron' has no scalar (score) head yet, which objective.kind "
+                          f"{cfg.objective.kind} needs; use engine: native")
+    if cfg.objective.is_rl:
+        raise ConfigError(f"engine 'megatron' cannot generate yet, which objective.kind {cfg.objective.kind} needs; "
+                          f"use engine: native")
+    if m.vocab_size % tp:
+        raise ConfigError(f"engine 'megatron' splits the vocabulary evenly: model.vocab_size ({m.vocab_size}) must be "
+                          f"divisible by parallel.tp ({tp})")
+    if m.kv_heads % tp:
+        raise ConfigError(f"engine 'megatron' splits query groups over tensor-parallel ranks: model.n_kv_heads "
+                          f"({m.kv_heads}) must be divisible by parallel.tp ({tp}); engine: native replicates KV heads")
+    if m.ffn_hidden % tp:
+        raise ConfigError(f"model.ffn_hidden ({m.ffn_hidden}) must be divisible by parallel.tp ({tp})")
+    if pp > 1:
+        raise ConfigError(f"engine 'megatron' runs parallel.pp 1 in this version, got {pp}; use engine: native")
+    if cfg.data.document_masks:
+        raise ConfigError("engine 'megatron' has no per-document attention without Transformer Engine's packed "
+                          "sequences: set data.document_masks=false or engine: native")
+    if trn.compile:
+        raise ConfigError("train.compile applies to engine: native; megatron uses its own fused kernels")
+    if trn.precision == "fp8":
+        raise ConfigError("train.precision 'fp8' on engine 'megatron' needs Transformer Engine on a Hopper GPU")
+    dp_shard = par.dp_shard if par.dp_shard > 0 else 1
+    if par.dp_replicate > 1 and dp_shard > 1:
+        raise ConfigError(f"engine 'megatron' has one data-parallel dimension: parallel.dp_shard (distributed "
+                          f"optimizer) or parallel.dp_replicate (replicated optimizer), not both "
+                          f"({par.dp_replicate}x{dp_shard})")
+
+
+class SequenceParallelRMSNorm(nn.RMSNorm):
+    """RMSNorm built from megatron's arguments that accepts sequence parallelism: its weight is tagged
+    ``sequence_parallel`` so megatron all-reduces its gradient over the tensor-parallel group."""
+
+    def __init__(self, config: Any, hidden_size: int, eps: float = 1e-5, **unused: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+def transformer_config(cfg: TriarchConfig, args: LlamaArgs, tp: int, pp: int, device: torch.device) -> Any:
+    """The megatron-core ``TransformerConfig`` of ``cfg`` (keys mapped in docs/engine.md)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    trn = cfg.train
+    bf16 = trn.precision == "bf16"
+    recompute: dict[str, Any] = {}
+    if trn.activation_checkpoint == "full":
+        recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    elif trn.activation_checkpoint == "selective":
+        recompute = {"recompute_granularity": "selective"}
+    return TransformerConfig(
+        num_layers=args.n_layers, hidden_size=args.dim, num_attention_heads=args.n_heads,
+        num_query_groups=args.n_kv_heads, kv_channels=args.head_dim, ffn_hidden_size=args.ffn_hidden,
+        normalization="RMSNorm", layernorm_epsilon=args.norm_eps, gated_linear_unit=True, activation_func=F.silu,
+        add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        sequence_parallel=tp > 1 and cfg.parallel.sequence_parallel,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16, fp16=False,
+        use_cpu_initialization=device.type == "cpu", perform_initialization=True,  # (it also tags TP weights)
+        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        calculate_per_token_loss=True, init_method_std=cfg.model.init_std, **recompute,
+    )
+
+
+def uses_transformer_engine(device: torch.device) -> bool:
+    """Transformer Engine's layers on CUDA when it is installed; megatron-core's local layers otherwise."""
+    return device.type == "cuda" and importlib.util.find_spec("transformer_engine") is not None
+
+
+def layer_spec(device: torch.device) -> Any:
+    """Transformer Engine's layer spec on CUDA when TE imports, else megatron-core's local spec."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if uses_transformer_engine(device):
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    return spec
+
+
+def build_gpt(cfg: TriarchConfig, args: LlamaArgs, topo: Topology, config: Any) -> nn.Module:
+    """This stage's ``GPTModel`` (megatron's random initial weights: the engine overwrites them with the
+    canonical ones)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    spec = layer_spec(topo.device)
+    if uses_transformer_engine(topo.device):
+        block = spec
+    else:  # the final norm too must accept sequence parallelism
+        block = TransformerBlockSubmodules(layer_specs=[spec] * (args.n_layers // topo.pp),
+                                           layer_norm=SequenceParallelRMSNorm)
+    model = GPTModel(
+        config, block, vocab_size=args.vocab_size, max_sequence_length=args.max_seq_len,
+        pre_process=topo.is_first_stage, post_process=topo.is_last_stage, parallel_output=True,
+        share_embeddings_and_output_weights=args.tie_embeddings, position_embedding_type="rope",
+        rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
+    )
+    return model.to(topo.device)
+
+
+def init_parallel_state(topo: Topology) -> None:
+    """megatron's process groups for this Topology (once per process), checked to be the mesh's own: tensor
+    parallel ranks adjacent, then data parallel, then pipeline stages, as ``Topology`` orders them."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=topo.tp,
+                                                 pipeline_model_parallel_size=topo.pp)
+        model_parallel_cuda_manual_seed(0)
+    ours = dist.get_process_group_ranks(topo.mesh["tp"].get_group())
+    theirs = dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
+    if ours != theirs or parallel_state.get_tensor_model_parallel_world_size() != topo.tp:
+        raise RuntimeError(f"megatron's tensor-parallel group {theirs} is not the run's {ours}")
+    ours = dist.get_process_group_ranks(topo.dp_mesh.get_group())
+    theirs = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
+    if ours != theirs:
+        raise RuntimeError(f"megatron's data-parallel group {theirs} is not the run's {ours}")
