@@ -4,6 +4,7 @@ restart on fewer nodes, a stopped rank -> hang report, status/logs/cancel, sweep
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -117,6 +118,23 @@ def test_usr2_saves_requeues_and_resumes_to_the_uninterrupted_losses(cluster, da
     # every step trained once, and each loss equals the uninterrupted run's
     assert logged_steps(run) == list(range(1, steps + 1))
     assert losses(run) == pytest.approx(local_losses(tmp_path / "local", data, steps), rel=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
+def test_megatron_engine_job_survives_usr2_requeue(cluster, data, home, tmp_path) -> None:
+    """engine: megatron under SLURM (two nodes, megatron's distributed optimizer): USR2 -> save -> requeue ->
+    resume, with the losses of an uninterrupted local megatron run."""
+    run = tmp_path / "megatron-preempted"
+    steps = 20
+    job = submit(home, run, data, steps, "--nodes", "2", "engine=megatron")
+    wait_for_step(run, 3)
+    slurm("scancel", "--signal=USR2", job)
+    assert wait_for_end(job, 300) == "COMPLETED", log_text(run, job, 0, "err")[-3000:]
+    assert ledger(run)["preemption"] == 1
+    assert "resumed from" in log_text(run, job, 0, "err")
+    assert logged_steps(run) == list(range(1, steps + 1))
+    reference = local_losses(tmp_path / "local", data, steps, 2, "engine=megatron")
+    assert losses(run) == pytest.approx(reference, rel=1e-6)
 
 
 GRPO = str(ROOT / "examples" / "tiny_grpo.yaml")
