@@ -37,7 +37,7 @@ def main() -> None:
     engine = build_engine(cfg, topo, trainable=False)
     load_initial_weights(engine, f"hf:{folder}", topo.host_group)
     with torch.no_grad():
-        logits = engine._output(engine.model.eval(), TOKENS.to(device))  # noqa: SLF001 (the head's raw output)
+        logits = engine._output(engine.model_chunks[0].eval(), TOKENS.to(device))  # noqa: SLF001 (the head's raw output)
     logits = logits.full_tensor() if hasattr(logits, "full_tensor") else logits
     params = engine.full_parameters()
     if dist.get_rank() == 0:

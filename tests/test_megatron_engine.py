@@ -35,6 +35,10 @@ LAYOUTS = {  # name: (ranks, overrides, what megatron must run there)
     "dp_replicate2": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"], {"optimizers": ["FP32Optimizer"]}),
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.dp_shard=2"],
                 {"sequence_parallel": True, "optimizers": ["DistributedOptimizer"]}),
+    "pp2_1f1b": (2, ["parallel.pp=2", "parallel.schedule=1f1b"], {"chunks": 1}),
+    "pp2_interleaved": (2, ["parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b"],
+                        {"chunks": 2}),
+    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"], {"sequence_parallel": True, "chunks": 1}),
 }
 
 
@@ -154,8 +158,9 @@ def _train(run_dir: Path, data: Path, nproc: int, *overrides: str) -> dict[int, 
     ((2, ["parallel.dp_shard=2"]), (2, ["engine=megatron", "parallel.dp_shard=2"])),
     ((2, ["engine=megatron", "parallel.dp_shard=2", "train.precision=bf16"]),
      (2, ["engine=megatron", "parallel.dp_replicate=2", "parallel.dp_shard=1", "train.precision=bf16"])),
+    ((2, ["parallel.tp=2"]), (2, ["engine=megatron", "parallel.pp=2"])),
 ], ids=["megatron_tp2_to_native_dp2", "native_dp2_to_megatron_distributed_optimizer",
-        "megatron_bf16_distributed_to_replicated_optimizer"])
+        "megatron_bf16_distributed_to_replicated_optimizer", "native_tp2_to_megatron_pp2"])
 def test_a_checkpoint_moves_between_the_engines(saved_by, resumed_by, data: Path, tmp_path: Path) -> None:
     """Saved at step 3 by one engine, resumed by the other at another layout: steps 4 and 5 give the losses
     of the uninterrupted run (model, AdamW moments and schedule under canonical names; in bf16 the
@@ -181,7 +186,8 @@ def _config(**sections) -> TriarchConfig:
 @pytest.mark.parametrize("sections, world, message", [
     ({"parallel": {"tp": 4}}, 4, "model.n_kv_heads \\(2\\) must be divisible by parallel.tp \\(4\\)"),
     ({"model": {"vocab_size": 255}, "parallel": {"tp": 2}}, 2, "model.vocab_size \\(255\\) must be divisible"),
-    ({"parallel": {"pp": 2}}, 2, "engine 'megatron' runs parallel.pp 1"),
+    ({"parallel": {"pp": 2, "schedule": "gpipe"}}, 2, "not parallel.schedule gpipe"),
+    ({"parallel": {"pp": 2, "virtual_stages": 2, "schedule": "zero_bubble"}}, 2, "not parallel.schedule zero_bubble"),
     ({"data": {"document_masks": True}}, 1, "data.document_masks=false or engine: native"),
     ({"objective": {"kind": "rm"}}, 1, "no scalar \\(score\\) head yet"),
     ({"objective": {"kind": "grpo"}, "reward": {"kind": "rule"}, "train": {"global_batch_size": 16},

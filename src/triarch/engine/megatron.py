@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import types
 from typing import Any
 
 import torch
@@ -64,21 +63,26 @@ class MegatronEngine:
         silence_expected_notices()
         if topo.device.type == "cpu":
             apply_cpu_compat()
-        init_parallel_state(topo)
+        init_parallel_state(topo, cfg.parallel.virtual_stages if topo.pp > 1 else 1)
         self.config = transformer_config(cfg, self.args, topo.tp, topo.pp, topo.device)
-        module = build_gpt(cfg, self.args, topo, self.config)
-        per_stage = self.args.n_layers // topo.pp
-        layers = range(topo.pp_rank * per_stage, (topo.pp_rank + 1) * per_stage)
-        self.canonical: list[CanonicalParam] = canonical_params(
-            self.args, topo.tp, layers, first_stage=topo.is_first_stage, last_stage=topo.is_last_stage)
+        virtual = cfg.parallel.virtual_stages
+        stages, per_stage = topo.pp * virtual, self.args.n_layers // (topo.pp * virtual)
+        modules, self.canonical = [], []
+        for v in range(virtual):  # chunk v of this rank is stage v * pp + pp_rank (the loop placement)
+            stage = v * topo.pp + topo.pp_rank
+            first, last = stage == 0, stage == stages - 1
+            modules.append(build_gpt(cfg, self.args, topo, self.config, first=first, last=last,
+                                     vp_stage=v if virtual > 1 else None))
+            self.canonical += canonical_params(self.args, topo.tp, range(stage * per_stage, (stage + 1) * per_stage),
+                                               first_stage=first, last_stage=last, prefix=f"{v}.")
         self._tp_mesh = topo.mesh["tp"]
-        self._write_initial_weights(module)
+        self._write_initial_weights(modules)
         self._pending: list[tuple[CanonicalParam, str, torch.Tensor]] = []
         self._slot_copies: dict[str, dict[str, torch.Tensor]] = {}
         self._steps_taken = 0
         self._distributed = trainable and topo.dp_shard > 1  # ZeRO-1: megatron's distributed optimizer
         if trainable:
-            self.model = self._wrap_ddp(module)
+            self.model_chunks = [self._wrap_ddp(m, v) for v, m in enumerate(modules)]
             self.optimizer = self._build_optimizer()
             self._adams = [inner.optimizer for inner in _inner_optimizers(self.optimizer)]
             for adam in self._adams:  # megatron's own scheduler applies each group's multiplier; ours is this
@@ -86,18 +90,20 @@ class MegatronEngine:
                     group["weight_decay"] = cfg.train.weight_decay * group.get("wd_mult", 1.0)
             self._schedulers = [build_scheduler(adam, cfg.train) for adam in self._adams]
         else:
-            module.requires_grad_(False)
-            self.model = module
+            for module in modules:
+                module.requires_grad_(False)
+            self.model_chunks = modules
 
     # --- construction -------------------------------------------------------------------------------
-    def _named(self, module: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """megatron's parameters of this rank by megatron name (DDP's ``module.`` prefix removed)."""
-        module = module if module is not None else self.model
-        return {name.removeprefix("module."): p for name, p in module.named_parameters()}
+    def _named(self, chunks: list[torch.nn.Module] | None = None) -> dict[str, torch.Tensor]:
+        """megatron's parameters of this rank by "<chunk>.<megatron name>" (DDP's ``module.`` removed)."""
+        chunks = chunks if chunks is not None else self.model_chunks
+        return {f"{v}.{name.removeprefix('module.')}": p for v, chunk in enumerate(chunks)
+                for name, p in chunk.named_parameters()}
 
-    def _write_initial_weights(self, module: torch.nn.Module) -> None:
+    def _write_initial_weights(self, modules: list[torch.nn.Module]) -> None:
         """The native engine's initial weights: each canonical shard drawn by name and box."""
-        named = self._named(module)
+        named = self._named(modules)
         init = self.cfg.model
         for param in self.canonical:
             box = param.local_box(self.topo.tp, self.topo.tp_rank)
@@ -105,14 +111,15 @@ class MegatronEngine:
                                 n_layers=init.n_layers)
             param.write(value.to(self.topo.device), named)
 
-    def _wrap_ddp(self, module: torch.nn.Module) -> torch.nn.Module:
+    def _wrap_ddp(self, module: torch.nn.Module, chunk: int) -> torch.nn.Module:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                    use_distributed_optimizer=self._distributed,
                                                    check_for_nan_in_grad=False)
-        model = DistributedDataParallel(self.config, ddp_config, module)
+        model = DistributedDataParallel(self.config, ddp_config, module,
+                                        disable_bucketing=chunk > 0)  # megatron's rule for virtual stages
         self.config.finalize_model_grads_func = finalize_model_grads
         return model
 
@@ -124,7 +131,7 @@ class MegatronEngine:
                                  adam_beta2=t.beta2, adam_eps=t.eps, clip_grad=t.grad_clip,
                                  bf16=t.precision == "bf16", params_dtype=self.config.params_dtype,
                                  use_distributed_optimizer=self._distributed)
-        return get_megatron_optimizer(config, [self.model])
+        return get_megatron_optimizer(config, self.model_chunks)
 
     # --- the interface: shape ------------------------------------------------------------------------
     @property
@@ -133,7 +140,7 @@ class MegatronEngine:
         return t.global_batch_size // (t.micro_batch_size * self.topo.dp)
 
     def local_parameter_count(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        return sum(p.numel() for p in {id(p): p for c in self.model_chunks for p in c.parameters()}.values())
 
     # --- forward -------------------------------------------------------------------------------------
     def _causal_mask(self, seq: int) -> torch.Tensor:
@@ -142,13 +149,14 @@ class MegatronEngine:
         return torch.ones(seq, seq, dtype=torch.bool, device=self.topo.device).triu(1)[None, None]
 
     def _output(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The head's output for ``x`` as the native model gives it: (batch, seq, vocab) logits, a ``Shard(-1)``
-        DTensor under TP."""
+        """One chunk's output for ``x``: on the last stage the head's output as the native model gives it,
+        (batch, seq, vocab) logits (a ``Shard(-1)`` DTensor under TP); elsewhere the hidden states the schedule
+        sends on (earlier stages take theirs from the schedule, not from ``x``)."""
         with self._precision_context():
-            logits = model(x, None, self._causal_mask(x.shape[1]))
-        if self.topo.tp > 1:
-            return DTensor.from_local(logits, self._tp_mesh, [Shard(2)], run_check=False)
-        return logits
+            out = model(x, None, self._causal_mask(x.shape[1]))
+        if getattr(model, "module", model).post_process and self.topo.tp > 1:
+            return DTensor.from_local(out, self._tp_mesh, [Shard(2)], run_check=False)
+        return out
 
     def _precision_context(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # bf16 is megatron's own (params_dtype); no autocast
@@ -202,9 +210,11 @@ class MegatronEngine:
             return plain, loss_func
 
         schedule = get_forward_backward_func()
+        # one iterator per chunk: each chunk's forward takes the micro-batches in order
+        iterators = [iter(batches) for _ in self.model_chunks]
         with self._loss_context():
-            schedule(forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
-                     num_microbatches=len(batches), seq_length=inputs.shape[1],
+            schedule(forward_step_func=forward_step, data_iterator=iterators if len(iterators) > 1 else iterators[0],
+                     model=self.model_chunks, num_microbatches=len(batches), seq_length=inputs.shape[1],
                      micro_batch_size=batches[0][0].shape[0], forward_only=not backward)
         zero = torch.zeros((), dtype=torch.float64, device=self.topo.device)
         return (torch.stack(losses).sum() if losses else zero,
@@ -237,8 +247,9 @@ class MegatronEngine:
             raise RuntimeError("this engine is frozen (trainable=False); it has no optimizer step")
         objective = objective if objective is not None else _token_objective(loss_fn)
         inputs, fields = self._to_device(inputs, labels, fields, position_ids)
-        self.model.train()
-        self.model.zero_grad_buffer()
+        for chunk in self.model_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_sum, units, stats = self._run(inputs, fields, objective, backward=True)
         (loss_sum, n_units, stops, data_errors), stat_sums = self._agree(
@@ -269,7 +280,8 @@ class MegatronEngine:
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, fields: Fields, objective: Objective = PRETRAIN, *,
                   position_ids: torch.Tensor | None = None) -> tuple[float, dict[str, float]]:
-        self.model.eval()
+        for chunk in self.model_chunks:
+            chunk.eval()
         inputs, fields = self._to_device(inputs, None, fields, position_ids)
         loss_sum, units, stats = self._run(inputs, fields, objective, backward=False)
         (loss_sum, n_units), stat_sums = self._agree(loss_sum, units, stats, objective.stat_names)
@@ -283,16 +295,13 @@ class MegatronEngine:
     @torch.no_grad()
     def forward_rows(self, inputs: torch.Tensor, fields: Fields, row_fn: RowFn, *,
                      position_ids: torch.Tensor | None = None, width: int | None = None) -> torch.Tensor | None:
-        self.model.eval()
+        for chunk in self.model_chunks:
+            chunk.eval()
         inputs, fields = self._to_device(inputs, None, fields, position_ids)
         rows = inputs.shape[0]
         out = torch.zeros((rows,) if width is None else (rows, width), dtype=torch.float64, device=self.topo.device)
-        start = 0
-        with self._loss_context():
-            for x, micro_fields in self._micro_batches(inputs, fields, _ONE_ROW):
-                values = _local_value(row_fn(self._output(self.model, x), micro_fields))
-                out[start:start + x.shape[0]] = values.double()
-                start += x.shape[0]
+        fields["row_index"] = torch.arange(rows, device=self.topo.device)
+        self._run(inputs, fields, _RowCollector(row_fn, out), backward=False)
         return out if self.topo.is_last_stage else None
 
     def generate(self, prompts: list[list[int]], params: Any, prompt_index: torch.Tensor | None = None) -> Any:
@@ -437,17 +446,32 @@ class MegatronEngine:
         """What megatron runs here (for logs and tests): sequence parallel, the optimizer classes."""
         inner = _inner_optimizers(self.optimizer) if self.trainable else []
         return {"engine": "megatron", "sequence_parallel": bool(self.config.sequence_parallel),
-                "optimizers": [type(o).__name__ for o in inner]}
+                "optimizers": [type(o).__name__ for o in inner], "chunks": len(self.model_chunks)}
 
     def close(self) -> None:
         self._pending.clear()
         if self.trainable:
             for adam in self._adams:
                 adam.state.clear()
-        self.model = torch.nn.Module()
+        self.model_chunks = []
 
 
-_ONE_ROW = types.SimpleNamespace(rows_per_example=1)  # forward_rows splits rows, not examples
+class _RowCollector:
+    """An objective with no loss that writes ``row_fn``'s per-row values into ``out`` (``forward_rows``)."""
+
+    rows_per_example = 1
+    stat_names: tuple[str, ...] = ()
+
+    def __init__(self, row_fn: RowFn, out: torch.Tensor) -> None:
+        self.row_fn, self.out = row_fn, out
+
+    def units(self, fields: Fields) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.int64, device=self.out.device)
+
+    def loss(self, output: torch.Tensor, fields: Fields) -> tuple[torch.Tensor, None]:
+        values = _local_value(self.row_fn(output, fields))
+        self.out.index_copy_(0, fields["row_index"], values.detach().double())
+        return torch.zeros((), dtype=torch.float32, device=self.out.device), None
 
 
 def _inner_optimizers(optimizer: Any) -> list[Any]:

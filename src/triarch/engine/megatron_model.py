@@ -47,8 +47,11 @@ def check_megatron_config(cfg: TriarchConfig, tp: int, pp: int) -> None:
                           f"({m.kv_heads}) must be divisible by parallel.tp ({tp}); engine: native replicates KV heads")
     if m.ffn_hidden % tp:
         raise ConfigError(f"model.ffn_hidden ({m.ffn_hidden}) must be divisible by parallel.tp ({tp})")
-    if pp > 1:
-        raise ConfigError(f"engine 'megatron' runs parallel.pp 1 in this version, got {pp}; use engine: native")
+    if pp > 1 and par.schedule not in ("1f1b", "interleaved_1f1b"):
+        raise ConfigError(f"engine 'megatron' runs megatron's 1f1b and interleaved_1f1b schedules, not "
+                          f"parallel.schedule {par.schedule}; use engine: native for it")
+    if pp > 1 and m.tie_embeddings:
+        raise ConfigError("model.tie_embeddings with parallel.pp > 1 is not supported; untie or use pp 1")
     if cfg.data.document_masks:
         raise ConfigError("engine 'megatron' has no per-document attention without Transformer Engine's packed "
                           "sequences: set data.document_masks=false or engine: native")
@@ -89,6 +92,12 @@ def transformer_config(cfg: TriarchConfig, args: LlamaArgs, tp: int, pp: int, de
         normalization="RMSNorm", layernorm_epsilon=args.norm_eps, gated_linear_unit=True, activation_func=F.silu,
         add_bias_linear=False, add_qkv_bias=False, hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_stages if pp > 1 and cfg.parallel.virtual_stages > 1
+        else None,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        # gloo matches a batch of sends and receives between two ranks in posting order, and megatron's batched
+        # p2p posts the backward send before the forward one: with two stages the tensors would be swapped
+        batch_p2p_comm=device.type == "cuda",
         sequence_parallel=tp > 1 and cfg.parallel.sequence_parallel,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16, fp16=False,
         use_cpu_initialization=device.type == "cpu", perform_initialization=True,  # (it also tags TP weights)
@@ -115,9 +124,11 @@ def layer_spec(device: torch.device) -> Any:
     return spec
 
 
-def build_gpt(cfg: TriarchConfig, args: LlamaArgs, topo: Topology, config: Any) -> nn.Module:
-    """This stage's ``GPTModel`` (megatron's random initial weights: the engine overwrites them with the
-    canonical ones)."""
+def build_gpt(cfg: TriarchConfig, args: LlamaArgs, topo: Topology, config: Any, *, first: bool, last: bool,
+              vp_stage: int | None) -> nn.Module:
+    """One pipeline stage's ``GPTModel`` (``first``/``last``: it holds the embedding / the head; ``vp_stage``:
+    its virtual stage under the interleaved schedule) with megatron's random initial weights, which the engine
+    overwrites with the canonical ones."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -125,18 +136,19 @@ def build_gpt(cfg: TriarchConfig, args: LlamaArgs, topo: Topology, config: Any) 
     if uses_transformer_engine(topo.device):
         block = spec
     else:  # the final norm too must accept sequence parallelism
-        block = TransformerBlockSubmodules(layer_specs=[spec] * (args.n_layers // topo.pp),
+        chunks = topo.pp * (vp_stage is not None and cfg.parallel.virtual_stages or 1)
+        block = TransformerBlockSubmodules(layer_specs=[spec] * (args.n_layers // chunks),
                                            layer_norm=SequenceParallelRMSNorm)
     model = GPTModel(
         config, block, vocab_size=args.vocab_size, max_sequence_length=args.max_seq_len,
-        pre_process=topo.is_first_stage, post_process=topo.is_last_stage, parallel_output=True,
+        pre_process=first, post_process=last, parallel_output=True, vp_stage=vp_stage,
         share_embeddings_and_output_weights=args.tie_embeddings, position_embedding_type="rope",
         rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
     )
     return model.to(topo.device)
 
 
-def init_parallel_state(topo: Topology) -> None:
+def init_parallel_state(topo: Topology, virtual: int) -> None:
     """megatron's process groups for this Topology (once per process), checked to be the mesh's own: tensor
     parallel ranks adjacent, then data parallel, then pipeline stages, as ``Topology`` orders them."""
     import torch.distributed as dist
@@ -145,7 +157,8 @@ def init_parallel_state(topo: Topology) -> None:
 
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=topo.tp,
-                                                 pipeline_model_parallel_size=topo.pp)
+                                                 pipeline_model_parallel_size=topo.pp,
+                                                 virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None)
         model_parallel_cuda_manual_seed(0)
     ours = dist.get_process_group_ranks(topo.mesh["tp"].get_group())
     theirs = dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())

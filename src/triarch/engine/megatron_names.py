@@ -72,18 +72,20 @@ def _whole(name: str, target: str, full: tuple[int, ...], shard_dim: int | None,
     return CanonicalParam(name, full, shard_dim, tuple(local), (Rows(target, 0, 0, local[0]),))
 
 
-def canonical_params(args: LlamaArgs, tp: int, layers: range, *, first_stage: bool, last_stage: bool
-                     ) -> list[CanonicalParam]:
-    """The canonical parameters held by this rank: a stage with ``layers`` (global indices), the embedding on
-    the first stage, final norm and head on the last, each split ``tp`` ways as megatron splits them."""
+def canonical_params(args: LlamaArgs, tp: int, layers: range, *, first_stage: bool, last_stage: bool,
+                     prefix: str = "") -> list[CanonicalParam]:
+    """The canonical parameters of one model chunk: ``layers`` (global indices), the embedding on the first
+    stage, final norm and head on the last, each split ``tp`` ways as megatron splits them. ``prefix`` goes
+    before every megatron name (a rank with several chunks names them apart)."""
     d, hd, f = args.dim, args.head_dim, args.ffn_hidden
     groups, per_group = args.n_kv_heads // tp, args.n_heads // args.n_kv_heads
     stride = (per_group + 2) * hd
     out: list[CanonicalParam] = []
     if first_stage:
-        out.append(_whole("tok_embeddings.weight", "embedding.word_embeddings.weight", (args.vocab_size, d), 0, tp))
+        out.append(_whole("tok_embeddings.weight", prefix + "embedding.word_embeddings.weight", (args.vocab_size, d),
+                          0, tp))
     for local_index, i in enumerate(layers):
-        c, m = f"layers.{i}.", f"decoder.layers.{local_index}."
+        c, m = f"layers.{i}.", f"{prefix}decoder.layers.{local_index}."
         qkv = m + "self_attention.linear_qkv.weight"
         q = tuple(Rows(qkv, g * stride, g * per_group * hd, per_group * hd) for g in range(groups))
         k = tuple(Rows(qkv, g * stride + per_group * hd, g * hd, hd) for g in range(groups))
@@ -101,7 +103,7 @@ def canonical_params(args: LlamaArgs, tp: int, layers: range, *, first_stage: bo
             _whole(c + "feed_forward.w2.weight", m + "mlp.linear_fc2.weight", (d, f), 1, tp),
         ]
     if last_stage:
-        out.append(_whole("norm.weight", "decoder.final_layernorm.weight", (d,), None, tp))
+        out.append(_whole("norm.weight", prefix + "decoder.final_layernorm.weight", (d,), None, tp))
         if not args.tie_embeddings or not first_stage:
-            out.append(_whole("output.weight", "output_layer.weight", (args.vocab_size, d), 0, tp))
+            out.append(_whole("output.weight", prefix + "output_layer.weight", (args.vocab_size, d), 0, tp))
     return out
