@@ -63,9 +63,9 @@ class MegatronEngine:
         silence_expected_notices()
         if topo.device.type == "cpu":
             apply_cpu_compat()
-        init_parallel_state(topo, cfg.parallel.virtual_stages if topo.pp > 1 else 1)
+        virtual = cfg.parallel.virtual_stages if topo.pp > 1 else 1
+        init_parallel_state(topo, virtual)
         self.config = transformer_config(cfg, self.args, topo.tp, topo.pp, topo.device)
-        virtual = cfg.parallel.virtual_stages
         stages, per_stage = topo.pp * virtual, self.args.n_layers // (topo.pp * virtual)
         modules, self.canonical = [], []
         for v in range(virtual):  # chunk v of this rank is stage v * pp + pp_rank (the loop placement)

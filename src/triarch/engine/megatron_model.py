@@ -136,7 +136,7 @@ def build_gpt(cfg: TriarchConfig, args: LlamaArgs, topo: Topology, config: Any, 
     if uses_transformer_engine(topo.device):
         block = spec
     else:  # the final norm too must accept sequence parallelism
-        chunks = topo.pp * (vp_stage is not None and cfg.parallel.virtual_stages or 1)
+        chunks = topo.pp * (cfg.parallel.virtual_stages if vp_stage is not None else 1)
         block = TransformerBlockSubmodules(layer_specs=[spec] * (args.n_layers // chunks),
                                            layer_norm=SequenceParallelRMSNorm)
     model = GPTModel(
