@@ -1,9 +1,13 @@
 """GPU throughput and MFU: triarch's native engine (1 rank, bf16, compiled blocks) against a plain
-torch.compile training loop of the same Llama shape, measured in the same process.
+torch.compile training loop of the same Llama shape, measured in the same process; with megatron-core
+installed also the megatron engine (bf16; Transformer Engine's layers when TE imports, megatron's local ones
+otherwise).
 
 Default shape: the 886M model (d 2048, 16 layers, 16 heads / 8 KV heads, SwiGLU 5632, vocab 32000,
 seq 2048, micro batch 4). ``--small`` runs a tiny shape (for a CPU smoke run). Last line: JSON with
-``triarch_tokens_per_s``, ``baseline_tokens_per_s``, ``triarch_mfu``, ``baseline_mfu``, ``ratio``.
+``triarch_tokens_per_s``, ``baseline_tokens_per_s``, ``triarch_mfu``, ``baseline_mfu``, ``ratio``, and
+``megatron_tokens_per_s``, ``megatron_mfu``, ``megatron_layers`` ("te" or "local"), ``megatron_vs_native``
+when the megatron engine ran.
 """
 
 from __future__ import annotations
@@ -73,6 +77,24 @@ def triarch_step_time(cfg, batches, warmup, device) -> float:
     return t
 
 
+def megatron_step_time(cfg, batches, warmup, device) -> float | None:
+    """The megatron engine's step time, or None without megatron-core."""
+    import importlib.util
+
+    if importlib.util.find_spec("megatron") is None:
+        return None
+    from triarch.engine.build import build_engine
+
+    cfg = validate_for_world(cfg.model_copy(update={"engine": "megatron",
+                                                    "train": cfg.train.model_copy(update={"compile": False})}), 1)
+    topo = Topology.build(device, pp=1, dp_replicate=1, dp_shard=1, tp=1)
+    engine = build_engine(cfg, topo)
+    counter = iter(range(1, 10**9))
+    t = _time(lambda b: engine.train_step(b[:, :-1], b[:, 1:], step=next(counter)), batches, warmup, device)
+    del engine
+    return t
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true")
@@ -95,6 +117,7 @@ def main() -> None:
     fpt = flops_per_token(cfg.model)
     base = tokens / baseline_step_time(cfg, batches, args.warmup, device)
     tri = tokens / triarch_step_time(cfg, batches, args.warmup, device)
+    megatron_time = megatron_step_time(cfg, batches, args.warmup, device)
     shutdown_distributed()
     base_mfu, tri_mfu = mfu(base, fpt, peak, 1), mfu(tri, fpt, peak, 1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -102,9 +125,19 @@ def main() -> None:
     print(f"plain torch.compile baseline: {base:,.0f} tokens/s, MFU {base_mfu:.1%}")
     print(f"triarch native engine:        {tri:,.0f} tokens/s, MFU {tri_mfu:.1%}")
     print(f"ratio triarch / baseline: {tri / base:.3f}")
-    print(json.dumps({"triarch_tokens_per_s": round(tri, 1), "baseline_tokens_per_s": round(base, 1),
-                      "triarch_mfu": round(tri_mfu, 4), "baseline_mfu": round(base_mfu, 4),
-                      "ratio": round(tri / base, 4)}))
+    result = {"triarch_tokens_per_s": round(tri, 1), "baseline_tokens_per_s": round(base, 1),
+              "triarch_mfu": round(tri_mfu, 4), "baseline_mfu": round(base_mfu, 4), "ratio": round(tri / base, 4)}
+    if megatron_time is not None:
+        from triarch.engine.megatron_model import uses_transformer_engine
+
+        meg = tokens / megatron_time
+        meg_mfu = mfu(meg, fpt, peak, 1)
+        layers = "te" if uses_transformer_engine(device) else "local"
+        print(f"triarch megatron engine ({layers} layers): {meg:,.0f} tokens/s, MFU {meg_mfu:.1%}; "
+              f"megatron / native {meg / tri:.3f}")
+        result.update({"megatron_tokens_per_s": round(meg, 1), "megatron_mfu": round(meg_mfu, 4),
+                       "megatron_layers": layers, "megatron_vs_native": round(meg / tri, 4)})
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ log-probs equal to the training forward's)."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -217,6 +219,20 @@ def test_checkpoint_save_and_resume_on_nccl(async_save: bool, gpu_data, tmp_path
     _close({**first, **second}, whole)
     records = (tmp_path / "resumed" / "metrics.jsonl").read_text()
     assert "peak_mem_reserved_bytes" in records
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
+def test_megatron_engine_on_cuda_tracks_the_native_engine(gpu_data, tmp_path) -> None:
+    """engine: megatron on one GPU (bf16; TE's layers when TE imports, else megatron's local ones, and no CPU
+    redirects): 8 steps within the bf16 GPU tolerance of the native engine's losses, and a save/resume."""
+    native = _train(tmp_path / "native", gpu_data, "train.steps=8", "train.precision=bf16")
+    common = ["train.steps=8", "train.precision=bf16", "engine=megatron", "train.compile=false",
+              "checkpoint.interval=4"]
+    whole = _train(tmp_path / "megatron", gpu_data, *common)
+    _close(whole, native, rtol=2e-2)
+    first = _train(tmp_path / "resumed", gpu_data, *common, "train.exit_at_step=4")
+    second = _train(tmp_path / "resumed", gpu_data, *common)
+    _close({**first, **second}, whole)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL refuses two ranks on one GPU)")
