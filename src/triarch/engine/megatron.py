@@ -56,8 +56,6 @@ class MegatronEngine:
                               "(the parameter shards are the same)")
         self.cfg, self.topo, self.trainable = cfg, topo, trainable
         self.args = llama_args(cfg, head)
-        if self.args.head != "lm":
-            raise ConfigError(f"engine 'megatron' has no '{self.args.head}' head yet; use engine: native")
         from triarch.engine.megatron_cpu import apply_cpu_compat, silence_expected_notices
 
         silence_expected_notices()
@@ -150,11 +148,11 @@ class MegatronEngine:
 
     def _output(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """One chunk's output for ``x``: on the last stage the head's output as the native model gives it,
-        (batch, seq, vocab) logits (a ``Shard(-1)`` DTensor under TP); elsewhere the hidden states the schedule
-        sends on (earlier stages take theirs from the schedule, not from ``x``)."""
+        (batch, seq, vocab) logits (a ``Shard(-1)`` DTensor under TP) or (batch, seq, 1) scores; elsewhere the
+        hidden states the schedule sends on (later stages take theirs from the schedule, not from ``x``)."""
         with self._precision_context():
             out = model(x, None, self._causal_mask(x.shape[1]))
-        if getattr(model, "module", model).post_process and self.topo.tp > 1:
+        if getattr(model, "module", model).post_process and self.topo.tp > 1 and self.args.head == "lm":
             return DTensor.from_local(out, self._tp_mesh, [Shard(2)], run_check=False)
         return out
 

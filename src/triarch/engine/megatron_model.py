@@ -33,9 +33,6 @@ def check_megatron_config(cfg: TriarchConfig, tp: int, pp: int) -> None:
     if not megatron_available():
         raise ConfigError(f"engine 'megatron' needs megatron-core, which is not installed: {MEGATRON_INSTALL}")
     m, par, trn = cfg.model, cfg.parallel, cfg.train
-    if cfg.objective.kind in ("rm", "ppo"):
-        raise ConfigError(f"engine 'megatron' has no scalar (score) head yet, which objective.kind "
-                          f"{cfg.objective.kind} needs; use engine: native")
     if cfg.objective.is_rl:
         raise ConfigError(f"engine 'megatron' cannot generate yet, which objective.kind {cfg.objective.kind} needs; "
                           f"use engine: native")
@@ -64,6 +61,27 @@ def check_megatron_config(cfg: TriarchConfig, tp: int, pp: int) -> None:
         raise ConfigError(f"engine 'megatron' has one data-parallel dimension: parallel.dp_shard (distributed "
                           f"optimizer) or parallel.dp_replicate (replicated optimizer), not both "
                           f"({par.dp_replicate}x{dp_shard})")
+
+
+class ScoreHead(nn.Module):
+    """The scalar head of a reward or value model in place of megatron's output layer: the final hidden states
+    (gathered from their sequence-parallel shards) times a (1, hidden) weight replicated on every
+    tensor-parallel rank. Every TP rank then computes the same scores and the same loss, so the weight's
+    gradient is the same on each (no TP reduction: it is not tagged ``sequence_parallel``), and the gather's
+    backward keeps each rank's own sequence shard of the gradient."""
+
+    def __init__(self, config: Any, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, hidden_size, dtype=config.params_dtype))
+        self.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, hidden: torch.Tensor, weight: Any = None, runtime_gather_output: Any = None
+                ) -> tuple[torch.Tensor, None]:
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return nn.functional.linear(hidden, self.weight), None
 
 
 class SequenceParallelRMSNorm(nn.RMSNorm):
@@ -142,9 +160,11 @@ def build_gpt(cfg: TriarchConfig, args: LlamaArgs, topo: Topology, config: Any, 
     model = GPTModel(
         config, block, vocab_size=args.vocab_size, max_sequence_length=args.max_seq_len,
         pre_process=first, post_process=last, parallel_output=True, vp_stage=vp_stage,
-        share_embeddings_and_output_weights=args.tie_embeddings, position_embedding_type="rope",
+        share_embeddings_and_output_weights=args.tie_embeddings and args.head == "lm", position_embedding_type="rope",
         rotary_base=int(args.rope_theta) if float(args.rope_theta).is_integer() else args.rope_theta,
     )
+    if last and args.head == "score":
+        model.output_layer = ScoreHead(config, args.dim)
     return model.to(topo.device)
 
 

@@ -104,6 +104,8 @@ def canonical_params(args: LlamaArgs, tp: int, layers: range, *, first_stage: bo
         ]
     if last_stage:
         out.append(_whole("norm.weight", prefix + "decoder.final_layernorm.weight", (d,), None, tp))
-        if not args.tie_embeddings or not first_stage:
+        if args.head == "score":  # the scalar head, replicated over TP (megatron_model.ScoreHead)
+            out.append(_whole("score.weight", prefix + "output_layer.weight", (1, d), None, tp))
+        elif not args.tie_embeddings or not first_stage:
             out.append(_whole("output.weight", prefix + "output_layer.weight", (args.vocab_size, d), 0, tp))
     return out
