@@ -179,6 +179,18 @@ def test_a_checkpoint_moves_between_the_engines(saved_by, resumed_by, data: Path
     assert sorted(got) == [4, 5]
     for step in (4, 5):
         assert got[step] == pytest.approx(reference[step], rel=REL_TOL), step
+    if saved_by[1] == ["engine=megatron", "parallel.tp=2"]:  # export of a megatron checkpoint: its exact weights
+        transformers = pytest.importorskip("transformers")
+        from triarch.checkpointing.offline import read_full_tensors
+        from triarch.models.hf_llama import from_hf_state_dict
+
+        done = subprocess.run([sys.executable, "-m", "triarch.cli", "ckpt", "export", str(tmp_path / "saved"),
+                               "--hf", str(tmp_path / "hf"), "--dtype", "fp32"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32)
+        exported = from_hf_state_dict(dict(hf.state_dict()), hf.config.num_hidden_layers)
+        saved = read_full_tensors(tmp_path / "saved" / "checkpoints" / "step_5")
+        assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
 
 
 def _config(**sections) -> TriarchConfig:
