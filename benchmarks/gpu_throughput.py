@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from triarch.config import ConfigError, load_config, validate_for_world
+from triarch.engine.build import build_engine
 from triarch.engine.model_args import llama_args
-from triarch.engine.native import NativeEngine
 from triarch.launcher.distributed import init_distributed, pick_device, shutdown_distributed
 from triarch.models.llama import Llama
 from triarch.parallel.topology import Topology
@@ -67,10 +67,11 @@ def baseline_step_time(cfg, batches, warmup, device) -> float:
     return t
 
 
-def triarch_step_time(cfg, batches, warmup, device) -> float:
+def engine_step_time(cfg, batches, warmup, device) -> float:
+    """One rank's ``train_step`` time on the engine ``cfg`` names."""
     cfg = validate_for_world(cfg, 1)
     topo = Topology.build(device, pp=1, dp_replicate=1, dp_shard=1, tp=1)
-    engine = NativeEngine(cfg, topo)
+    engine = build_engine(cfg, topo)
     counter = iter(range(1, 10**9))
     t = _time(lambda b: engine.train_step(b[:, :-1], b[:, 1:], step=next(counter)), batches, warmup, device)
     del engine
@@ -78,21 +79,13 @@ def triarch_step_time(cfg, batches, warmup, device) -> float:
 
 
 def megatron_step_time(cfg, batches, warmup, device) -> float | None:
-    """The megatron engine's step time, or None without megatron-core."""
+    """The megatron engine's step time (no torch.compile: megatron's own kernels), or None without megatron-core."""
     import importlib.util
 
     if importlib.util.find_spec("megatron") is None:
         return None
-    from triarch.engine.build import build_engine
-
-    cfg = validate_for_world(cfg.model_copy(update={"engine": "megatron",
-                                                    "train": cfg.train.model_copy(update={"compile": False})}), 1)
-    topo = Topology.build(device, pp=1, dp_replicate=1, dp_shard=1, tp=1)
-    engine = build_engine(cfg, topo)
-    counter = iter(range(1, 10**9))
-    t = _time(lambda b: engine.train_step(b[:, :-1], b[:, 1:], step=next(counter)), batches, warmup, device)
-    del engine
-    return t
+    train = cfg.train.model_copy(update={"compile": False})
+    return engine_step_time(cfg.model_copy(update={"engine": "megatron", "train": train}), batches, warmup, device)
 
 
 def main() -> None:
@@ -116,7 +109,7 @@ def main() -> None:
     peak = device_peak_flops(device, "bf16")
     fpt = flops_per_token(cfg.model)
     base = tokens / baseline_step_time(cfg, batches, args.warmup, device)
-    tri = tokens / triarch_step_time(cfg, batches, args.warmup, device)
+    tri = tokens / engine_step_time(cfg, batches, args.warmup, device)
     megatron_time = megatron_step_time(cfg, batches, args.warmup, device)
     shutdown_distributed()
     base_mfu, tri_mfu = mfu(base, fpt, peak, 1), mfu(tri, fpt, peak, 1)

@@ -13,11 +13,12 @@ Which engine runs is ``engine`` in the config; ``engine.build.build_engine`` mak
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+
+from triarch.objectives.rows import RowFn
 
 if TYPE_CHECKING:
     from triarch.config import TriarchConfig
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from triarch.objectives.token_loss import TokenLossFn
     from triarch.parallel.topology import Topology
 
-RowFn = Callable[[torch.Tensor, "Fields"], torch.Tensor]
 
 
 class NonFiniteLossError(RuntimeError):

@@ -37,7 +37,8 @@ from triarch.engine.lr_schedule import set_schedule_step as put_schedule_at
 from triarch.engine.megatron_model import build_gpt, check_megatron_config, init_parallel_state, transformer_config
 from triarch.engine.megatron_names import CanonicalParam, canonical_params
 from triarch.engine.model_args import llama_args
-from triarch.objectives.base import PRETRAIN, Fields, Objective, TokenObjective
+from triarch.objectives.base import PRETRAIN, Fields, Objective
+from triarch.objectives.rows import RowCollector, local_value, token_objective
 from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
 from triarch.parallel.init import init_box
 from triarch.parallel.topology import Topology
@@ -197,10 +198,10 @@ class MegatronEngine:
             def loss_func(_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
                 loss, stat = objective.loss(output, micro_fields)
                 count = objective.units(micro_fields)
-                losses.append(_local_value(loss.detach()).double())
+                losses.append(local_value(loss.detach()).double())
                 units.append(count.detach())
                 if stat is not None:
-                    stats.append(_local_value(stat.detach()).double())
+                    stats.append(local_value(stat.detach()).double())
                 local = loss.to_local() if isinstance(loss, DTensor) else loss
                 return local, count.to(torch.int), {}
 
@@ -243,7 +244,7 @@ class MegatronEngine:
         """One optimizer step (``engine.interface.Engine.train_step``)."""
         if not self.trainable:
             raise RuntimeError("this engine is frozen (trainable=False); it has no optimizer step")
-        objective = objective if objective is not None else _token_objective(loss_fn)
+        objective = objective if objective is not None else token_objective(loss_fn)
         inputs, fields = self._to_device(inputs, labels, fields, position_ids)
         for chunk in self.model_chunks:
             chunk.train()
@@ -288,7 +289,7 @@ class MegatronEngine:
 
     def eval_loss(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum, *,
                   position_ids: torch.Tensor | None = None) -> float:
-        return self.eval_step(inputs, {"labels": labels}, _token_objective(loss_fn), position_ids=position_ids)[0]
+        return self.eval_step(inputs, {"labels": labels}, token_objective(loss_fn), position_ids=position_ids)[0]
 
     @torch.no_grad()
     def forward_rows(self, inputs: torch.Tensor, fields: Fields, row_fn: RowFn, *,
@@ -299,7 +300,7 @@ class MegatronEngine:
         rows = inputs.shape[0]
         out = torch.zeros((rows,) if width is None else (rows, width), dtype=torch.float64, device=self.topo.device)
         fields["row_index"] = torch.arange(rows, device=self.topo.device)
-        self._run(inputs, fields, _RowCollector(row_fn, out), backward=False)
+        self._run(inputs, fields, RowCollector(row_fn, out), backward=False)
         return out if self.topo.is_last_stage else None
 
     def generate(self, prompts: list[list[int]], params: Any, prompt_index: torch.Tensor | None = None) -> Any:
@@ -454,23 +455,6 @@ class MegatronEngine:
         self.model_chunks = []
 
 
-class _RowCollector:
-    """An objective with no loss that writes ``row_fn``'s per-row values into ``out`` (``forward_rows``)."""
-
-    rows_per_example = 1
-    stat_names: tuple[str, ...] = ()
-
-    def __init__(self, row_fn: RowFn, out: torch.Tensor) -> None:
-        self.row_fn, self.out = row_fn, out
-
-    def units(self, fields: Fields) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.int64, device=self.out.device)
-
-    def loss(self, output: torch.Tensor, fields: Fields) -> tuple[torch.Tensor, None]:
-        values = _local_value(self.row_fn(output, fields))
-        self.out.index_copy_(0, fields["row_index"], values.detach().double())
-        return torch.zeros((), dtype=torch.float32, device=self.out.device), None
-
 
 def _inner_optimizers(optimizer: Any) -> list[Any]:
     """megatron's optimizers under a ChainedOptimizer (or the one given)."""
@@ -501,11 +485,3 @@ def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
         out.append(stride)
         stride *= n
     return tuple(reversed(out))
-
-
-def _token_objective(loss_fn: TokenLossFn) -> Objective:
-    return PRETRAIN if loss_fn is cross_entropy_sum else TokenObjective(loss_fn)
-
-
-def _local_value(value: torch.Tensor) -> torch.Tensor:
-    return value.full_tensor() if isinstance(value, DTensor) else value

@@ -32,7 +32,8 @@ from triarch.engine.native_grad_norm import GradNormer, clip_factor, scale_gradi
 from triarch.engine.native_optimizer import build_optimizer
 from triarch.engine.native_state import engine_state, named_parameters
 from triarch.models.llama import Llama
-from triarch.objectives.base import PRETRAIN, Fields, Objective, TokenObjective
+from triarch.objectives.base import PRETRAIN, Fields, Objective
+from triarch.objectives.rows import RowCollector, local_value, token_objective
 from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
 from triarch.parallel.activation_checkpoint import apply_activation_checkpointing
 from triarch.parallel.data_parallel import apply_data_parallel
@@ -126,13 +127,13 @@ class NativeEngine:
         loss, stats = self._objective.loss(output, fields)
         scaled = loss * self._loss_scale
         if stats is not None:  # kept only if ``scaled`` reaches the schedule's losses (not a shape-inference call)
-            self._pending_stats.append((scaled, _local_value(stats.detach()).double()))
+            self._pending_stats.append((scaled, local_value(stats.detach()).double()))
         return scaled
 
     def _micro_loss(self, output: torch.Tensor, fields: Fields) -> torch.Tensor:
         loss, stats = self._objective.loss(output, fields)
         if stats is not None:
-            self._stat_sums.append(_local_value(stats.detach()).double())
+            self._stat_sums.append(local_value(stats.detach()).double())
         return loss
 
     def _sync_every_microbatch(self) -> bool:
@@ -180,7 +181,7 @@ class NativeEngine:
             # step also calls the loss once to infer shapes, on placeholder activations: that call is dropped
             kept = {id(l) for l in scaled}
             self._stat_sums = [stats for loss, stats in pending if id(loss) in kept]
-            micro_losses = [_local_value(l.detach()).double() / self._loss_scale for l in scaled]
+            micro_losses = [local_value(l.detach()).double() / self._loss_scale for l in scaled]
         else:
             model = self.chunks[0]
             positions = position_ids.chunk(n) if position_ids is not None else [None] * n
@@ -195,7 +196,7 @@ class NativeEngine:
                     loss_sum = self._micro_loss(output, {name: parts[i] for name, parts in split.items()})
                     if backward:
                         (loss_sum * self._loss_scale).backward()
-                micro_losses.append(_local_value(loss_sum.detach()).double())
+                micro_losses.append(local_value(loss_sum.detach()).double())
         return torch.stack(micro_losses).sum() if micro_losses else None
 
     def _stats_sum(self) -> torch.Tensor:
@@ -251,7 +252,7 @@ class NativeEngine:
         for chunk in self.chunks:
             chunk.train()
         inputs, fields, position_ids = self._to_device(inputs, labels, fields, position_ids)
-        self._objective = objective if objective is not None else _token_objective(loss_fn)
+        self._objective = objective if objective is not None else token_objective(loss_fn)
         units = self._global_units(fields)
         all_units = self._objective.units_bound(fields) * self.topo.dp  # a host figure
         # DP reduction averages over dp ranks, so dp / all_units makes the gradient (sum of unit losses) /
@@ -309,7 +310,7 @@ class NativeEngine:
     def eval_loss(self, inputs: torch.Tensor, labels: torch.Tensor, loss_fn: TokenLossFn = cross_entropy_sum, *,
                   position_ids: torch.Tensor | None = None) -> float:
         """Mean token loss over the global batch whose DP slice is given (forward only)."""
-        return self.eval_step(inputs, {"labels": labels}, _token_objective(loss_fn), position_ids=position_ids)[0]
+        return self.eval_step(inputs, {"labels": labels}, token_objective(loss_fn), position_ids=position_ids)[0]
 
     @torch.no_grad()
     def forward_rows(self, inputs: torch.Tensor, fields: Fields, row_fn: RowFn, *,
@@ -326,7 +327,7 @@ class NativeEngine:
         shape = (rows,) if width is None else (rows, width)
         out = torch.zeros(shape, dtype=torch.float64, device=self.topo.device)
         fields["row_index"] = torch.arange(rows, device=self.topo.device)
-        self._objective = _RowCollector(row_fn, out)
+        self._objective = RowCollector(row_fn, out)
         self._loss_scale = 1.0
         local = self._forward_backward(inputs, fields, position_ids, backward=False)
         return out if local is not None else None
@@ -380,34 +381,3 @@ class NativeEngine:
 
     def set_schedule_step(self, step: int) -> None:
         put_schedule_at(self.scheduler, step)
-
-
-
-class _RowCollector:
-    """An objective with no loss that writes ``row_fn``'s per-row values into ``out`` (``forward_rows``)."""
-
-    rows_per_example = 1
-    stat_names: tuple[str, ...] = ()
-
-    def __init__(self, row_fn: RowFn, out: torch.Tensor) -> None:
-        self.row_fn, self.out = row_fn, out
-
-    def units(self, fields: Fields) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.int64, device=self.out.device)
-
-    def units_bound(self, fields: Fields) -> int:
-        return 1
-
-    def loss(self, output: torch.Tensor, fields: Fields) -> tuple[torch.Tensor, None]:
-        values = _local_value(self.row_fn(output, fields))
-        self.out.index_copy_(0, fields["row_index"], values.detach().double())
-        return torch.zeros((), dtype=torch.float32, device=self.out.device), None
-
-
-def _token_objective(loss_fn: TokenLossFn) -> Objective:
-    return PRETRAIN if loss_fn is cross_entropy_sum else TokenObjective(loss_fn)
-
-
-def _local_value(value: torch.Tensor) -> torch.Tensor:
-    """A loss as a plain device tensor (a DTensor loss from the vocabulary-parallel loss is gathered)."""
-    return value.full_tensor() if isinstance(value, DTensor) else value
