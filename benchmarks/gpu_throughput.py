@@ -7,7 +7,8 @@ Default shape: the 886M model (d 2048, 16 layers, 16 heads / 8 KV heads, SwiGLU 
 seq 2048, micro batch 4). ``--small`` runs a tiny shape (for a CPU smoke run). Last line: JSON with
 ``triarch_tokens_per_s``, ``baseline_tokens_per_s``, ``triarch_mfu``, ``baseline_mfu``, ``ratio``, and
 ``megatron_tokens_per_s``, ``megatron_mfu``, ``megatron_layers`` ("te" or "local"), ``megatron_vs_native``
-when the megatron engine ran.
+when the megatron engine ran, and ``fp8_tokens_per_s``, ``fp8_mfu_of_fp8_peak``, ``fp8_vs_bf16`` for the native
+engine at train.precision=fp8 on a GPU with FP8 tensor cores (torchao installed).
 """
 
 from __future__ import annotations
@@ -88,6 +89,19 @@ def megatron_step_time(cfg, batches, warmup, device) -> float | None:
     return engine_step_time(cfg.model_copy(update={"engine": "megatron", "train": train}), batches, warmup, device)
 
 
+def fp8_step_time(cfg, batches, warmup, device) -> float | None:
+    """The native engine's step time at train.precision=fp8 (torchao float8 block matmuls, compiled), or None
+    where FP8 tensor cores (compute capability 8.9+) or torchao are missing."""
+    import importlib.util
+
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
+        return None
+    if importlib.util.find_spec("torchao") is None:
+        return None
+    train = cfg.train.model_copy(update={"precision": "fp8"})
+    return engine_step_time(cfg.model_copy(update={"train": train}), batches, warmup, device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--small", action="store_true")
@@ -111,6 +125,7 @@ def main() -> None:
     base = tokens / baseline_step_time(cfg, batches, args.warmup, device)
     tri = tokens / engine_step_time(cfg, batches, args.warmup, device)
     megatron_time = megatron_step_time(cfg, batches, args.warmup, device)
+    fp8_time = fp8_step_time(cfg, batches, args.warmup, device)
     shutdown_distributed()
     base_mfu, tri_mfu = mfu(base, fpt, peak, 1), mfu(tri, fpt, peak, 1)
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -130,6 +145,13 @@ def main() -> None:
               f"megatron / native {meg / tri:.3f}")
         result.update({"megatron_tokens_per_s": round(meg, 1), "megatron_mfu": round(meg_mfu, 4),
                        "megatron_layers": layers, "megatron_vs_native": round(meg / tri, 4)})
+    if fp8_time is not None:
+        fp8 = tokens / fp8_time
+        fp8_peak = device_peak_flops(device, "fp8")
+        print(f"triarch native engine, fp8 (torchao tensorwise): {fp8:,.0f} tokens/s, MFU {mfu(fp8, fpt, peak, 1):.1%} "
+              f"of the bf16 peak, {mfu(fp8, fpt, fp8_peak, 1):.1%} of the fp8 peak; fp8 / bf16 {fp8 / tri:.3f}")
+        result.update({"fp8_tokens_per_s": round(fp8, 1), "fp8_mfu_of_fp8_peak": round(mfu(fp8, fpt, fp8_peak, 1), 4),
+                       "fp8_vs_bf16": round(fp8 / tri, 4)})
     print(json.dumps(result))
 
 

@@ -271,3 +271,36 @@ def test_tf32_is_on_for_fp32_cuda_runs(gpu_data, tmp_path) -> None:
         _train(run, gpu_data, "train.steps=2", "train.precision=fp32", f"train.tf32={tf32}")
         source = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["mfu_source"]
         assert ("tf32" in source) == (tf32 == "true"), source
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores (compute capability 8.9+)")
+def test_fp8_native_engine_tracks_bf16_on_cuda() -> None:
+    """train.precision=fp8 (torchao tensorwise) on a GPU: the block linears are Float8Linear, the loss falls and
+    stays within 2% of the bf16 run's from the same weights and batches."""
+    pytest.importorskip("torchao")
+    from triarch.config import load_config, validate_for_world
+    from triarch.engine.native import NativeEngine
+    from triarch.launcher.distributed import init_distributed, shutdown_distributed
+    from triarch.parallel.topology import Topology
+
+    device = torch.device("cuda", 0)
+    init_distributed(device)
+    try:
+        losses = {}
+        for precision in ("bf16", "fp8"):
+            cfg = validate_for_world(load_config(None, [
+                "model.vocab_size=512", "model.dim=256", "model.n_layers=2", "model.n_heads=4", "model.seq_len=128",
+                "model.ffn_hidden=512", f"train.precision={precision}", "train.micro_batch_size=4",
+                "train.global_batch_size=4", "train.warmup_steps=1", "train.steps=8"]), 1)
+            engine = NativeEngine(cfg, Topology.build(device, pp=1, dp_replicate=1, dp_shard=1, tp=1))
+            if precision == "fp8":
+                assert type(engine.chunks[0].layers["0"].feed_forward.w1).__name__ == "Float8Linear"
+            batch = torch.randint(0, 512, (4, 129), device=device, generator=torch.Generator(device).manual_seed(0))
+            losses[precision] = [engine.train_step(batch[:, :-1], batch[:, 1:], step=s).loss for s in range(1, 9)]
+            del engine
+        assert losses["fp8"][-1] < losses["fp8"][0]
+        for a, b in zip(losses["fp8"], losses["bf16"]):
+            assert abs(a - b) <= 0.02 * b, losses
+    finally:
+        shutdown_distributed()

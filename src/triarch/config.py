@@ -98,12 +98,15 @@ class TrainConfig(_Section):
     """Optimisation and step loop. ``exit_at_step`` ends this process after that step (saving a checkpoint
     when checkpointing is on); starting the run again continues it, as after a time limit. ``tf32`` lets
     float32 matmuls on CUDA use TF32 tensor cores (false: full FP32, and fp32 MFU against the plain FP32
-    peak); it does nothing on CPU."""
+    peak); it does nothing on CPU. ``precision: fp8`` runs the block matmuls in float8 with scales from
+    ``fp8_recipe``: ``tensorwise`` (current scaling, one scale per tensor) and ``rowwise`` on the native engine
+    (torchao); ``tensorwise``, ``delayed`` and ``mxfp8`` (Blackwell) on the megatron engine (Transformer Engine)."""
 
     steps: int = Field(100, gt=0)
     micro_batch_size: int = Field(4, gt=0)
     global_batch_size: int = Field(8, gt=0)
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
+    fp8_recipe: Literal["tensorwise", "rowwise", "delayed", "mxfp8"] = "tensorwise"
     tf32: bool = True
     seed: int = 1234
     lr: float = Field(3e-4, gt=0)
@@ -555,8 +558,6 @@ def validate_for_world(cfg: TriarchConfig, world_size: int) -> TriarchConfig:
     if cfg.objective.is_rl and cfg.rl.rollout.prompts % dp:
         raise ConfigError(f"rl.rollout.prompts ({cfg.rl.rollout.prompts}) must be divisible by the data-parallel "
                           f"size ({dp}): each data-parallel rank generates its own prompts")
-    if trn.precision == "fp8":
-        raise ConfigError("train.precision 'fp8' needs a Hopper GPU and the fp8 path, which is not built yet")
     from triarch.engine.build import check_engine_config
 
     check_engine_config(cfg.model_copy(update={"parallel": par.model_copy(update={"dp_shard": dp_shard})}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from triarch.config import ConfigError, TriarchConfig
 from triarch.engine.interface import Engine
 from triarch.parallel.topology import Topology
@@ -13,8 +15,22 @@ def check_engine_config(cfg: TriarchConfig) -> None:
         from triarch.engine.megatron_model import check_megatron_config
 
         check_megatron_config(cfg, cfg.parallel.tp, cfg.parallel.pp)
-    elif cfg.engine != "native":
+    elif cfg.engine == "native":
+        _check_native_fp8(cfg)
+    else:
         raise ConfigError(f"engine '{cfg.engine}' is not built yet; use engine: native")
+
+
+def _check_native_fp8(cfg: TriarchConfig) -> None:
+    from triarch.parallel.float8 import NATIVE_RECIPES
+
+    if cfg.train.precision != "fp8":
+        return
+    if cfg.train.fp8_recipe not in NATIVE_RECIPES:
+        raise ConfigError(f"train.fp8_recipe '{cfg.train.fp8_recipe}' is a Transformer Engine recipe (engine: megatron "
+                          f"on CUDA); engine 'native' runs {' or '.join(NATIVE_RECIPES)} (torchao)")
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError("train.precision 'fp8' on engine 'native' needs torchao: pip install 'triarch[fp8]'")
 
 
 def build_engine(cfg: TriarchConfig, topo: Topology, *, trainable: bool = True, head: str | None = None,

@@ -34,7 +34,13 @@ from triarch.config import ConfigError, TriarchConfig
 from triarch.engine.interface import NonFiniteLossError, RowFn, StepResult
 from triarch.engine.lr_schedule import build_scheduler, load_scheduler_state, scheduler_state
 from triarch.engine.lr_schedule import set_schedule_step as put_schedule_at
-from triarch.engine.megatron_model import build_gpt, check_megatron_config, init_parallel_state, transformer_config
+from triarch.engine.megatron_model import (
+    build_gpt,
+    check_megatron_config,
+    init_parallel_state,
+    transformer_config,
+    uses_transformer_engine,
+)
 from triarch.engine.megatron_names import CanonicalParam, canonical_params
 from triarch.engine.model_args import llama_args
 from triarch.objectives.base import PRETRAIN, Fields, Objective
@@ -64,6 +70,9 @@ class MegatronEngine:
             apply_cpu_compat()
         virtual = cfg.parallel.virtual_stages if topo.pp > 1 else 1
         init_parallel_state(topo, virtual)
+        if cfg.train.precision == "fp8" and not uses_transformer_engine(topo.device):
+            raise ConfigError(f"train.precision 'fp8' on engine 'megatron' needs Transformer Engine on CUDA, not "
+                              f"device {topo.device.type}; engine: native runs fp8 through torchao")
         self.config = transformer_config(cfg, self.args, topo.tp, topo.pp, topo.device)
         stages, per_stage = topo.pp * virtual, self.args.n_layers // (topo.pp * virtual)
         modules, self.canonical = [], []
@@ -128,7 +137,7 @@ class MegatronEngine:
         t = self.cfg.train
         config = OptimizerConfig(optimizer="adam", lr=t.lr, weight_decay=t.weight_decay, adam_beta1=t.beta1,
                                  adam_beta2=t.beta2, adam_eps=t.eps, clip_grad=t.grad_clip,
-                                 bf16=t.precision == "bf16", params_dtype=self.config.params_dtype,
+                                 bf16=self.config.bf16, params_dtype=self.config.params_dtype,
                                  use_distributed_optimizer=self._distributed)
         return get_megatron_optimizer(config, self.model_chunks)
 

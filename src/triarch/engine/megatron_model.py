@@ -20,6 +20,7 @@ from triarch.config import ConfigError, TriarchConfig
 from triarch.models.llama import LlamaArgs
 from triarch.parallel.topology import Topology
 
+TE_FP8_RECIPES = ("tensorwise", "delayed", "mxfp8")  # Transformer Engine's current, delayed and MX block scaling
 MEGATRON_INSTALL = "pip install 'triarch[megatron]' (megatron-core and psutil)"
 
 
@@ -55,7 +56,12 @@ def check_megatron_config(cfg: TriarchConfig, tp: int, pp: int) -> None:
     if trn.compile:
         raise ConfigError("train.compile applies to engine: native; megatron uses its own fused kernels")
     if trn.precision == "fp8":
-        raise ConfigError("train.precision 'fp8' on engine 'megatron' needs Transformer Engine on a Hopper GPU")
+        if trn.fp8_recipe not in TE_FP8_RECIPES:
+            raise ConfigError(f"train.fp8_recipe '{trn.fp8_recipe}' is torchao's (engine: native); engine 'megatron' "
+                              f"runs {', '.join(TE_FP8_RECIPES)} through Transformer Engine")
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError("train.precision 'fp8' on engine 'megatron' needs Transformer Engine on a CUDA GPU "
+                              "(not installed here); engine: native runs fp8 through torchao")
     dp_shard = par.dp_shard if par.dp_shard > 0 else 1
     if par.dp_replicate > 1 and dp_shard > 1:
         raise ConfigError(f"engine 'megatron' has one data-parallel dimension: parallel.dp_shard (distributed "
@@ -98,7 +104,8 @@ def transformer_config(cfg: TriarchConfig, args: LlamaArgs, tp: int, pp: int, de
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     trn = cfg.train
-    bf16 = trn.precision == "bf16"
+    bf16 = trn.precision in ("bf16", "fp8")  # fp8: bf16 parameters and activations, FP8 GEMMs inside TE layers
+    fp8 = {"fp8": "hybrid", "fp8_recipe": trn.fp8_recipe} if trn.precision == "fp8" else {}  # e4m3 fwd, e5m2 grads
     recompute: dict[str, Any] = {}
     if trn.activation_checkpoint == "full":
         recompute = {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
@@ -121,7 +128,7 @@ def transformer_config(cfg: TriarchConfig, args: LlamaArgs, tp: int, pp: int, de
         use_cpu_initialization=device.type == "cpu", perform_initialization=True,  # (it also tags TP weights)
         bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
         bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
-        calculate_per_token_loss=True, init_method_std=cfg.model.init_std, **recompute,
+        calculate_per_token_loss=True, init_method_std=cfg.model.init_std, **recompute, **fp8,
     )
 
 

@@ -14,6 +14,7 @@ pipeline parallelism they go to every stage as a keyword argument the schedule s
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
-from triarch.config import TriarchConfig
+from triarch.config import ConfigError, TriarchConfig
 from triarch.engine.generation import Generation, SamplingParams, generate
 from triarch.engine.interface import NonFiniteLossError, RowFn, StepResult
 from triarch.engine.lr_schedule import build_scheduler, load_scheduler_state, scheduler_state
@@ -37,25 +38,45 @@ from triarch.objectives.rows import RowCollector, local_value, token_objective
 from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
 from triarch.parallel.activation_checkpoint import apply_activation_checkpointing
 from triarch.parallel.data_parallel import apply_data_parallel
+from triarch.parallel.float8 import apply_float8
 from triarch.parallel.init import full_parameters, materialize
 from triarch.parallel.pipeline import build_chunk, build_schedule, chunk_specs
 from triarch.parallel.tensor_parallel import apply_tensor_parallel
 from triarch.parallel.topology import Topology
 
+log = logging.getLogger(__name__)
+LOW_PRECISION = ("bf16", "fp8")  # bf16 parameters, activations and messages; fp8 adds float8 block matmuls
+
 
 def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology, *, trainable: bool = True) -> Llama:
-    """Apply TP/SP, activation checkpointing, compile and DP to one meta-device chunk (in place). Under PP a
-    trainable chunk keeps its gathered weights from forward to backward; a frozen one (forward only) frees
-    them after each forward."""
+    """Apply float8 (fp8 runs), TP/SP, activation checkpointing, compile and DP to one meta-device chunk (in
+    place). Under PP a trainable chunk keeps its gathered weights from forward to backward; a frozen one (forward
+    only) frees them after each forward."""
+    if cfg.train.precision == "fp8":
+        apply_float8(chunk, cfg.train.fp8_recipe)
     if topo.tp > 1:
         apply_tensor_parallel(chunk, topo.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     apply_activation_checkpointing(chunk, cfg.train.activation_checkpoint)
     if cfg.train.compile:
         for key, block in list(chunk.layers.items()):
             chunk.layers[key] = torch.compile(block)
-    param_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else None
+    param_dtype = torch.bfloat16 if cfg.train.precision in LOW_PRECISION else None
     apply_data_parallel(chunk, topo, param_dtype=param_dtype, reshard_after_forward=topo.pp == 1 or not trainable)
     return chunk
+
+
+def check_fp8_device(device: torch.device) -> None:
+    """FP8 matmuls need FP8 tensor cores (SM 8.9+: Ada, Hopper, Blackwell). On CPU torch's float8 matmul is a
+    reference kernel (benchmarks/fp8_cpu.py: thousands of times slower than bf16): right for checking numerics,
+    not for training, which a warning says."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ConfigError(f"train.precision 'fp8' needs FP8 tensor cores (compute capability 8.9+); "
+                              f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use bf16")
+    elif device.type == "cpu":
+        log.warning("train.precision fp8 on CPU runs torch's reference float8 matmul, thousands of times slower "
+                    "than bf16: use it to check numerics, train in bf16")
 
 
 class NativeEngine:
@@ -67,6 +88,8 @@ class NativeEngine:
         optimizer state; it runs ``forward_rows``, ``eval_step`` and ``generate`` only. ``head`` overrides
         the objective's head (``llama_args``): a PPO critic or reward model is a "score" engine."""
         self.cfg, self.topo, self.trainable = cfg, topo, trainable
+        if cfg.train.precision == "fp8":
+            check_fp8_device(topo.device)
         args = self.args = llama_args(cfg, head)
         self.specs = chunk_specs(args.n_layers, topo.pp, cfg.parallel.virtual_stages, topo.pp_rank)
         with torch.device("meta"):
@@ -113,7 +136,7 @@ class NativeEngine:
         return total
 
     def _precision_context(self) -> contextlib.AbstractContextManager:
-        if self.cfg.train.precision == "bf16":
+        if self.cfg.train.precision in LOW_PRECISION:
             return torch.autocast(self.topo.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
@@ -344,7 +367,7 @@ class NativeEngine:
             chunk.eval()
         if prompt_index is None:
             prompt_index = torch.arange(len(prompts)) + self.topo.dp_rank * len(prompts)
-        dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
+        dtype = torch.bfloat16 if self.cfg.train.precision in LOW_PRECISION else torch.float32
         return generate(self.chunks, self.specs, self.topo, prompts, prompt_index, params, activation_dtype=dtype,
                         sequence_parallel=self.topo.tp > 1 and self.cfg.parallel.sequence_parallel,
                         autocast=self._precision_context(), micro_batches=micro_batches)
