@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from triarch.config import apply_overrides, config_from_dict, validate_for_world
-from triarch.engine.native import NativeEngine
+from triarch.engine.build import build_engine
 from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
 from triarch.parallel.topology import Topology
 from triarch.rlhf.rl_loop import RLIteration, RLModels
@@ -47,11 +47,11 @@ class FixedPrompts:
 
 
 def build(cfg, topo) -> RLModels:
-    actor = NativeEngine(cfg, topo)
-    reference = NativeEngine(cfg, topo, trainable=False)  # the same seeded init as the actor
+    actor = build_engine(cfg, topo)
+    reference = build_engine(cfg, topo, trainable=False)  # the same seeded init as the actor
     reward_cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": 99})})
-    reward = NativeEngine(reward_cfg, topo, trainable=False, head="score")
-    critic = NativeEngine(cfg, topo, head="score") if cfg.objective.kind == "ppo" else None
+    reward = build_engine(reward_cfg, topo, trainable=False, head="score")
+    critic = build_engine(cfg, topo, head="score") if cfg.objective.kind == "ppo" else None
     return RLModels(actor=actor, critic=critic, reference=reference, reward=reward)
 
 

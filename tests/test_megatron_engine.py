@@ -207,8 +207,6 @@ def _config(**sections) -> TriarchConfig:
     ({"parallel": {"pp": 2, "schedule": "gpipe"}}, 2, "not parallel.schedule gpipe"),
     ({"parallel": {"pp": 2, "virtual_stages": 2, "schedule": "zero_bubble"}}, 2, "not parallel.schedule zero_bubble"),
     ({"data": {"document_masks": True}}, 1, "data.document_masks=false or engine: native"),
-    ({"objective": {"kind": "grpo"}, "reward": {"kind": "rule"}, "train": {"global_batch_size": 16},
-      "rl": {"rollout": {"prompts": 8, "samples": 2, "max_new_tokens": 8}}}, 1, "cannot generate yet"),
     ({"parallel": {"dp_replicate": 2, "dp_shard": 2}, "train": {"global_batch_size": 16}}, 4, "not both"),
     ({"train": {"precision": "fp8"}}, 1, "fp8"),
 ])

@@ -1,4 +1,5 @@
-"""Layout parity of PPO and GRPO: two iterations at tp2, pp2 and tp2 x pp2 (and dp2: FSDP, each rank its own prompts) equal one process (rollouts,
+"""Layout parity of PPO and GRPO: two iterations at tp2, pp2 and tp2 x pp2 (and dp2: FSDP, each rank its own prompts),
+and on the megatron engine at tp2 x dp2 and tp2 x pp2, equal one native process (rollouts,
 rewards, losses, statistics, every updated actor and critic parameter; 1e-5, gradient norms 1e-4), and no train/rollout
 mismatch: the first optimizer step of each iteration sees ratio 1 and clip fraction 0, since the training
 forward recomputes exactly the rollout's log-probs."""
@@ -20,6 +21,11 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "dp2": (2, ["parallel.dp_shard=2"]),
+    # the megatron engine: its forward trains and scores; rollouts sample on a native engine of the same layout
+    # holding its weights (engine.weight_sync), from TP shards (and the distributed optimizer's fp32 main
+    # weights gathered over DP) into TP x FSDP shards
+    "megatron_tp2_dp2": (4, ["engine=megatron", "parallel.tp=2", "parallel.dp_shard=2"]),
+    "megatron_tp2_pp2": (4, ["engine=megatron", "parallel.tp=2", "parallel.pp=2"]),
 }
 
 
@@ -61,6 +67,8 @@ def test_first_step_of_each_iteration_has_no_mismatch(single) -> None:
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_equals_one_process(layout, single, tmp_path) -> None:
+    if layout.startswith("megatron"):
+        pytest.importorskip("megatron.core")
     results, params = single
     nproc, overrides = LAYOUTS[layout]
     got, got_params = _run(tmp_path / layout, nproc, overrides)

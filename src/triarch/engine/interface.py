@@ -54,6 +54,9 @@ class Engine(Protocol):
     topo: Topology
     args: LlamaArgs  # the model's shape and head ("lm" or "score")
     trainable: bool  # False: a frozen model (reference, reward model): forward and generate only
+    # True when ``generate``'s log-probs are the training forward's own (the RL loop then takes the PPO ratio's
+    # old log-probs from the rollout); False when rollouts run on another implementation (recomputed)
+    rollout_logprobs_exact: bool
 
     @property
     def n_microbatches(self) -> int:

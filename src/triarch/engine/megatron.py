@@ -43,6 +43,7 @@ from triarch.engine.megatron_model import (
 )
 from triarch.engine.megatron_names import CanonicalParam, canonical_params
 from triarch.engine.model_args import llama_args
+from triarch.engine.weight_sync import copy_weights
 from triarch.objectives.base import PRETRAIN, Fields, Objective
 from triarch.objectives.rows import RowCollector, local_value, token_objective
 from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
@@ -54,6 +55,8 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 class MegatronEngine:
     """This rank's megatron-core model, optimizer and step (``engine.interface``)."""
+
+    rollout_logprobs_exact = False  # rollouts run on a native engine's forward (``generate``)
 
     def __init__(self, cfg: TriarchConfig, topo: Topology, *, materialize_weights: bool = True,
                  trainable: bool = True, head: str | None = None) -> None:
@@ -88,6 +91,7 @@ class MegatronEngine:
         self._pending: list[tuple[CanonicalParam, str, torch.Tensor]] = []
         self._slot_copies: dict[str, dict[str, torch.Tensor]] = {}
         self._steps_taken = 0
+        self._rollout: Any = None  # the native engine ``generate`` samples on (built at its first call)
         self._distributed = trainable and topo.dp_shard > 1  # ZeRO-1: megatron's distributed optimizer
         if trainable:
             self.model_chunks = [self._wrap_ddp(m, v) for v, m in enumerate(modules)]
@@ -313,7 +317,19 @@ class MegatronEngine:
         return out if self.topo.is_last_stage else None
 
     def generate(self, prompts: list[list[int]], params: Any, prompt_index: torch.Tensor | None = None) -> Any:
-        raise NotImplementedError("generation on engine 'megatron' is not built yet; use engine: native")
+        """Rollouts on a frozen native engine of this layout holding this engine's current weights
+        (``engine.weight_sync``; built at the first call, synced at every call): same tokens and log-probs as
+        the native engine would sample from these weights. Its log-probs come from another implementation of
+        the forward (``rollout_logprobs_exact`` is False): the RL loop recomputes the old log-probs here."""
+        if self._rollout is None:
+            from triarch.engine.build import build_engine
+
+            train = self.cfg.train.model_copy(update={"compile": False, "activation_checkpoint": "none"})
+            native = self.cfg.model_copy(update={"engine": "native", "train": train})
+            self._rollout = build_engine(native, self.topo, trainable=False, head=self.args.head)
+        copy_weights(self.model_state(), self._rollout.model_state())
+        self._pending, self._slot_copies = [], {}
+        return self._rollout.generate(prompts, params, prompt_index)
 
     # --- the interface: state under canonical names ---------------------------------------------------
     def _as_dtensor(self, param: CanonicalParam, local: torch.Tensor) -> DTensor:
@@ -458,6 +474,9 @@ class MegatronEngine:
 
     def close(self) -> None:
         self._pending.clear()
+        if self._rollout is not None:
+            self._rollout.close()
+            self._rollout = None
         if self.trainable:
             for adam in self._adams:
                 adam.state.clear()

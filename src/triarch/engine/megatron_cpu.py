@@ -209,3 +209,6 @@ def silence_expected_notices() -> None:
 
     for pattern in _EXPECTED_NOTICES:
         warnings.filterwarnings("ignore", message=pattern)
+    # the distributed optimizer's zero_grad reads .grad of its fp32 shard views (non-leaf tensors): harmless
+    warnings.filterwarnings("ignore", message=".*grad attribute of a Tensor that is not a leaf.*",
+                            module="megatron.core.optimizer.optimizer")

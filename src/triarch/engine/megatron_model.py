@@ -34,9 +34,6 @@ def check_megatron_config(cfg: TriarchConfig, tp: int, pp: int) -> None:
     if not megatron_available():
         raise ConfigError(f"engine 'megatron' needs megatron-core, which is not installed: {MEGATRON_INSTALL}")
     m, par, trn = cfg.model, cfg.parallel, cfg.train
-    if cfg.objective.is_rl:
-        raise ConfigError(f"engine 'megatron' cannot generate yet, which objective.kind {cfg.objective.kind} needs; "
-                          f"use engine: native")
     if m.vocab_size % tp:
         raise ConfigError(f"engine 'megatron' splits the vocabulary evenly: model.vocab_size ({m.vocab_size}) must be "
                           f"divisible by parallel.tp ({tp})")

@@ -82,6 +82,8 @@ def check_fp8_device(device: torch.device) -> None:
 class NativeEngine:
     """Owns the model chunks of this rank, the optimizer, the LR schedule and the step (``engine.interface``)."""
 
+    rollout_logprobs_exact = True  # generate's log-probs come from the chunks the training forward runs
+
     def __init__(self, cfg: TriarchConfig, topo: Topology, *, materialize_weights: bool = True,
                  trainable: bool = True, head: str | None = None) -> None:
         """``trainable=False`` builds a frozen instance (a DPO reference): same layout, no gradients, no

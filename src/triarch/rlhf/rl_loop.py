@@ -24,7 +24,7 @@ Metrics are means over the whole global batch, identical on every rank.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,6 @@ from triarch.engine.generation import SamplingParams
 from triarch.engine.interface import Engine
 from triarch.objectives.policy import PolicyObjective, ValueObjective, token_logprob_fn, value_fn
 from triarch.objectives.preference import sequence_rewards
-from triarch.parallel.topology import Topology
 from triarch.objectives.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -48,6 +47,7 @@ from triarch.objectives.rl_math import (
     token_rewards,
     whiten,
 )
+from triarch.parallel.topology import Topology
 from triarch.rlhf.prompts import PromptSource
 from triarch.rlhf.rollout import RolloutRows, rollout_rows
 
@@ -178,6 +178,9 @@ class RLIteration:
                                 eos_id=self.prompts.eos_id, pad_id=self.prompts.pad_id)
         generation = m.actor.generate(prompts, params, prompt_index=keys)
         rollout = rollout_rows(prompts, generation, cfg.model.seq_len, self.prompts.pad_id, self.prompts.eos_id)
+        if not m.actor.rollout_logprobs_exact:  # the ratio's old log-probs from the forward that trains
+            own = self._per_token(m.actor, rollout, token_logprob_fn)
+            rollout = replace(rollout, logprobs=(own * rollout.mask).float())
         t_generate = time.perf_counter()
         scores = self._scores(prompts, rollout)
         t_score = time.perf_counter()
