@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "peak_mem_bytes"}
+REQUIRED = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "hfu", "mfu_source", "step_time_s",
+            "peak_mem_bytes"}
 
 
 def triarch(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -43,6 +44,7 @@ def test_demo_trains_and_loss_falls(data_dir: Path, tmp_path: Path) -> None:
     for r in train:
         assert REQUIRED <= set(r), set(r)
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_bytes"] > 0
+        assert r["hfu"] == r["mfu"]  # no activation checkpointing: nothing recomputed
     assert [r["step"] for r in evals] == [0, 60]
     assert evals[1]["eval_loss"] < 0.85 * evals[0]["eval_loss"]
     assert train[-1]["loss"] < train[0]["loss"] - 1.0

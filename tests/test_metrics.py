@@ -109,16 +109,58 @@ def test_cpu_probe_measures_and_caches(fresh_home, monkeypatch):
     assert path == fresh_home / ".cache" / "triarch" / "cpu_peak.json"
     entries = json.loads(path.read_text())
     (key,) = entries
-    assert key.endswith(f"threads={torch.get_num_threads()}")
+    assert key.endswith(f"threads={torch.get_num_threads()} | fp32")
     assert entries[key]["flops"] == peak.flops
+    bf16 = device_peak_flops("cpu", "bf16")  # bf16 and fp8 runs: a bf16 probe (AMX makes it several times fp32's)
+    assert bf16.source == "cpu-matmul-probe:bf16" and device_peak_flops("cpu", "fp8") == bf16
+    assert len(json.loads(path.read_text())) == 2
 
     def no_probe(*args, **kwargs):
         raise AssertionError("probed again")
 
     monkeypatch.setattr(mfu_mod, "_probe_matmul", no_probe)
-    assert device_peak_flops("cpu", "bf16") == peak  # same process: memo
+    assert device_peak_flops("cpu", "fp32") == peak  # same process: memo
     monkeypatch.setattr(mfu_mod, "_process_cache", {})
     assert device_peak_flops("cpu", "fp32") == peak  # a "new process": read from the file
+    assert device_peak_flops("cpu", "bf16") == bf16
+
+
+def test_a_cpu_peak_that_a_run_beats_is_probed_again_and_raised(fresh_home, monkeypatch):
+    """A probe taken while other work held the cores is too low: the first window that beats it re-probes and
+    keeps the larger figure (cached for the next run), so MFU never reads above 100%."""
+    path = cpu_cache_path()
+    path.parent.mkdir(parents=True)
+    low = 1e6  # what a probe under heavy load might have cached
+    path.write_text(json.dumps({mfu_mod._cpu_key("fp32"): {"flops": low}}))
+    peak = device_peak_flops("cpu", "fp32")
+    assert peak.flops == low
+    meter = ThroughputMeter(flops_per_token=1e6, peak=peak, n_devices=1)
+    meter.update(tokens=100, seconds=0.01)  # 1e10 model FLOP/s, far above the cached 1e6
+    window = meter.window()
+    assert 0 < window.mfu <= 1.0 and window.mfu_source == "cpu-matmul-probe"
+    raised = json.loads(path.read_text())[mfu_mod._cpu_key("fp32")]["flops"]
+    assert raised >= 1e10 and device_peak_flops("cpu", "fp32").flops == raised
+    monkeypatch.setattr(mfu_mod, "_process_cache", {})
+    assert device_peak_flops("cpu", "fp32").flops == raised  # the next run reads the raised figure
+    table = PeakFlops(989e12, "table:H100 SXM bf16")
+    assert mfu_mod.raise_cpu_peak(table, 2e15) == table  # a datasheet figure is never changed
+
+
+def test_hfu_counts_the_recomputed_forward():
+    from triarch.config import load_config
+    from triarch.training.mfu import recompute_flops_per_token
+
+    model = load_config(None, []).model
+    assert recompute_flops_per_token(model, "none") == recompute_flops_per_token(model, "selective") == 0
+    extra = recompute_flops_per_token(model, "full")
+    blocks = model.n_layers * (2 * model.dim ** 2 + 2 * model.dim * model.kv_heads * (model.dim // model.n_heads)
+                               + 3 * model.dim * model.ffn_hidden + 2 * model.dim)
+    assert extra == 2 * blocks + 4 * model.n_layers * model.dim * model.seq_len  # one more forward of every block
+    meter = ThroughputMeter(flops_per_token(model), PeakFlops(1e15, "test"), 2, recompute_flops_per_token=extra)
+    meter.update(tokens=1000, seconds=1.0)
+    window = meter.window()
+    assert window.hfu / window.mfu == pytest.approx((flops_per_token(model) + extra) / flops_per_token(model))
+    assert window.as_metrics()["hfu"] == window.hfu
 
 
 def test_cpu_peak_env_override(fresh_home, monkeypatch):

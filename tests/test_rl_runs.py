@@ -25,7 +25,8 @@ MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_head
 COMMON = [*MODEL, "logging.progress=off", "logging.tensorboard=false", "logging.log_interval=1",
           "train.micro_batch_size=2", "train.global_batch_size=4", "rl.rollout.max_new_tokens=12",
           "train.lr=1e-4", "fault.hang_timeout_s=0"]
-METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "peak_mem_bytes", "reward_mean",
+METRICS = ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "hfu", "mfu_source", "step_time_s", "peak_mem_bytes",
+           "reward_mean",
            "reward_std", "kl", "kl_coef", "entropy", "clip_fraction", "approx_kl", "response_length",
            "generate_s", "score_s", "train_s", "generate_fraction")
 

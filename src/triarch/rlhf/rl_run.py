@@ -29,7 +29,13 @@ from triarch.rlhf.rl_loop import RLIteration, RLModels
 from triarch.training.data_checks import agree
 from triarch.training.loggers import MetricsLogger
 from triarch.training.metrics import window_peak_memory
-from triarch.training.mfu import device_peak_flops, flops_per_token
+from triarch.training.mfu import (
+    device_peak_flops,
+    flops_per_token,
+    mfu,
+    raise_cpu_peak,
+    recompute_flops_per_token,
+)
 from triarch.training.run_control import RunControl
 
 log = logging.getLogger("triarch.train")
@@ -141,6 +147,7 @@ def train_rl(cfg: TriarchConfig, topo: Topology, run_dir: Path, control: RunCont
         dump_config(cfg, run_dir / "config.yaml")
     peak = device_peak_flops(topo.device, cfg.train.precision, cfg.train.tf32)
     train_flops = flops_per_token(cfg.model)
+    hardware_flops = train_flops + recompute_flops_per_token(cfg.model, cfg.train.activation_checkpoint)
     rows = cfg.rl.rollout.prompts * cfg.rl.rollout.samples
     final_loss, last = first_loss, start
     with MetricsLogger(run_dir, enabled=rank0, total_steps=cfg.train.steps, tensorboard=cfg.logging.tensorboard,
@@ -156,11 +163,14 @@ def train_rl(cfg: TriarchConfig, topo: Topology, run_dir: Path, control: RunCont
             final_loss, last = metrics["loss"], step
             trained_tokens = cfg.rl.epochs * rows * cfg.model.seq_len
             allocated, reserved = window_peak_memory(topo.device, topo.host_group)
+            train_tokens_per_s = trained_tokens / max(metrics["train_s"], 1e-9)  # MFU of the training phase
+            peak = raise_cpu_peak(peak, train_tokens_per_s * hardware_flops / topo.world_size)
             logger.log(step, {**metrics, "step_time_s": elapsed,
                               "tokens_per_s": (rows * cfg.model.seq_len) / elapsed,
                               "generate_fraction": metrics["generate_s"] / elapsed,
-                              "mfu": train_flops * trained_tokens / max(metrics["train_s"], 1e-9)
-                              / (peak.flops * topo.world_size),
+                              "mfu": mfu(train_tokens_per_s, train_flops, peak, topo.world_size),
+                              "hfu": mfu(train_tokens_per_s, hardware_flops, peak, topo.world_size),
+                              "mfu_source": peak.source,
                               "peak_mem_bytes": allocated, "peak_mem_reserved_bytes": reserved})
             if control is not None:
                 control.progress()

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from triarch.training.mfu import PeakFlops, mfu
+from triarch.training.mfu import PeakFlops, mfu, raise_cpu_peak
 
 RSS_UNITS_PER_BYTE_LINUX = 1024  # ru_maxrss is in KiB on Linux, in bytes on macOS
 
@@ -120,12 +120,14 @@ class Throughput:
     step_time_s: float
     mfu: float
     mfu_source: str
+    hfu: float = 0.0  # hardware FLOPs utilisation: recomputation (activation checkpointing) included
 
     def as_metrics(self) -> dict[str, Any]:
         """The keys the metrics log expects."""
         return {
             "tokens_per_s": self.tokens_per_s,
             "mfu": self.mfu,
+            "hfu": self.hfu,
             "step_time_s": self.step_time_s,
             "mfu_source": self.mfu_source,
         }
@@ -135,11 +137,15 @@ class ThroughputMeter:
     """Accumulates (tokens, seconds) per step; ``window()`` returns the averages and starts a new window.
 
     ``tokens`` are the tokens of the whole step across all data-parallel ranks (global batch x seq_len);
-    ``n_devices`` is the number of devices doing that work (the world size).
+    ``n_devices`` is the number of devices doing that work (the world size). ``recompute_flops_per_token``:
+    what activation checkpointing adds (``mfu.recompute_flops_per_token``), counted by HFU only. A measured
+    CPU peak that the run beats is probed again and raised (``mfu.raise_cpu_peak``).
     """
 
-    def __init__(self, flops_per_token: float, peak: PeakFlops, n_devices: int) -> None:
+    def __init__(self, flops_per_token: float, peak: PeakFlops, n_devices: int,
+                 recompute_flops_per_token: float = 0.0) -> None:
         self.flops_per_token = flops_per_token
+        self.recompute_flops_per_token = recompute_flops_per_token
         self.peak = peak
         self.n_devices = n_devices
         self._steps = 0
@@ -155,6 +161,8 @@ class ThroughputMeter:
         steps, tokens, seconds = self._steps, self._tokens, self._seconds
         self._steps, self._tokens, self._seconds = 0, 0, 0.0
         tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        hardware_flops = self.flops_per_token + self.recompute_flops_per_token
+        self.peak = raise_cpu_peak(self.peak, tokens_per_s * hardware_flops / max(self.n_devices, 1))
         return Throughput(
             steps=steps,
             tokens=tokens,
@@ -163,4 +171,5 @@ class ThroughputMeter:
             step_time_s=seconds / steps if steps else 0.0,
             mfu=mfu(tokens_per_s, self.flops_per_token, self.peak, self.n_devices),
             mfu_source=self.peak.source,
+            hfu=mfu(tokens_per_s, hardware_flops, self.peak, self.n_devices),
         )

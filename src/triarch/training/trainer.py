@@ -22,7 +22,7 @@ from triarch.parallel.topology import Topology
 from triarch.training.data_checks import agree, integrity_problem, next_batch, placeholder_batch
 from triarch.training.loggers import MetricsLogger
 from triarch.training.metrics import ThroughputMeter, synchronize, window_peak_memory
-from triarch.training.mfu import device_peak_flops, flops_per_token
+from triarch.training.mfu import device_peak_flops, flops_per_token, recompute_flops_per_token
 from triarch.training.run_control import RunControl
 from triarch.training.stage import Stage, build_objective, build_reference, open_stream
 
@@ -158,7 +158,7 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
         dump_config(cfg, run_dir / "config.yaml")
     consumed_at_start = data.consumed_sequences  # sequences consumed before this attempt's first step
     meter = ThroughputMeter(flops_per_token(cfg.model), device_peak_flops(device, trn.precision, trn.tf32),
-                           topo.world_size)
+                           topo.world_size, recompute_flops_per_token(cfg.model, trn.activation_checkpoint))
     tokens_per_step = trn.global_batch_size * stage.rows_per_example * cfg.model.seq_len
 
     def consumed(step: int) -> int:  # the trained position after ``step`` (a prefetching stage reads ahead)
