@@ -372,13 +372,15 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg = validate_for_world(cfg, args.nproc)
-    from triarch.checkpointing.init_from import check_init_source
     from triarch.launcher.run_dir import usable_run_dir, write_attempt_config
     from triarch.launcher.run_lock import RunDirBusy, run_dir_lock
 
     run_dir = args.run_dir or Path("runs") / cfg.name
     check_same_objective(cfg, run_dir)
-    check_init_source(cfg, run_dir)  # before the run directory is touched: a refused init.from writes nothing
+    if cfg.init.from_ is not None:  # (imports torch: a launch without init.from leaves that to the ranks)
+        from triarch.checkpointing.init_from import check_init_source
+
+        check_init_source(cfg, run_dir)  # before the run directory is touched: a refused init.from writes nothing
     check_data(cfg)
     run_dir = usable_run_dir(run_dir)
 
@@ -583,7 +585,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    from triarch.checkpointing.commit import CheckpointError
+    from triarch.checkpointing.errors import CheckpointError
     from triarch.data_pipeline.errors import DataError
     from triarch.slurm.commands import SlurmError
 

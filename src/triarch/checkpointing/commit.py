@@ -16,16 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from triarch.checkpointing.digests import FileRecord, file_record
+from triarch.checkpointing.errors import CheckpointError  # noqa: F401 (its historical home; re-exported)
 from triarch.data_pipeline.fileio import file_sha256, fsync_dir
 
 log = logging.getLogger("triarch.checkpoint")
 
 COMMIT_FILE = "COMMITTED.json"
 _COMMIT_TMP = f".{COMMIT_FILE}.tmp"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the folder or file and the reason."""
 
 
 def step_files(step_dir: Path) -> list[str]:

@@ -22,10 +22,9 @@ def check_engine_config(cfg: TriarchConfig) -> None:
 
 
 def _check_native_fp8(cfg: TriarchConfig) -> None:
-    from triarch.parallel.float8 import NATIVE_RECIPES
-
     if cfg.train.precision != "fp8":
         return
+    from triarch.parallel.float8 import NATIVE_RECIPES
     if cfg.train.fp8_recipe not in NATIVE_RECIPES:
         raise ConfigError(f"train.fp8_recipe '{cfg.train.fp8_recipe}' is a Transformer Engine recipe (engine: megatron "
                           f"on CUDA); engine 'native' runs {' or '.join(NATIVE_RECIPES)} (torchao)")
