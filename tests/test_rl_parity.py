@@ -65,6 +65,7 @@ def test_first_step_of_each_iteration_has_no_mismatch(single) -> None:
     assert results["grpo"]["steps"][0]["kl_loss"][-1] > 0  # the KL term becomes active as the policy moves
 
 
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_equals_one_process(layout, single, tmp_path) -> None:
     if layout.startswith("megatron"):

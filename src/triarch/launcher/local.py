@@ -113,15 +113,22 @@ def _supervise(ranks: list[subprocess.Popen], signals: _Signals) -> list[int]:
 
 def launch_local(nproc: int, python_args: Sequence[str], *, keep_fds: Sequence[int] = ()) -> None:
     """Run ``python -u *python_args`` as ``nproc`` ranks and wait for them. Raises :class:`LaunchError` when
-    any rank ended non-zero; exits with 128 + signal after a second interrupt."""
+    any rank ended non-zero; exits with 128 + signal after a second interrupt. An exception raised while
+    waiting (a test's timeout, say) kills the ranks before it propagates."""
     port = free_port()
     ranks: list[subprocess.Popen] = []
     signals = _Signals(ranks)
     with signals:
-        for rank in range(nproc):
-            ranks.append(subprocess.Popen([sys.executable, "-u", *python_args], env=rank_environment(rank, nproc, port),
-                                          pass_fds=tuple(keep_fds)))
-        codes = _supervise(ranks, signals)
+        try:
+            for rank in range(nproc):
+                ranks.append(subprocess.Popen([sys.executable, "-u", *python_args],
+                                              env=rank_environment(rank, nproc, port), pass_fds=tuple(keep_fds)))
+            codes = _supervise(ranks, signals)
+        except BaseException:  # the caller gave up (a timeout, an exception in a signal handler): no orphan ranks
+            _kill_all(ranks, signal.SIGKILL)
+            for proc in ranks:
+                proc.wait()
+            raise
     if signals.fatal is not None:
         sys.exit(128 + signals.fatal)
     if not any(codes):
