@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
         stage.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
         stage.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<config name>)")
 
+    prof = sub.add_parser("profile", help="profile a few steps: per-rank traces and where each step's time goes "
+                          "(docs/profiling.md)")
+    prof.add_argument("config", help="YAML config file")
+    prof.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.pp=2 train.micro_batch_size=1")
+    prof.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
+    prof.add_argument("--run-dir", type=Path, default=None,
+                      help="run directory (default runs/<config name>-profile; an existing run resumes, is "
+                           "profiled, and stops)")
+    prof.add_argument("--steps", type=_positive_int, default=3, help="profiled steps (default 3)")
+    prof.add_argument("--warmup", type=_non_negative_int, default=2, help="plain steps before them (default 2)")
+
     ckpt = sub.add_parser("ckpt", help="list, verify, inspect, export or import checkpoints")
     ck = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
     for name, text in [("list", "steps, committed or not, size, layout"), ("verify", "check every file's hash"),
@@ -255,6 +266,9 @@ def _add_slurm_commands(sub: argparse._SubParsersAction) -> None:
     submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                         help="one run per value (repeat for a grid), submitted as a job array")
     submit.add_argument("--dry-run", action="store_true", help="print the sbatch script and submit nothing")
+    submit.add_argument("--profile", action="store_true",
+                        help="profile the job's first steps instead of training on (as 'triarch profile'; "
+                             "profile.steps / profile.warmup overrides set how many)")
 
     status = sub.add_parser("status", help="state of a submitted job (default: recent and active jobs)")
     status.add_argument("job", nargs="?")
@@ -366,6 +380,20 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise CliError(f"config '{args.config}' sets objective.kind={cfg.objective.kind}, but this is "
                        f"'triarch {kind}'; use 'triarch train' or change the config")
     args.overrides = [*args.overrides, f"objective.kind={kind}"]
+    return cmd_train(args)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """``triarch profile``: train with profiling on; the attempt ends after the profiled steps."""
+    cfg = load_config(args.config, args.overrides)
+    args.overrides = [*args.overrides, "profile.enabled=true", f"profile.steps={args.steps}",
+                      f"profile.warmup={args.warmup}"]
+    if args.run_dir is None:
+        args.run_dir = Path("runs") / f"{cfg.name}-profile"
+    fresh = not any((args.run_dir / "checkpoints").glob("step_*/COMMITTED.json"))
+    if fresh and args.warmup + args.steps > cfg.train.steps:  # (a resumed run: its ranks check from its step)
+        raise CliError(f"--warmup {args.warmup} + --steps {args.steps} go past train.steps={cfg.train.steps}: "
+                       "raise train.steps or profile fewer steps")
     return cmd_train(args)
 
 
@@ -521,6 +549,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         max_retries=args.max_retries, max_timeouts=args.max_timeouts, signal_delay_s=args.signal_delay_s,
         elastic=args.elastic, sweep=parse_sweep(args.sweep))
     options = with_node_cpus(options)
+    if args.profile:
+        args.overrides = [*args.overrides, "profile.enabled=true"]
     if args.dry_run:
         runs = plan_runs(args.config, args.overrides, args.run_dir, options)
         print(render_sbatch(options, runs, log_folder(runs), sys.executable), end="")
@@ -578,7 +608,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = args.command in ("train", "submit", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "generate")
+    takes_overrides = args.command in ("train", "profile", "submit", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "generate")
     unknown = [e for e in extra if e.startswith("-") or not takes_overrides
                or ("=" not in e and args.command != "generate")]  # generate: also its RUN_DIR
     if unknown:
@@ -594,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
                 "prepare-sft": cmd_prepare_sft, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
                 "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                 "prepare-preferences": cmd_prepare_preferences, "generate": cmd_generate,
-                "align-report": cmd_align_report}
+                "align-report": cmd_align_report, "profile": cmd_profile}
     try:
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:

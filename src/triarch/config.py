@@ -202,6 +202,16 @@ class LoggingConfig(_Section):
         return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+class ProfileConfig(_Section):
+    """``triarch profile`` (docs/profiling.md): after ``warmup`` steps of this attempt, ``steps`` steps run
+    under torch.profiler; each rank writes its trace and step breakdown to ``RUN_DIR/profile/`` and the
+    attempt ends after the last profiled step (saving a checkpoint when ``checkpoint.interval`` is set)."""
+
+    enabled: bool = False
+    warmup: int = Field(2, ge=0)
+    steps: int = Field(3, gt=0)
+
+
 class FaultConfig(_Section):
     """Failure detection. A rank whose step loop makes no progress for ``hang_timeout_s`` (0 turns the
     watchdog off) makes every live rank dump its Python stacks and the job exit with a report naming the
@@ -339,10 +349,18 @@ class TriarchConfig(_Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     fault: FaultConfig = FaultConfig()
+    profile: ProfileConfig = ProfileConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     init: InitConfig = InitConfig()
     rl: RLConfig = RLConfig()
     reward: RewardConfig = RewardConfig()
+
+    @model_validator(mode="after")
+    def _profile_rules(self) -> "TriarchConfig":
+        if self.profile.enabled and self.objective.is_rl:
+            raise ValueError(f"profile.enabled profiles the step loop of pretrain, sft, rm and dpo runs; "
+                             f"objective.kind {self.objective.kind} (rollout iterations) is not profiled yet")
+        return self
 
     @model_validator(mode="after")
     def _rl_rules(self) -> "TriarchConfig":

@@ -49,6 +49,8 @@ from triarch.objectives.rows import RowCollector, local_value, token_objective
 from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
 from triarch.parallel.init import init_box
 from triarch.parallel.topology import Topology
+from triarch.profiling import scopes
+from triarch.profiling.scopes import scope
 
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -132,7 +134,7 @@ class MegatronEngine:
                                                    check_for_nan_in_grad=False)
         model = DistributedDataParallel(self.config, ddp_config, module,
                                         disable_bucketing=chunk > 0)  # megatron's rule for virtual stages
-        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.finalize_model_grads_func = scopes.scoped(scopes.GRAD_SYNC, finalize_model_grads)
         return model
 
     def _build_optimizer(self) -> Any:
@@ -244,7 +246,8 @@ class MegatronEngine:
                                         *(torch.tensor(float(f), dtype=torch.float64, device=self.topo.device)
                                           for f in flags)]),
                            stat if counts else torch.zeros_like(stat)])
-        dist.all_reduce(fused)
+        with scope(scopes.AGREE):
+            dist.all_reduce(fused)
         values = fused.tolist()
         head = 2 + len(flags)
         return values[:head], values[head:]
@@ -263,7 +266,14 @@ class MegatronEngine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_sum, units, stats = self._run(inputs, fields, objective, backward=True)
+        with scope(scopes.FORWARD_BACKWARD):
+            loss_sum, units, stats = self._run(inputs, fields, objective, backward=True)
+        with scope(scopes.OPTIMIZER):
+            return self._finish_step(loss_sum, units, stats, objective, step, stop_requested, data_error)
+
+    def _finish_step(self, loss_sum: torch.Tensor, units: torch.Tensor, stats: list[torch.Tensor],
+                     objective: Objective, step: int, stop_requested: bool, data_error: bool) -> StepResult:
+        """Agree on the loss and the flags, then step the (distributed) optimizer (or stop)."""
         (loss_sum, n_units, stops, data_errors), stat_sums = self._agree(
             loss_sum, units, stats, objective.stat_names, float(stop_requested), float(data_error))
         n_units = int(n_units)

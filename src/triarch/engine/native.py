@@ -43,6 +43,8 @@ from triarch.parallel.init import full_parameters, materialize
 from triarch.parallel.pipeline import build_chunk, build_schedule, chunk_specs
 from triarch.parallel.tensor_parallel import apply_tensor_parallel
 from triarch.parallel.topology import Topology
+from triarch.profiling import scopes
+from triarch.profiling.scopes import scope
 
 log = logging.getLogger(__name__)
 LOW_PRECISION = ("bf16", "fp8")  # bf16 parameters, activations and messages; fp8 adds float8 block matmuls
@@ -246,7 +248,8 @@ class NativeEngine:
                                         units.double() if dist.get_rank() == 0 else zero,
                                         *(e.double() for e in extra)]),
                            stats if counts else torch.zeros_like(stats)])
-        dist.all_reduce(fused)
+        with scope(scopes.AGREE):
+            dist.all_reduce(fused)
         values = fused.tolist()
         head = 2 + len(extra)
         return values[:head], values[head:]
@@ -283,7 +286,14 @@ class NativeEngine:
         # DP reduction averages over dp ranks, so dp / all_units makes the gradient (sum of unit losses) /
         # all_units; the factor all_units / units below turns it into the mean over counted units
         self._loss_scale = self.topo.dp / all_units
-        local_sum = self._forward_backward(inputs, fields, position_ids, backward=True)
+        with scope(scopes.FORWARD_BACKWARD):
+            local_sum = self._forward_backward(inputs, fields, position_ids, backward=True)
+        with scope(scopes.OPTIMIZER):
+            return self._finish_step(local_sum, units, all_units, step, stop_requested, data_error)
+
+    def _finish_step(self, local_sum: torch.Tensor, units: torch.Tensor, all_units: float, step: int,
+                     stop_requested: bool, data_error: bool) -> StepResult:
+        """Agree on the loss, the gradient norm and the flags, then clip and step (or stop)."""
         settle_partial_grads(self.chunks)
         square = self._grad_normer.local_square_sum()
         flags = torch.tensor([float(stop_requested), float(data_error)], dtype=torch.float64, device=self.topo.device)

@@ -23,10 +23,9 @@ def _source_tokenizer(spec: str, path: Path, hf: bool) -> Path | None:
     """The tokenizer file a reward-model source was trained with, when it can be found."""
     if hf:
         return path / "tokenizer.json" if (path / "tokenizer.json").is_file() else None
+    from triarch.checkpointing.commit import CheckpointError
     from triarch.checkpointing.hf_io import saved_config
     from triarch.checkpointing.steps import StepInfo
-
-    from triarch.checkpointing.commit import CheckpointError
 
     try:
         cfg = saved_config(StepInfo(step=0, path=path, committed=True))

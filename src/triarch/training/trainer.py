@@ -19,6 +19,9 @@ from triarch.data_pipeline.stream.dali_stage import loader_stage
 from triarch.engine.build import build_engine
 from triarch.engine.interface import Engine
 from triarch.parallel.topology import Topology
+from triarch.profiling import scopes
+from triarch.profiling.scopes import scope
+from triarch.profiling.session import NoProfiler, StepProfiler
 from triarch.training.data_checks import agree, integrity_problem, next_batch, placeholder_batch
 from triarch.training.loggers import MetricsLogger
 from triarch.training.metrics import ThroughputMeter, synchronize, window_peak_memory
@@ -177,50 +180,59 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
             final_eval = first_eval
             logger.log_eval(0, {"eval_loss": first_eval, **eval_stats})
         batches = iter(loader_stage(data.batches(trn.steps - start_step), cfg.data.loader))
+        profiler = _profiler(cfg, run_dir, topo, start_step, tokens_per_step, meter)
         for step in range(start_step + 1, trn.steps + 1):
-            manager.poll()
-            start = time.perf_counter()
-            batch, problem = next_batch(batches, streams)
-            if batch is None:
-                batch = placeholder_batch(data)
-            result = engine.train_step(batch["input_ids"], step=step, objective=stage.objective,
-                                       fields=stage.fields(batch, cfg.data.train_split),
-                                       position_ids=batch.get("position_ids"),
-                                       stop_requested=control is not None and control.stop_requested,
-                                       data_error=problem is not None)
-            if result.data_error:  # some rank's data failed a check: every rank ends here, none stepped
-                agree(problem, topo.host_group)
-            synchronize(device)
-            meter.update(tokens_per_step, time.perf_counter() - start)
-            if step == 1:
-                first_loss = result.loss
-            final_loss, last_step = result.loss, step
-            if step % cfg.logging.log_interval == 0 or step == trn.steps:
-                allocated, reserved = window_peak_memory(device, topo.host_group)
-                logger.log(step, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
-                                  **meter.window().as_metrics(), "peak_mem_bytes": allocated,
-                                  "peak_mem_reserved_bytes": reserved, "consumed_tokens": consumed_tokens(step),
-                                  **result.stats})
-            if evaluator is not None and (step % trn.eval_interval == 0 or step == trn.steps):
-                final_eval, eval_stats = evaluator(engine, stage)
-                logger.log_eval(step, {"eval_loss": final_eval, **eval_stats})
-                if control is not None:
-                    control.progress()
-            interval = cfg.checkpoint.interval
-            exiting = step == trn.exit_at_step
-            stopping = control is not None and control.should_stop(step, agreed=result.stop) and step < trn.steps
-            if (interval and (step % interval == 0 or step == trn.steps or exiting)) or stopping:
-                agree(integrity_problem(streams, wait=True), topo.host_group)  # never save after damaged data
-                manager.save(step, engine, {
-                    "world_size": topo.world_size, "layout": topo.describe(),
-                    "data": {**data.state_dict(), "consumed_sequences": consumed(step)},
-                    "consumed_tokens": consumed_tokens(step), "first_loss": first_loss,
-                    "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json", by_alias=True),
-                    "init_from": init_from})
-                if control is not None:
-                    control.progress()
+            with profiler.step(step):
+                with scope(scopes.CHECKPOINT):
+                    manager.poll()
+                start = time.perf_counter()
+                with scope(scopes.DATA):
+                    batch, problem = next_batch(batches, streams)
+                if batch is None:
+                    batch = placeholder_batch(data)
+                result = engine.train_step(batch["input_ids"], step=step, objective=stage.objective,
+                                           fields=stage.fields(batch, cfg.data.train_split),
+                                           position_ids=batch.get("position_ids"),
+                                           stop_requested=control is not None and control.stop_requested,
+                                           data_error=problem is not None)
+                if result.data_error:  # some rank's data failed a check: every rank ends here, none stepped
+                    agree(problem, topo.host_group)
+                synchronize(device)
+                meter.update(tokens_per_step, time.perf_counter() - start)
+                profiler.record(step, time.perf_counter() - start)
+                if step == 1:
+                    first_loss = result.loss
+                final_loss, last_step = result.loss, step
+                if step % cfg.logging.log_interval == 0 or step == trn.steps:
+                    allocated, reserved = window_peak_memory(device, topo.host_group)
+                    logger.log(step, {"loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+                                      **meter.window().as_metrics(), "peak_mem_bytes": allocated,
+                                      "peak_mem_reserved_bytes": reserved, "consumed_tokens": consumed_tokens(step),
+                                      **result.stats})
+                if evaluator is not None and (step % trn.eval_interval == 0 or step == trn.steps):
+                    with scope(scopes.EVALUATION):
+                        final_eval, eval_stats = evaluator(engine, stage)
+                    logger.log_eval(step, {"eval_loss": final_eval, **eval_stats})
+                    if control is not None:
+                        control.progress()
+                interval = cfg.checkpoint.interval
+                profiled = profiler.is_last(step)
+                exiting = step == trn.exit_at_step or profiled
+                stopping = control is not None and control.should_stop(step, agreed=result.stop) and step < trn.steps
+                if (interval and (step % interval == 0 or step == trn.steps or exiting)) or stopping:
+                    with scope(scopes.CHECKPOINT):
+                        agree(integrity_problem(streams, wait=True), topo.host_group)  # never save after damaged data
+                        manager.save(step, engine, {
+                            "world_size": topo.world_size, "layout": topo.describe(),
+                            "data": {**data.state_dict(), "consumed_sequences": consumed(step)},
+                            "consumed_tokens": consumed_tokens(step), "first_loss": first_loss,
+                            "first_eval_loss": first_eval, "config": cfg.model_dump(mode="json", by_alias=True),
+                            "init_from": init_from})
+                    if control is not None:
+                        control.progress()
             if exiting:
-                log.info("stopping after step %d (train.exit_at_step)", step)
+                why = "the last profiled step" if profiled else "train.exit_at_step"
+                log.info("stopping after step %d (%s)", step, why)
                 break
             if stopping:
                 manager.wait()  # committed before anyone requeues the job
@@ -230,3 +242,19 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
         agree(integrity_problem(streams, wait=True), topo.host_group)  # no run ends well on damaged data
     stop_reason = control.stop_reason if control is not None and last_step < trn.steps else None
     return TrainSummary(last_step, first_loss, final_loss, first_eval, final_eval, run_dir, stop_reason)
+
+
+def _profiler(cfg: TriarchConfig, run_dir: Path, topo: Topology, start_step: int, tokens_per_step: int,
+              meter: ThroughputMeter) -> NoProfiler | StepProfiler:
+    """The loop's profiler: a profiling session when ``profile.enabled`` (``triarch profile``)."""
+    prof = cfg.profile
+    if not prof.enabled:
+        return NoProfiler()
+    first = start_step + prof.warmup + 1
+    if first + prof.steps - 1 > cfg.train.steps:
+        raise ConfigError(f"profile.warmup={prof.warmup} + profile.steps={prof.steps} from step {start_step} "
+                          f"go past train.steps={cfg.train.steps}: raise train.steps or profile fewer steps")
+    facts = {"layout": topo.describe(), "tokens_per_step": tokens_per_step, "flops_per_token": meter.flops_per_token,
+             "recompute_flops_per_token": meter.recompute_flops_per_token, "peak": meter.peak,
+             "world_size": topo.world_size}
+    return StepProfiler(run_dir, first, prof.steps, topo.device, topo.host_group, facts)
