@@ -67,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--steps", type=_positive_int, default=3, help="profiled steps (default 3)")
     prof.add_argument("--warmup", type=_non_negative_int, default=2, help="plain steps before them (default 2)")
 
+    plan = sub.add_parser("plan", help="rank the layouts that fit N GPUs by predicted memory and step time "
+                          "(docs/profiling.md)")
+    plan.add_argument("config", help="YAML config file")
+    plan.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=512")
+    plan.add_argument("--gpus", type=_positive_int, required=True, help="GPUs in the job")
+    plan.add_argument("--gpus-per-node", type=_positive_int, default=8, help="GPUs per node (default 8)")
+    plan.add_argument("--gpu", default="h100", help="device model (h100, h200, a100, b200; default h100)")
+    plan.add_argument("--top", type=_positive_int, default=10, help="layouts to show (default 10)")
+    plan.add_argument("--precision", action="append", choices=["fp32", "bf16", "fp8"], default=None,
+                      help="precisions to consider (repeat; default the config's train.precision)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     ckpt = sub.add_parser("ckpt", help="list, verify, inspect, export or import checkpoints")
     ck = ckpt.add_subparsers(dest="ckpt_command", required=True, parser_class=_Parser)
     for name, text in [("list", "steps, committed or not, size, layout"), ("verify", "check every file's hash"),
@@ -397,6 +409,27 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return cmd_train(args)
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """``triarch plan``: rank the native engine's layouts on --gpus by predicted tokens/s."""
+    from triarch.planning.devices import load_device
+    from triarch.planning.render import as_json, print_table
+    from triarch.planning.search import plan
+
+    cfg = load_config(args.config, args.overrides)
+    if args.gpus % args.gpus_per_node and args.gpus > args.gpus_per_node:
+        raise CliError(f"--gpus {args.gpus} is not a whole number of nodes of --gpus-per-node {args.gpus_per_node}")
+    try:
+        device = load_device(args.gpu)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    best = plan(cfg, args.gpus, min(args.gpus_per_node, args.gpus), device, args.top, args.precision)
+    if args.json:
+        print(as_json(best, device, args.gpus))
+    else:
+        print_table(best, device, args.gpus, min(args.gpus_per_node, args.gpus))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     cfg = validate_for_world(cfg, args.nproc)
@@ -608,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = args.command in ("train", "profile", "submit", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "generate")
+    takes_overrides = args.command in ("train", "profile", "plan", "submit", "sft", "rm", "dpo", "ppo", "grpo", "rloo", "generate")
     unknown = [e for e in extra if e.startswith("-") or not takes_overrides
                or ("=" not in e and args.command != "generate")]  # generate: also its RUN_DIR
     if unknown:
@@ -624,7 +657,7 @@ def main(argv: list[str] | None = None) -> None:
                 "prepare-sft": cmd_prepare_sft, "data": cmd_data, "ckpt": cmd_ckpt, "submit": cmd_submit,
                 "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
                 "prepare-preferences": cmd_prepare_preferences, "generate": cmd_generate,
-                "align-report": cmd_align_report, "profile": cmd_profile}
+                "align-report": cmd_align_report, "profile": cmd_profile, "plan": cmd_plan}
     try:
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 from triarch.config import ConfigError, TriarchConfig
-from triarch.engine.interface import Engine
-from triarch.parallel.topology import Topology
+
+if TYPE_CHECKING:  # (config checks run without importing torch: the CLI and the planner call them)
+    from triarch.engine.interface import Engine
+    from triarch.parallel.topology import Topology
 
 
 def check_engine_config(cfg: TriarchConfig) -> None:
@@ -24,7 +27,7 @@ def check_engine_config(cfg: TriarchConfig) -> None:
 def _check_native_fp8(cfg: TriarchConfig) -> None:
     if cfg.train.precision != "fp8":
         return
-    from triarch.parallel.float8 import NATIVE_RECIPES
+    NATIVE_RECIPES = ("tensorwise", "rowwise")  # parallel.float8.NATIVE_RECIPES (importing it loads torch)
     if cfg.train.fp8_recipe not in NATIVE_RECIPES:
         raise ConfigError(f"train.fp8_recipe '{cfg.train.fp8_recipe}' is a Transformer Engine recipe (engine: megatron "
                           f"on CUDA); engine 'native' runs {' or '.join(NATIVE_RECIPES)} (torchao)")

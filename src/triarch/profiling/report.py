@@ -10,11 +10,11 @@ from typing import Any
 from triarch.profiling.breakdown import PARTS
 
 LABELS = {"forward": "forward", "backward": "backward", "optimizer": "optimizer", "tp_comm": "TP comm",
-          "dp_comm": "DP comm", "pp_send_recv": "PP send/recv", "pp_bubble": "PP bubble", "sync": "sync", "data_wait": "data wait",
-          "checkpoint": "checkpoint", "evaluation": "evaluation", "other": "other"}
+          "dp_comm": "DP comm", "pp_send_recv": "PP send/recv", "pp_bubble": "PP bubble", "sync": "sync",
+          "data_wait": "data wait", "checkpoint": "checkpoint", "evaluation": "evaluation", "other": "other"}
 COLORS = {"forward": "#4c72b0", "backward": "#55a868", "optimizer": "#8172b2", "tp_comm": "#c44e52",
-          "dp_comm": "#dd8452", "pp_send_recv": "#937860", "pp_bubble": "#bbbbbb", "sync": "#64b5cd", "data_wait": "#da8bc3",
-          "checkpoint": "#8c8c8c", "evaluation": "#ccb974", "other": "#e5e5e5"}
+          "dp_comm": "#dd8452", "pp_send_recv": "#937860", "pp_bubble": "#bbbbbb", "sync": "#64b5cd",
+          "data_wait": "#da8bc3", "checkpoint": "#8c8c8c", "evaluation": "#ccb974", "other": "#e5e5e5"}
 
 
 def _mib(n: int) -> str:
@@ -77,6 +77,8 @@ def _print_table(ranks: list[dict[str, Any]], out: Path) -> None:
     table.add_row("overlapped comm", *[f"{r['comm_overlapped_s'] * 1e3:.1f}" for r in ranks])
     table.add_row("MFU / HFU", *[f"{r['mfu']:.1%} / {r['hfu']:.1%}" for r in ranks])
     console = Console()
+    if console.width < 110:  # not a terminal (a pipe, a log): wide enough for every column
+        console = Console(width=110)
     console.print(table)
     console.print(f"traces, summary.md and step_breakdown.png in {out}")
 

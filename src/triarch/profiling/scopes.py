@@ -16,9 +16,10 @@ T = TypeVar("T")
 STEP = "triarch.step"  # the whole loop body of one step: data, compute, logging, evaluation, checkpointing
 DATA = "triarch.data"  # waiting for the next batch
 FORWARD_BACKWARD = "triarch.forward_backward"  # the engine's forward and backward over every micro-batch
-GRAD_SYNC = "triarch.grad_sync"  # an engine's own data-parallel gradient reduction (megatron's finalize_model_grads)
-OPTIMIZER = "triarch.optimizer"
-AGREE = "triarch.agree"  # the step's one world all-reduce (loss, gradient norm, flags): waits for the slowest rank  # gradient norm, clipping, the optimizer step and zero_grad
+# an engine's own data-parallel gradient reduction (megatron's finalize_model_grads)
+GRAD_SYNC = "triarch.grad_sync"
+OPTIMIZER = "triarch.optimizer"  # gradient norm, clipping, the optimizer step and zero_grad
+AGREE = "triarch.agree"  # the step's one world all-reduce (loss, gradient norm, flags): waits for the slowest
 CHECKPOINT = "triarch.checkpoint"  # saving (the synchronous part) and waiting for an earlier save
 EVALUATION = "triarch.eval"  # held-out evaluation
 

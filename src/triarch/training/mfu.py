@@ -25,6 +25,12 @@ from typing import Any
 import torch
 
 from triarch.training.gpu_peaks import matmul_precision, table_peak
+from triarch.training.model_flops import (  # noqa: F401  (re-exported)
+    flops_per_token,
+    matmul_parameter_count,
+    parameter_count,
+    recompute_flops_per_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,61 +51,16 @@ class PeakFlops:
 
 
 # ----------------------------------------------------------------------------------------------
-# Model FLOPs
+# Model FLOPs: ``training.model_flops`` (re-exported here)
 
 
-def parameter_count(model_cfg: Any) -> int:
-    """Exact parameter count of the Llama-family model described by ``model_cfg``.
-
-    Accepts :class:`triarch.config.ModelConfig` or anything with the same fields (``LlamaArgs`` too).
-    Tied embeddings are counted once.
-    """
-    vocab, dim, ffn = model_cfg.vocab_size, model_cfg.dim, model_cfg.ffn_hidden
-    kv_heads = getattr(model_cfg, "kv_heads", None) or model_cfg.n_kv_heads or model_cfg.n_heads
-    head_dim = dim // model_cfg.n_heads
-    attention = 2 * dim * dim + 2 * dim * kv_heads * head_dim  # wq, wo + wk, wv
-    mlp = 3 * dim * ffn  # w1, w3, w2
-    norms = 2 * dim
-    per_layer = attention + mlp + norms
-    embedding = vocab * dim
-    output = 0 if model_cfg.tie_embeddings else vocab * dim
-    return embedding + model_cfg.n_layers * per_layer + dim + output
-
-
-def matmul_parameter_count(model_cfg: Any) -> int:
-    """Parameters that take part in matmuls: all but the input embedding, which is a lookup. A tied embedding
-    is the output projection too, so it stays, counted once."""
-    embedding = 0 if model_cfg.tie_embeddings else model_cfg.vocab_size * model_cfg.dim
-    return parameter_count(model_cfg) - embedding
-
-
-def flops_per_token(model_cfg: Any, n_params: int | None = None) -> float:
-    """Training FLOPs per token: 6*N + 12*L*d*T (forward + backward, attention included), N from
-    :func:`matmul_parameter_count` unless ``n_params`` gives it."""
-    n = matmul_parameter_count(model_cfg) if n_params is None else n_params
-    return float(6 * n + 12 * model_cfg.n_layers * model_cfg.dim * model_cfg.seq_len)
-
-
-def recompute_flops_per_token(model_cfg: Any, activation_checkpoint: str) -> float:
-    """FLOPs per token that activation checkpointing adds by recomputing: ``full`` reruns each block's forward
-    (its matmuls, 2 per block parameter, and attention, 4·L·d·T); ``selective`` recomputes only element-wise
-    ops (norms, activations, rotary), which model FLOPs do not count; ``none`` nothing."""
-    if activation_checkpoint != "full":
-        return 0.0
-    block_params = matmul_parameter_count(model_cfg) - _head_parameters(model_cfg) - model_cfg.dim  # final norm
-    return float(2 * block_params + 4 * model_cfg.n_layers * model_cfg.dim * model_cfg.seq_len)
-
-
-def _head_parameters(model_cfg: Any) -> int:
-    return model_cfg.vocab_size * model_cfg.dim  # the output projection (the tied embedding when tied)
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float | PeakFlops, n_devices: int) -> float:
-    """Model FLOPs utilisation as a fraction (0.41 means 41%); ``tokens_per_s`` is across all devices."""
+def mfu(tokens_per_s: float, token_flops: float, peak_flops: float | PeakFlops, n_devices: int) -> float:
+    """Model FLOPs utilisation as a fraction (0.41 means 41%): ``tokens_per_s`` across all devices times
+    ``token_flops`` (FLOPs per token) over their peak."""
     peak = peak_flops.flops if isinstance(peak_flops, PeakFlops) else float(peak_flops)
     if peak <= 0 or n_devices <= 0:
         raise ValueError(f"peak FLOP/s ({peak}) and device count ({n_devices}) must be positive")
-    return tokens_per_s * flops_per_token / (peak * n_devices)
+    return tokens_per_s * token_flops / (peak * n_devices)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,80 @@
+"""One rank of a planner check: build the native engine at a layout, take one optimizer step, and write the
+bytes this rank's parameters, gradients (just before the step) and AdamW state actually occupy.
+
+Run through ``triarch.launcher.local.launch_local``; argv: OUT_DIR then dotted config overrides (on top of
+``BASE``). Bytes are counted per distinct storage (FSDP2 allocates each shard padded to ceil(rows / dp_shard)
+rows, which is what occupies memory)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile
+
+from triarch.config import apply_overrides, config_from_dict, validate_for_world
+from triarch.engine.build import build_engine
+from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
+from triarch.parallel.topology import Topology
+
+BASE = {  # rows that FSDP cannot split evenly over 4 ranks (a vocabulary of 250), GQA with 2 KV heads
+    "model": {"vocab_size": 250, "dim": 64, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "ffn_hidden": 96,
+              "seq_len": 16, "max_seq_len": 64},
+    "train": {"steps": 1, "micro_batch_size": 2, "global_batch_size": 8, "warmup_steps": 0, "lr": 3e-4, "seed": 7},
+}
+
+
+def storage_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        storage = local.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    cfg = config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), sys.argv[2:]))
+    device = pick_device("cpu")
+    init_distributed(device)
+    cfg = validate_for_world(cfg, dist.get_world_size())
+    p = cfg.parallel
+    topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
+    engine = build_engine(cfg, topo)
+    params = [prm for chunk in engine.chunks for prm in chunk.parameters()]
+    measured = {"pp_rank": topo.pp_rank, "parameters": storage_bytes(params)}
+
+    def before_step(optimizer, args, kwargs) -> None:
+        measured["gradients"] = storage_bytes([prm.grad for prm in params if prm.grad is not None])
+
+    engine.optimizer.register_step_pre_hook(before_step)
+    gen = torch.Generator().manual_seed(3)
+    batch = torch.randint(0, cfg.model.vocab_size, (cfg.train.global_batch_size, cfg.model.seq_len + 1), generator=gen)
+    rows = batch.shape[0] // topo.dp
+    mine = batch[topo.dp_rank * rows:(topo.dp_rank + 1) * rows]
+    engine.train_step(mine[:, :-1], mine[:, 1:], step=1)
+    measured["optimizer"] = storage_bytes([v for state in engine.optimizer.state.values() for v in state.values()])
+    # the peak of a second step: what the step starts with (parameters, AdamW state; gradients are freed)
+    # plus the most the CPU allocator held above that during the step (the profiler's memory events)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        engine.train_step(mine[:, :-1], mine[:, 1:], step=2)
+    trace = out / f"memory{dist.get_rank()}.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text())["traceEvents"]
+    above = max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
+    trace.unlink()
+    measured["step_peak"] = measured["parameters"] + measured["optimizer"] + above
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(measured))
+    shutdown_distributed(sync=True)
+    exit_process(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""`triarch plan`: its memory model against the bytes of engines actually built (exact for parameters,
+gradients and AdamW state; peak within 20% of a measured CPU step), a golden plan for the 70B example, and
+one-line reasons when nothing fits.
+
+Peak memory on CPU is measured as the tensors a step starts with (parameters and AdamW state, counted from
+their storages) plus the most the CPU allocator held above that during the step (torch.profiler's memory
+events, ``Total Allocated``): tensor bytes only, which is what the planner predicts (no Python heap, no
+shared libraries), so the two are comparable."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from triarch.config import apply_overrides, config_from_dict, load_config, validate_for_world
+from triarch.launcher.local import launch_local
+from triarch.planning.devices import load_device
+from triarch.planning.memory import Layout, estimate_memory, model_key, static_bytes
+from triarch.planning.search import plan
+
+sys.path.insert(0, str(Path(__file__).parent))
+from plan_worker import BASE  # noqa: E402
+
+WORKER = str(Path(__file__).with_name("plan_worker.py"))
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+GOLDEN = Path(__file__).parent / "golden"
+PEAK_TOLERANCE = 0.2  # the issue's bound; measured 0.86-1.05 (predicted / measured) on these layouts
+SMALL = ["model.dim=256", "model.ffn_hidden=768", "model.vocab_size=2000", "model.seq_len=128",
+         "model.max_seq_len=128"]
+M125 = ["model.dim=768", "model.n_heads=12", "model.n_kv_heads=12", "model.ffn_hidden=2048", "model.vocab_size=32000",
+        "model.n_layers=2", "model.seq_len=256", "model.max_seq_len=256", "train.micro_batch_size=1",
+        "train.global_batch_size=2"]
+LAYOUTS = {
+    "recompute_none": (1, SMALL),
+    "recompute_selective": (1, [*SMALL, "train.activation_checkpoint=selective"]),
+    "recompute_full": (1, [*SMALL, "train.activation_checkpoint=full"]),
+    "bf16": (1, [*SMALL, "train.precision=bf16"]),
+    "125m_shaped": (1, M125),
+    "pp2": (2, [*SMALL, "parallel.pp=2"]),
+    "dp_shard4_uneven": (4, [*SMALL, "model.vocab_size=2002", "parallel.dp_shard=4"]),  # FSDP pads 2002 rows
+    "tp4_kv_replicated": (4, [*SMALL, "parallel.tp=4"]),  # 2 KV heads on 4 TP ranks stay whole
+    "tp2_pp2_bf16": (4, [*SMALL, "parallel.tp=2", "parallel.pp=2", "train.precision=bf16"]),
+}
+
+
+def _layout(cfg) -> Layout:
+    p, t = cfg.parallel, cfg.train
+    return Layout(p.tp, p.pp, p.virtual_stages, p.dp_replicate, p.dp_shard, t.micro_batch_size,
+                  t.activation_checkpoint, t.precision, p.sequence_parallel)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_predicted_bytes_match_a_built_engine(name: str, tmp_path: Path) -> None:
+    nproc, overrides = LAYOUTS[name]
+    launch_local(nproc, [WORKER, str(tmp_path), *overrides])
+    cfg = validate_for_world(config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), overrides)), nproc)
+    layout = _layout(cfg)
+    stage_first = {}
+    for rank in range(nproc):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        want = static_bytes(cfg, layout, got["pp_rank"])
+        assert (got["parameters"], got["gradients"]) == (want.parameters, want.gradients), (rank, got, want)
+        stage_first.setdefault(got["pp_rank"], got)
+        # AdamW's moments are zeros_like the unpadded shard: the stage's first rank holds the most
+        assert got["optimizer"] <= want.optimizer
+        peak = estimate_memory(cfg, layout, pp_rank=got["pp_rank"]).total
+        assert abs(peak / got["step_peak"] - 1) <= PEAK_TOLERANCE, (rank, peak, got["step_peak"])
+    for pp_rank, got in stage_first.items():
+        assert got["optimizer"] == static_bytes(cfg, layout, pp_rank).optimizer
+
+
+def _meta_parameter_bytes(cfg, world: int, rank: int) -> tuple[int, int]:
+    """(pipeline rank, parameter storage bytes) of ``rank``'s engine built on the meta device."""
+    from torch.distributed.tensor import DTensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from triarch.engine.build import build_engine
+    from triarch.parallel.topology import Topology
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        p = cfg.parallel
+        topo = Topology.build(torch.device("cpu"), pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
+        engine = build_engine(cfg, topo, materialize_weights=False)
+        total = 0
+        for chunk in engine.chunks:
+            for prm in chunk.parameters():
+                local = prm.to_local() if isinstance(prm, DTensor) else prm
+                total += local.untyped_storage().nbytes()
+        return topo.pp_rank, total
+    finally:
+        dist.destroy_process_group()
+
+
+FOUR_RANK_LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)]  # (tp, pp), the rest data parallel
+
+
+def _example_cases() -> list[tuple[str, int, tuple[int, int] | None]]:
+    cases = [(path.name, 4, tp_pp) for path in sorted(EXAMPLES.glob("*.yaml")) for tp_pp in FOUR_RANK_LAYOUTS]
+    return cases + [("8b.yaml", 8, None), ("70b.yaml", 64, None)]  # the examples' own layouts
+
+
+@pytest.mark.timeout(600)
+def test_parameter_bytes_of_every_example_layout_equal_a_meta_build() -> None:
+    checked, seen = 0, set()
+    for name, world, tp_pp in _example_cases():
+        overrides = [] if tp_pp is None else [f"parallel.tp={tp_pp[0]}", f"parallel.pp={tp_pp[1]}",
+                                              "parallel.dp_replicate=1", "parallel.dp_shard=-1",
+                                              "parallel.virtual_stages=1", "parallel.schedule=1f1b"]
+        try:
+            cfg = validate_for_world(load_config(EXAMPLES / name, overrides), world)
+        except Exception:  # a layout this config's shapes or batch do not allow on four ranks
+            continue
+        layout = _layout(cfg)
+        head = "score" if cfg.objective.kind == "rm" else "lm"
+        key = (model_key(cfg.model), head, tp_pp or (cfg.parallel.tp, cfg.parallel.pp), world)
+        if key in seen:  # the alignment examples share their base's shapes
+            continue
+        seen.add(key)
+        for stage in range(cfg.parallel.pp):
+            pp_rank, got = _meta_parameter_bytes(cfg, world, stage * (world // cfg.parallel.pp))
+            assert got == static_bytes(cfg, layout, pp_rank, head).parameters, (name, tp_pp, stage)
+            checked += 1
+    assert checked >= 25
+
+
+def _summary(candidates) -> list[dict]:
+    return [{"overrides": c.layout.overrides(), "memory_gib": round(c.memory.total / 2**30, 1),
+             "step_s": round(c.step.total, 2), "tokens_per_s": round(c.tokens_per_s, -1)} for c in candidates]
+
+
+@pytest.mark.parametrize("gpus", [64, 512])
+def test_golden_plan_for_the_70b_example(gpus: int) -> None:
+    cfg = load_config(EXAMPLES / "70b.yaml")
+    candidates = plan(cfg, gpus, 8, load_device("h100"), top=5)
+    for c in candidates:
+        validate_for_world(c.layout.apply(cfg), gpus)
+        assert c.fits and c.memory.total <= load_device("h100").usable_bytes
+    got = _summary(candidates)
+    golden = GOLDEN / f"plan_70b_{gpus}xh100.json"
+    if os.environ.get("TRIARCH_UPDATE_GOLDEN"):
+        golden.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(golden.read_text()), f"the plan changed; review and regenerate {golden} " \
+                                                   "with TRIARCH_UPDATE_GOLDEN=1"
+    assert [c.tokens_per_s for c in candidates] == sorted((c.tokens_per_s for c in candidates), reverse=True)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "triarch.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_plan_cli_prints_the_best_layout_and_json() -> None:
+    done = _cli("plan", str(EXAMPLES / "8b.yaml"), "--gpus", "16", "--top", "3")
+    assert done.returncode == 0, done.stderr
+    assert "run it with: parallel.tp=" in done.stdout
+    done = _cli("plan", str(EXAMPLES / "8b.yaml"), "--gpus", "16", "--top", "3", "--json")
+    rows = json.loads(done.stdout)["layouts"]
+    assert len(rows) == 3 and all(r["memory_bytes"]["total"] <= json.loads(done.stdout)["usable_bytes"] for r in rows)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["70b.yaml", "--gpus", "8", "--gpu", "a100"], "its largest term is parameters + gradients + optimizer state"),
+    (["8b.yaml", "--gpus", "8", "--gpu", "x100"], "known: h100"),
+    (["8b.yaml", "--gpus", "8", "--gpu", "a100", "--precision", "fp8"], "no FP8 tensor cores"),
+    (["8b.yaml", "--gpus", "12", "--gpus-per-node", "8"], "whole number of nodes"),
+    (["8b.yaml", "--gpus", "8", "engine=megatron"], "not planned yet"),
+])
+def test_impossible_plans_are_one_line_errors(args: list[str], needle: str) -> None:
+    done = _cli("plan", str(EXAMPLES / args[0]), *args[1:])
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
