@@ -8,7 +8,9 @@ rows, which is what occupies memory)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +30,10 @@ BASE = {  # rows that FSDP cannot split evenly over 4 ranks (a vocabulary of 250
 }
 
 
+TIMED_STEPS_ENV = "PLAN_WORKER_TIMED_STEPS"
+LINK_PROBE_BYTES = 16 * 2**20
+
+
 def storage_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -43,6 +49,8 @@ def main() -> None:
     out = Path(sys.argv[1])
     cfg = config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), sys.argv[2:]))
     device = pick_device("cpu")
+    if os.environ.get(TIMED_STEPS_ENV):  # share the cores among the ranks, as a training launch does
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["WORLD_SIZE"])))
     init_distributed(device)
     cfg = validate_for_world(cfg, dist.get_world_size())
     p = cfg.parallel
@@ -71,6 +79,21 @@ def main() -> None:
     above = max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
     trace.unlink()
     measured["step_peak"] = measured["parameters"] + measured["optimizer"] + above
+    timed = int(os.environ.get(TIMED_STEPS_ENV, "0"))  # benchmarks/plan_accuracy.py: step time, peak, link
+    if timed:
+        from triarch.training.mfu import device_peak_flops
+
+        measured["peak_flops"] = device_peak_flops(device, cfg.train.precision).flops
+        start = time.perf_counter()
+        for step in range(3, 3 + timed):
+            engine.train_step(mine[:, :-1], mine[:, 1:], step=step)
+        measured["step_s"] = (time.perf_counter() - start) / timed
+        if dist.get_world_size() > 1:
+            message = torch.zeros(LINK_PROBE_BYTES // 4)
+            dist.all_reduce(message)
+            start = time.perf_counter()
+            dist.all_reduce(message)
+            measured["link_bytes_s"] = LINK_PROBE_BYTES / (time.perf_counter() - start)
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(measured))
     shutdown_distributed(sync=True)
     exit_process(0)

@@ -1,0 +1,104 @@
+"""How far `triarch plan`'s predictions are from what the layouts it can run here measure, in one run.
+
+For each layout (1-2 CPU ranks, a small Llama): the native engine is built and stepped by
+``tests/plan_worker.py``, which measures the peak memory of a step (tensors at its start plus the most the CPU
+allocator held above them) and the mean time of a few more steps; the planner predicts both for the same
+layout on a "device" made of this machine's figures measured in the same run: the cached matmul probe
+(peak FLOP/s per rank), a large copy (memory bandwidth) and a gloo all-reduce between the ranks (link
+bandwidth). Prints a table and, last, a JSON line with every ratio and the worst (predicted / measured).
+
+The step-time model is built for GPUs; on CPU it leaves out Python's per-operator overhead and gloo's
+latency, so step-time ratios below 1 are expected here. The GPU figure (the 886M shape on one GPU) is to be
+recorded when a GPU is lent.
+
+    python benchmarks/plan_accuracy.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from plan_worker import BASE, TIMED_STEPS_ENV  # noqa: E402
+
+from triarch.config import apply_overrides, config_from_dict, validate_for_world  # noqa: E402
+from triarch.launcher.local import launch_local  # noqa: E402
+from triarch.planning.devices import Device, efficiency  # noqa: E402
+from triarch.planning.memory import Layout, estimate_memory  # noqa: E402
+from triarch.planning.step_time import predict_step_time  # noqa: E402
+
+SHAPE = ["model.dim=256", "model.ffn_hidden=768", "model.vocab_size=2000", "model.seq_len=128", "model.max_seq_len=128"]
+LAYOUTS = {
+    "1 rank": (1, []),
+    "1 rank, full recompute": (1, ["train.activation_checkpoint=full"]),
+    "tp2": (2, ["parallel.tp=2"]),
+    "pp2": (2, ["parallel.pp=2"]),
+    "dp_shard2": (2, ["parallel.dp_shard=2"]),
+}
+TIMED_STEPS = 3
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a 256 MiB tensor copy (read + write), best of three."""
+    src = torch.ones(64 * 2**20)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() * 4 / best
+
+
+def cpu_device(peak: float, memory_bw: float, link_bw: float) -> Device:
+    return Device(key="cpu", name="this CPU", memory_bytes=2**40, usable_bytes=2**40, hbm_bytes_s=memory_bw,
+                  bf16_flops=peak, fp8_flops=None, nvlink_bytes_s=link_bw, inter_node_bytes_s=link_bw)
+
+
+def main() -> None:
+    os.environ[TIMED_STEPS_ENV] = str(TIMED_STEPS)
+    memory_bw = copy_bandwidth()
+    rows = []
+    for name, (nproc, extra) in LAYOUTS.items():
+        overrides = [*SHAPE, *extra]
+        with tempfile.TemporaryDirectory() as out:
+            launch_local(nproc, [str(ROOT / "tests" / "plan_worker.py"), out, *overrides])
+            ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(nproc)]
+        cfg = validate_for_world(config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), overrides)), nproc)
+        p, t = cfg.parallel, cfg.train
+        layout = Layout(p.tp, p.pp, p.virtual_stages, p.dp_replicate, p.dp_shard, t.micro_batch_size,
+                        t.activation_checkpoint, t.precision, p.sequence_parallel)
+        link = min((r.get("link_bytes_s", float("inf")) for r in ranks), default=float("inf"))
+        device = cpu_device(ranks[0]["peak_flops"], memory_bw, link if link != float("inf") else memory_bw)
+        predicted_s = predict_step_time(cfg, layout, device, efficiency(), gpus_per_node=nproc).total
+        measured_s = max(r["step_s"] for r in ranks)
+        worst_mem = max(ranks, key=lambda r: abs(estimate_memory(cfg, layout, pp_rank=r["pp_rank"]).total
+                                               / r["step_peak"] - 1))
+        predicted_mem = estimate_memory(cfg, layout, pp_rank=worst_mem["pp_rank"]).total
+        rows.append({"layout": name, "memory_predicted": predicted_mem, "memory_measured": worst_mem["step_peak"],
+                     "memory_ratio": predicted_mem / worst_mem["step_peak"], "step_predicted_s": predicted_s,
+                     "step_measured_s": measured_s, "step_ratio": predicted_s / measured_s})
+    print(f"{'layout':<24} {'mem pred MiB':>12} {'mem meas MiB':>12} {'ratio':>6} {'step pred s':>11} "
+          f"{'step meas s':>11} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['layout']:<24} {r['memory_predicted'] / 2**20:>12.1f} {r['memory_measured'] / 2**20:>12.1f} "
+              f"{r['memory_ratio']:>6.2f} {r['step_predicted_s']:>11.3f} {r['step_measured_s']:>11.3f} "
+              f"{r['step_ratio']:>6.2f}")
+    print(f"(reference: each layout's own measurement in this run; memory bandwidth {memory_bw / 1e9:.1f} GB/s)")
+    worst_memory = max(rows, key=lambda r: abs(r["memory_ratio"] - 1))
+    worst_step = max(rows, key=lambda r: abs(r["step_ratio"] - 1))
+    print(json.dumps({"rows": rows, "worst_memory_ratio": worst_memory["memory_ratio"],
+                      "worst_step_ratio": worst_step["step_ratio"]}))
+
+
+if __name__ == "__main__":
+    main()
