@@ -8,8 +8,8 @@ layout on a "device" made of this machine's figures measured in the same run: th
 bandwidth). Prints a table and, last, a JSON line with every ratio and the worst (predicted / measured).
 
 The step-time model is built for GPUs; on CPU it leaves out Python's per-operator overhead and gloo's
-latency, so step-time ratios below 1 are expected here. The GPU figure (the 886M shape on one GPU) is to be
-recorded when a GPU is lent.
+latency, so step-time ratios below 1 are expected here. With a GPU in the device table (``devices.yaml``)
+present, the 886M benchmark shape also runs on one GPU against the table's figures for it.
 
     python benchmarks/plan_accuracy.py
 """
@@ -28,11 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from plan_worker import BASE, TIMED_STEPS_ENV  # noqa: E402
+from plan_worker import BASE, DEVICE_ENV, TIMED_STEPS_ENV  # noqa: E402
 
 from triarch.config import apply_overrides, config_from_dict, validate_for_world  # noqa: E402
 from triarch.launcher.local import launch_local  # noqa: E402
-from triarch.planning.devices import Device, efficiency  # noqa: E402
+from triarch.planning.devices import Device, device_names, efficiency, load_device  # noqa: E402
 from triarch.planning.memory import Layout, estimate_memory  # noqa: E402
 from triarch.planning.step_time import predict_step_time  # noqa: E402
 
@@ -45,6 +45,10 @@ LAYOUTS = {
     "dp_shard2": (2, ["parallel.dp_shard=2"]),
 }
 TIMED_STEPS = 3
+# the 886M benchmark shape (examples/1b.yaml), one GPU, when one is present
+GPU_SHAPE = ["model.dim=2048", "model.n_layers=16", "model.n_heads=16", "model.n_kv_heads=8", "model.ffn_hidden=5632",
+             "model.vocab_size=32000", "model.seq_len=2048", "model.max_seq_len=2048", "train.micro_batch_size=4",
+             "train.global_batch_size=4", "train.precision=bf16", "train.activation_checkpoint=selective"]
 
 
 def copy_bandwidth() -> float:
@@ -64,12 +68,24 @@ def cpu_device(peak: float, memory_bw: float, link_bw: float) -> Device:
                   bf16_flops=peak, fp8_flops=None, nvlink_bytes_s=link_bw, inter_node_bytes_s=link_bw)
 
 
+def gpu_device() -> Device | None:
+    """The device table's entry for this machine's GPU (None without CUDA or for a GPU not in the table)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name().lower()
+    return next((load_device(k) for k in device_names() if k in name), None)
+
+
 def main() -> None:
     os.environ[TIMED_STEPS_ENV] = str(TIMED_STEPS)
     memory_bw = copy_bandwidth()
     rows = []
-    for name, (nproc, extra) in LAYOUTS.items():
-        overrides = [*SHAPE, *extra]
+    runs = [(name, nproc, [*SHAPE, *extra], None) for name, (nproc, extra) in LAYOUTS.items()]
+    gpu = gpu_device()
+    if gpu is not None:
+        runs.append((f"886M, 1 {gpu.key}", 1, GPU_SHAPE, gpu))
+    for name, nproc, overrides, table_device in runs:
+        os.environ[DEVICE_ENV] = "cuda" if table_device is not None else "cpu"
         with tempfile.TemporaryDirectory() as out:
             launch_local(nproc, [str(ROOT / "tests" / "plan_worker.py"), out, *overrides])
             ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(nproc)]
@@ -78,7 +94,8 @@ def main() -> None:
         layout = Layout(p.tp, p.pp, p.virtual_stages, p.dp_replicate, p.dp_shard, t.micro_batch_size,
                         t.activation_checkpoint, t.precision, p.sequence_parallel)
         link = min((r.get("link_bytes_s", float("inf")) for r in ranks), default=float("inf"))
-        device = cpu_device(ranks[0]["peak_flops"], memory_bw, link if link != float("inf") else memory_bw)
+        link = link if link != float("inf") else memory_bw
+        device = table_device or cpu_device(ranks[0]["peak_flops"], memory_bw, link)
         predicted_s = predict_step_time(cfg, layout, device, efficiency(), gpus_per_node=nproc).total
         measured_s = max(r["step_s"] for r in ranks)
         worst_mem = max(ranks, key=lambda r: abs(estimate_memory(cfg, layout, pp_rank=r["pp_rank"]).total

@@ -31,6 +31,7 @@ BASE = {  # rows that FSDP cannot split evenly over 4 ranks (a vocabulary of 250
 
 
 TIMED_STEPS_ENV = "PLAN_WORKER_TIMED_STEPS"
+DEVICE_ENV = "PLAN_WORKER_DEVICE"  # cuda: benchmarks/plan_accuracy.py on a GPU (peak from the CUDA allocator)
 LINK_PROBE_BYTES = 16 * 2**20
 
 
@@ -48,7 +49,7 @@ def storage_bytes(tensors) -> int:
 def main() -> None:
     out = Path(sys.argv[1])
     cfg = config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), sys.argv[2:]))
-    device = pick_device("cpu")
+    device = pick_device(os.environ.get(DEVICE_ENV, "cpu"))
     if os.environ.get(TIMED_STEPS_ENV):  # share the cores among the ranks, as a training launch does
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["WORLD_SIZE"])))
     init_distributed(device)
@@ -70,14 +71,21 @@ def main() -> None:
     engine.train_step(mine[:, :-1], mine[:, 1:], step=1)
     measured["optimizer"] = storage_bytes([v for state in engine.optimizer.state.values() for v in state.values()])
     # the peak of a second step: what the step starts with (parameters, AdamW state; gradients are freed)
-    # plus the most the CPU allocator held above that during the step (the profiler's memory events)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # plus the most the CPU allocator held above that during the step (the profiler's memory events); on CUDA
+    # the caching allocator's own high-water mark
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
         engine.train_step(mine[:, :-1], mine[:, 1:], step=2)
-    trace = out / f"memory{dist.get_rank()}.json"
-    prof.export_chrome_trace(str(trace))
-    events = json.loads(trace.read_text())["traceEvents"]
-    above = max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
-    trace.unlink()
+        torch.cuda.synchronize(device)
+        above = torch.cuda.max_memory_allocated(device) - measured["parameters"] - measured["optimizer"]
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            engine.train_step(mine[:, :-1], mine[:, 1:], step=2)
+        trace = out / f"memory{dist.get_rank()}.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+        above = max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
+        trace.unlink()
     measured["step_peak"] = measured["parameters"] + measured["optimizer"] + above
     timed = int(os.environ.get(TIMED_STEPS_ENV, "0"))  # benchmarks/plan_accuracy.py: step time, peak, link
     if timed:
@@ -87,6 +95,8 @@ def main() -> None:
         start = time.perf_counter()
         for step in range(3, 3 + timed):
             engine.train_step(mine[:, :-1], mine[:, 1:], step=step)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         measured["step_s"] = (time.perf_counter() - start) / timed
         if dist.get_world_size() > 1:
             message = torch.zeros(LINK_PROBE_BYTES // 4)
