@@ -15,7 +15,7 @@ covers what neither counts (FSDP's gathered copies, the allocator's slack).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from triarch.config import ModelConfig, TriarchConfig
@@ -234,7 +234,7 @@ def estimate_memory(cfg: TriarchConfig, layout: Layout, head: str = "lm", pp_ran
     layers = m.n_layers // layout.pp
     tokens = layout.micro_batch_size * m.seq_len
     logits = 0 if head == "score" else 3 * FP32 * tokens * m.vocab_size // layout.tp  # logits, softmax, grad
-    plain = Layout(**{**layout.__dict__, "activation_checkpoint": "none"})
+    plain = replace(layout, activation_checkpoint="none")
     buffers = _buffers(cfg, layout, head)
     best = None
     for rank in ([pp_rank] if pp_rank is not None else sorted({0, layout.pp - 1})):

@@ -13,7 +13,7 @@ whose ranks fit in one node uses NVLink, else the network.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from triarch.config import TriarchConfig
 from triarch.planning.devices import Device, Efficiency
@@ -70,7 +70,7 @@ def predict_step_time(cfg: TriarchConfig, layout: Layout, device: Device, eff: E
     attention = 12 * layers * m.dim * m.seq_len * tokens / t * recompute
     gemm_eff = eff.gemm_fp8 if layout.precision == "fp8" and device.fp8_flops else eff.gemm
     peak = device.peak(layout.precision)
-    elementwise = 3 * layers * activation_bytes(cfg, Layout(**{**layout.__dict__, "activation_checkpoint": "none"}))
+    elementwise = 3 * layers * activation_bytes(cfg, replace(layout, activation_checkpoint="none"))
     per_micro = gemm / (peak * gemm_eff) + attention / (peak * eff.attention) + elementwise / (
         device.hbm_bytes_s * eff.memory)
 

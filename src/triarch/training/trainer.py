@@ -198,8 +198,9 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
                 if result.data_error:  # some rank's data failed a check: every rank ends here, none stepped
                     agree(problem, topo.host_group)
                 synchronize(device)
-                meter.update(tokens_per_step, time.perf_counter() - start)
-                profiler.record(step, time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                meter.update(tokens_per_step, elapsed)
+                profiler.record(step, elapsed)
                 if step == 1:
                     first_loss = result.loss
                 final_loss, last_step = result.loss, step
