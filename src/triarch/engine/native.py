@@ -24,13 +24,13 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from triarch.config import ConfigError, TriarchConfig
+from triarch.engine.adamw import build_optimizer
 from triarch.engine.generation import Generation, SamplingParams, generate
 from triarch.engine.interface import NonFiniteLossError, RowFn, StepResult
 from triarch.engine.lr_schedule import build_scheduler, load_scheduler_state, scheduler_state
 from triarch.engine.lr_schedule import set_schedule_step as put_schedule_at
 from triarch.engine.model_args import llama_args
 from triarch.engine.native_grad_norm import GradNormer, clip_factor, scale_gradients, settle_partial_grads
-from triarch.engine.native_optimizer import build_optimizer
 from triarch.engine.native_state import engine_state, named_parameters
 from triarch.models.llama import Llama
 from triarch.objectives.base import PRETRAIN, Fields, Objective

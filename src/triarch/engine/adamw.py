@@ -1,4 +1,5 @@
-"""The native engine's optimizer: fused AdamW with decoupled weight decay on matrices only."""
+"""The AdamW of the engines that step a torch optimizer (native; deepspeed as its client optimizer): decoupled
+weight decay on matrices only."""
 
 from __future__ import annotations
 
