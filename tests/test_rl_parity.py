@@ -26,6 +26,8 @@ LAYOUTS = {
     # weights gathered over DP) into TP x FSDP shards
     "megatron_tp2_dp2": (4, ["engine=megatron", "parallel.tp=2", "parallel.dp_shard=2"]),
     "megatron_tp2_pp2": (4, ["engine=megatron", "parallel.tp=2", "parallel.pp=2"]),
+    # the deepspeed engine: actor and critic each a ZeRO-3 engine, rollouts on the gathered weights
+    "deepspeed_zero3_dp2": (2, ["engine=deepspeed", "parallel.dp_shard=2", "deepspeed.zero_stage=3"]),
 }
 
 
@@ -70,6 +72,8 @@ def test_first_step_of_each_iteration_has_no_mismatch(single) -> None:
 def test_layout_equals_one_process(layout, single, tmp_path) -> None:
     if layout.startswith("megatron"):
         pytest.importorskip("megatron.core")
+    if layout.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
     results, params = single
     nproc, overrides = LAYOUTS[layout]
     got, got_params = _run(tmp_path / layout, nproc, overrides)

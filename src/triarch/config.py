@@ -212,6 +212,22 @@ class ProfileConfig(_Section):
     steps: int = Field(3, gt=0)
 
 
+class DeepSpeedConfig(_Section):
+    """What is DeepSpeed's own on ``engine: deepspeed`` (docs/engine.md): the ZeRO stage (``parallel.dp_shard``
+    is the ZeRO data-parallel degree), offload of optimizer state (stages 1-3) and parameters (stage 3) to CPU
+    or NVMe (``nvme_path``, an existing folder), overlap and bucket sizes, and ``config_file``: an existing
+    DeepSpeed JSON merged under these keys (its values for keys triarch sets must agree, or be "auto")."""
+
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = Field(None, min_length=1)
+    overlap_comm: bool = False
+    reduce_bucket_size: int = Field(500_000_000, gt=0)
+    allgather_bucket_size: int = Field(500_000_000, gt=0)
+    config_file: str | None = Field(None, min_length=1)
+
+
 class FaultConfig(_Section):
     """Failure detection. A rank whose step loop makes no progress for ``hang_timeout_s`` (0 turns the
     watchdog off) makes every live rank dump its Python stacks and the job exit with a report naming the
@@ -350,6 +366,7 @@ class TriarchConfig(_Section):
     logging: LoggingConfig = LoggingConfig()
     fault: FaultConfig = FaultConfig()
     profile: ProfileConfig = ProfileConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
     init: InitConfig = InitConfig()
     rl: RLConfig = RLConfig()

@@ -18,10 +18,12 @@ def check_engine_config(cfg: TriarchConfig) -> None:
         from triarch.engine.megatron_model import check_megatron_config
 
         check_megatron_config(cfg, cfg.parallel.tp, cfg.parallel.pp)
-    elif cfg.engine == "native":
-        _check_native_fp8(cfg)
+    elif cfg.engine == "deepspeed":
+        from triarch.engine.deepspeed_config import check_deepspeed_config
+
+        check_deepspeed_config(cfg)
     else:
-        raise ConfigError(f"engine '{cfg.engine}' is not built yet; use engine: native")
+        _check_native_fp8(cfg)
 
 
 def _check_native_fp8(cfg: TriarchConfig) -> None:
@@ -48,4 +50,8 @@ def build_engine(cfg: TriarchConfig, topo: Topology, *, trainable: bool = True, 
         from triarch.engine.megatron import MegatronEngine
 
         return MegatronEngine(cfg, topo, trainable=trainable, head=head, materialize_weights=materialize_weights)
+    if cfg.engine == "deepspeed":
+        from triarch.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, topo, trainable=trainable, head=head, materialize_weights=materialize_weights)
     raise ConfigError(f"engine '{cfg.engine}' is not available in this version; use engine: native")

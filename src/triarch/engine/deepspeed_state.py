@@ -1,0 +1,99 @@
+"""Full per-parameter fp32 weights and AdamW moments out of, and back into, a DeepSpeed ZeRO optimizer.
+
+ZeRO keeps the fp32 master weights and the optimizer state as flat partitions (one per parameter group per
+rank) that cut across parameters; triarch's checkpoints hold them per parameter under canonical names, so a
+run moves between engines and data-parallel sizes. Each getter here assembles one parameter's full fp32
+value from every rank's fragment (a collective over the ZeRO group: call it in the same order on every rank);
+each setter writes this rank's fragment of a full value (local).
+
+DeepSpeed's ``safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state`` cover most of this, but they
+need optimizer state that exists (none before the first step: a resume loads into a fresh engine) and,
+under stages 1 and 2, fragment views of the state that DeepSpeed links only when it loads its own
+checkpoint. ``ensure_state`` and ``link_state`` provide both; the stage-3 setter writes its slice itself,
+because DeepSpeed's reads past the end of a value whose size the ranks do not divide. The DeepSpeed
+internals used (0.19): stage 1/2 ``single_partition_of_fp32_groups``, ``bit16_groups``, ``update_lp_params``
+and each parameter's ``_hp_mapping``; stage 3 ``fp32_partitioned_groups_flat``,
+``_get_fp32_opt_state_partition``, ``_get_param_partition_rank``, ``_reassign_or_swap_out_partitioned_parameters``
+and ``persistent_parameters``. tests/test_deepspeed_engine.py fails when an upgrade moves one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _flat_partitions(zero: Any) -> list[torch.Tensor]:
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # stage 3
+        return list(zero.fp32_partitioned_groups_flat)
+    return list(zero.single_partition_of_fp32_groups)  # stages 1 and 2
+
+
+def ensure_state(zero: Any) -> None:
+    """Zeroed AdamW state (moments, step) for every flat fp32 partition that has none yet."""
+    adam = zero.optimizer
+    fused = bool(adam.defaults.get("fused"))
+    for flat in _flat_partitions(zero):
+        if adam.state.get(flat):
+            continue
+        step = torch.zeros((), dtype=torch.float32, device=flat.device if fused else "cpu")
+        adam.state[flat] = {"step": step, **{m: torch.zeros_like(flat) for m in MOMENTS}}
+    link_state(zero)
+
+
+def link_state(zero: Any) -> None:
+    """Stages 1 and 2: point each parameter's fragment mapping at the moments of its flat partition."""
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        return
+    flats = zero.single_partition_of_fp32_groups
+    for group in zero.bit16_groups:
+        for p in group:
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is not None:
+                flat = flats[mapping.param_group_index]
+                mapping.set_optim_state_fragment(flat, zero.optimizer.state[flat])
+
+
+def steps_taken(zero: Any) -> float:
+    """AdamW's step count (the same in every flat partition)."""
+    state = zero.optimizer.state.get(_flat_partitions(zero)[0])
+    return float(state["step"]) if state else 0.0
+
+
+def set_steps_taken(zero: Any, steps: float) -> None:
+    for flat in _flat_partitions(zero):
+        zero.optimizer.state[flat]["step"].fill_(steps)
+
+
+def full_value(zero: Any, param: torch.nn.Parameter, key: str | None) -> torch.Tensor:
+    """The full fp32 master weight (``key`` None) or AdamW moment of ``param`` (collective)."""
+    if hasattr(param, "ds_id"):  # stage 3
+        return zero.get_full_hp_param(param, key).detach().clone()
+    return param.get_full_hp_param(key).detach().clone()
+
+
+@torch.no_grad()
+def put_value(zero: Any, param: torch.nn.Parameter, value: torch.Tensor, key: str | None) -> None:
+    """Write this rank's fragment of ``value`` (the full fp32 weight or moment of ``param``)."""
+    flat = value.detach().reshape(-1).float()
+    if hasattr(param, "ds_id"):  # stage 3: this rank's equal slice of the flattened, end-padded parameter
+        part, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)  # noqa: SLF001
+        start = part.numel() * zero._get_param_partition_rank(param)  # noqa: SLF001
+        take = max(0, min(part.numel(), flat.numel() - start))
+        part.view(-1)[:take].copy_(flat[start:start + take].to(part.device))
+        return
+    param.set_full_hp_param(flat.view(param.shape).to(param.device), key)
+
+
+def refresh_model_weights(zero: Any) -> None:
+    """Copy the fp32 master weights into the model's (possibly bf16) parameters on every rank (collective)."""
+    if hasattr(zero, "fp32_partitioned_groups_flat"):
+        for group in range(len(zero.fp32_partitioned_groups_flat)):
+            zero._reassign_or_swap_out_partitioned_parameters(group)  # noqa: SLF001
+        if zero.persistent_parameters:  # small parameters stage 3 keeps whole on every rank
+            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
+    else:
+        zero.update_lp_params()
