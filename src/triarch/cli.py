@@ -97,9 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--force", action="store_true",
                      help="export into a non-empty folder, replacing its *.safetensors, index, config.json, "
                           "generation_config.json and tokenizer files (other files stay)")
-    imp = ck.add_parser("import", help="start a new run directory from a Hugging Face Llama (or Mistral) folder")
-    imp.add_argument("--hf", type=Path, required=True,
-                     help="folder with config.json and model.safetensors or model.safetensors.index.json + shards")
+    imp = ck.add_parser("import", help="start a new run directory from a Hugging Face Llama (or Mistral) folder "
+                                       "or a DeepSpeed ZeRO checkpoint of one")
+    source = imp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", type=Path,
+                        help="folder with config.json and model.safetensors or model.safetensors.index.json + shards")
+    source.add_argument("--deepspeed", type=Path,
+                        help="a DeepSpeed checkpoint folder (Hugging Face Trainer's checkpoint-N: config.json, "
+                             "'latest' and global_stepN/ with every rank's ZeRO states); weights only")
     imp.add_argument("--run-dir", type=Path, required=True, help="a new or empty run directory")
 
     data = sub.add_parser("data", help="check prepared data")

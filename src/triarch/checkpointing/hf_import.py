@@ -12,9 +12,10 @@ importing over a run would replace its ``config.yaml`` while resume kept loading
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,23 +73,31 @@ def _claimed(run_dir: Path) -> Iterator[bool]:
 
 def _checked_names(weights: HFWeights, args: LlamaArgs, config_path: Path) -> list[str]:
     """The HF tensors to load, after checking every name and shape in the headers against the config."""
+    shapes = {name: (entry.shape, entry.file) for name, entry in weights.entries.items()}
+    return check_hf_names(shapes, args, config_path, weights.source)
+
+
+def check_hf_names(shapes: dict[str, tuple[Sequence[int], Any]], args: LlamaArgs, config_path: Path, source: Any
+                   ) -> list[str]:
+    """The HF tensor names of ``shapes`` (name -> (shape, where it is stored)) to load, after checking every
+    name and shape against the model ``config_path`` describes: one CheckpointError naming the tensor."""
     expected = hf_tensor_shapes(args)
-    for name, entry in weights.entries.items():
+    for name, (shape, where) in shapes.items():
         if ignored_hf_tensor(name):
             continue
         if name not in expected:
-            raise CheckpointError(f"{entry.file}: unexpected tensor {name} (the Llama that {config_path} "
+            raise CheckpointError(f"{where}: unexpected tensor {name} (the Llama that {config_path} "
                                   f"describes has num_hidden_layers={args.n_layers} and no biases)")
-        if entry.shape != expected[name]:
-            raise CheckpointError(f"{entry.file}: tensor {name} has shape {entry.shape}, {config_path} implies "
-                                  f"{expected[name]}")
+        if tuple(shape) != tuple(expected[name]):
+            raise CheckpointError(f"{where}: tensor {name} has shape {tuple(shape)}, {config_path} implies "
+                                  f"{tuple(expected[name])}")
     for name in expected:
-        if name not in weights.entries and name != HEAD:
-            raise CheckpointError(f"{weights.source}: missing tensor {name}")
-    if HEAD not in weights.entries and not args.tie_embeddings and args.head == "lm":
-        raise CheckpointError(f"{weights.source}: missing tensor {HEAD} ({config_path} has tie_word_embeddings "
+        if name not in shapes and name != HEAD:
+            raise CheckpointError(f"{source}: missing tensor {name}")
+    if HEAD not in shapes and not args.tie_embeddings and args.head == "lm":
+        raise CheckpointError(f"{source}: missing tensor {HEAD} ({config_path} has tie_word_embeddings "
                               f"false, so the output projection is its own tensor)")
-    return [name for name in expected if name in weights.entries]
+    return [name for name in expected if name in shapes]
 
 
 def _triarch_tensors(weights: HFWeights, names: list[str], args: LlamaArgs, config_path: Path
@@ -159,10 +168,18 @@ def import_hf(hf_dir: Path, run_dir: Path) -> Path:
     """Write a committed step-0 checkpoint and a matching ``config.yaml`` into a new or empty ``run_dir``."""
     config_path = hf_dir / CONFIG_FILE
     args, weights, names = checked_hf_folder(hf_dir)
+    return import_run(run_dir, args, config_path, lambda: _triarch_tensors(weights, names, args, config_path),
+                      hf_dir)
+
+
+def import_run(run_dir: Path, args: LlamaArgs, config_path: Path, tensors: Callable[[], dict[str, torch.Tensor]],
+               source: Path) -> Path:
+    """Claim a new or empty ``run_dir``, then write ``tensors()`` (triarch names, float32) as its committed step 0
+    and a ``config.yaml`` for a model of shape ``args``; a failure leaves no run directory it created."""
     cfg = _run_config(args, run_dir, config_path)
     with _claimed(run_dir) as created:
         try:
-            return _write_run(run_dir, _triarch_tensors(weights, names, args, config_path), cfg, hf_dir)
+            return _write_run(run_dir, tensors(), cfg, source)
         except BaseException:
             if created:  # leave no empty run directory behind a failed import
                 (run_dir / LOCK_NAME).unlink(missing_ok=True)

@@ -55,7 +55,12 @@ def run(args: argparse.Namespace) -> int:
                         pad_id=getattr(args, "pad_id", None))
         print(f"exported to {out}")
         return 0
-    step_dir = import_hf(args.hf, args.run_dir)
+    if args.deepspeed is not None:
+        from triarch.checkpointing.deepspeed_import import import_deepspeed
+
+        step_dir = import_deepspeed(args.deepspeed, args.run_dir)
+    else:
+        step_dir = import_hf(args.hf, args.run_dir)
     print(f"imported into {step_dir}; continue with: triarch train {args.run_dir / 'config.yaml'} "
           f"--run-dir {args.run_dir} data.path=...")
     return 0
