@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Shard
 
 from triarch.config import TriarchConfig
 from triarch.engine import deepspeed_state as zstate
@@ -278,24 +279,40 @@ class DeepSpeedEngine:
                             activation_dtype=dtype, sequence_parallel=False, autocast=autocast)
 
     # --- state under canonical names (engine.interface) -----------------------------------------------
+    def _row_shard(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full tensor as a DTensor sharded by rows over the data-parallel ranks (the
+        split DTensor's ``Shard(0)`` makes: ceil-sized blocks, the last ones shorter or empty); 0-d stays plain."""
+        if full.ndim == 0:
+            return full
+        ranks, rank = self.topo.dp, self.topo.dp_rank
+        block = -(-full.shape[0] // ranks)
+        local = full[min(rank * block, full.shape[0]):min((rank + 1) * block, full.shape[0])].clone()
+        return DTensor.from_local(local, self.topo.dp_mesh, [Shard(0)], run_check=False, shape=full.shape,
+                                  stride=full.stride())
+
+    def _handed_out(self, param: torch.nn.Parameter, key: str | None) -> torch.Tensor:
+        """One parameter's fp32 weight (``key`` None) or moment, gathered from ZeRO's partitions and handed out
+        as this rank's row shard, remembered for ``state_loaded`` (collective)."""
+        tensor = self._row_shard(zstate.full_value(self.zero, param, key))
+        self._pending.append((param, key, tensor))
+        return tensor
+
     def model_state(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights by canonical name: the frozen model's own parameters, or (trainable) copies
-        gathered from ZeRO's fp32 master partitions that ``state_loaded`` writes back (collective)."""
+        """fp32 weights by canonical name: the frozen model's own parameters (whole on every rank), or
+        (trainable) row shards over the data-parallel ranks of the weights gathered from ZeRO's fp32 master
+        partitions, one parameter at a time, which ``state_loaded`` writes back (collective)."""
         self._pending = []
         if self.ds is None:
-            return dict(self._frozen_named())
-        state = {}
-        for name, p in self._named.items():
-            state[name] = zstate.full_value(self.zero, p, None)
-            self._pending.append((p, None, state[name]))
-        return state
+            return self._frozen_named()
+        return {name: self._handed_out(p, None) for name, p in self._named.items()}
 
     def _frozen_named(self) -> dict[str, torch.Tensor]:
         return {canonical_name(n): p.detach() for n, p in self.module.named_parameters()}
 
     def checkpoint_state(self, prefix: str = "") -> dict[str, Any]:
-        """Weights and AdamW moments (``model.<name>``, ``optim.<name>.<exp_avg|exp_avg_sq|step>``), full fp32
-        on every rank (gathered from the partitions: the cost of canonical names under ZeRO)."""
+        """Weights and AdamW moments (``model.<name>``, ``optim.<name>.<exp_avg|exp_avg_sq|step>``) as row
+        shards over the data-parallel ranks: ZeRO's flat partitions cut across parameters, so each parameter
+        is gathered whole once, then only this rank's rows are kept (peak: the shards plus one full tensor)."""
         if self.ds is None:
             return {f"{prefix}model.{k}": v for k, v in self.model_state().items()}
         zstate.ensure_state(self.zero)
@@ -303,16 +320,15 @@ class DeepSpeedEngine:
         steps = zstate.steps_taken(self.zero)
         for name, p in self._named.items():
             for moment in zstate.MOMENTS:
-                tensor = zstate.full_value(self.zero, p, moment)
-                self._pending.append((p, moment, tensor))
-                state[f"{prefix}optim.{name}.{moment}"] = tensor
+                state[f"{prefix}optim.{name}.{moment}"] = self._handed_out(p, moment)
             step = torch.tensor(steps, dtype=torch.float32)
             self._pending.append((None, "step", step))
             state[f"{prefix}optim.{name}.step"] = step
         return state
 
     def state_loaded(self) -> None:
-        """Write what a load put into the handed-out tensors back into ZeRO's partitions and the model."""
+        """Write what a load put into the handed-out tensors back into ZeRO's partitions (each gathered whole
+        once, one at a time) and refresh the model's weights from them (collective)."""
         if self.ds is None:
             return
         zstate.ensure_state(self.zero)
@@ -320,7 +336,8 @@ class DeepSpeedEngine:
             if key == "step":
                 zstate.set_steps_taken(self.zero, float(tensor))
             else:
-                zstate.put_value(self.zero, param, tensor, key)
+                full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+                zstate.put_value(self.zero, param, full, key)
         self._pending = []
         zstate.refresh_model_weights(self.zero)
 
@@ -334,12 +351,10 @@ class DeepSpeedEngine:
         put_schedule_at(self.scheduler, step)
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights by canonical name (collective)."""
+        """Full fp32 weights by canonical name, on every rank (collective)."""
         if self.ds is None:
             return {k: v.clone() for k, v in self._frozen_named().items()}
-        state = self.model_state()
-        self._pending = []
-        return state
+        return {name: zstate.full_value(self.zero, p, None) for name, p in self._named.items()}
 
     def close(self) -> None:
         """Drop the model and the optimizer state."""
