@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/pydocs
 
-.PHONY: install demo align-demo align-demo-steps test bench clean
+.PHONY: install demo align-demo align-demo-steps test test-slow bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -59,6 +59,11 @@ align-demo-steps:
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The slow tier (not in CI): tests that JIT-compile DeepSpeed's CPU ops (about 90 s the first time on a CPU model;
+# the build is cached per CPU model under ~/.cache/triarch/deepspeed-ops).
+test-slow: $(STAMP)
+	TRIARCH_SLOW=1 $(BIN)/python -m pytest -q -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/overhead.py

@@ -249,6 +249,7 @@ def _json_file(tmp_path: Path, content: dict) -> str:
     ({"train": {"precision": "fp8"}}, 1, "fp8.* not deepspeed"),
     ({"deepspeed": {"zero_stage": 2, "offload_params": "cpu"}}, 1, "only ZeRO stage 3 does"),
     ({"deepspeed": {"zero_stage": 3, "offload_params": "nvme"}}, 1, "needs deepspeed.nvme_path"),
+    ({"deepspeed": {"optimizer": "deepspeed_cpu_adam"}}, 1, "set deepspeed.offload_optimizer=cpu"),
     ({"deepspeed": {"zero_stage": 3, "offload_optimizer": "nvme", "nvme_path": "/no/such/nvme"}}, 1,
      "deepspeed.nvme_path '/no/such/nvme' is not an existing folder"),
 ])

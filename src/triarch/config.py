@@ -226,6 +226,9 @@ class DeepSpeedConfig(_Section):
     reduce_bucket_size: int = Field(500_000_000, gt=0)
     allgather_bucket_size: int = Field(500_000_000, gt=0)
     config_file: str | None = Field(None, min_length=1)
+    # torch_adamw: torch's fused AdamW steps the (offloaded) partitions, nothing compiles; deepspeed_cpu_adam:
+    # DeepSpeed's AVX CPU Adam for offloaded state (JIT-compiled once per CPU model, about 90 s)
+    optimizer: Literal["torch_adamw", "deepspeed_cpu_adam"] = "torch_adamw"
 
 
 class FaultConfig(_Section):

@@ -9,9 +9,9 @@ from torch import nn
 from triarch.config import TrainConfig
 
 
-def build_optimizer(modules: list[nn.Module], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over every parameter of ``modules``, with the fused kernel (CUDA and CPU): its step counters
-    stay tensors the kernel reads itself, so an optimizer step never copies a value to the host."""
+def adamw_groups(modules: list[nn.Module], cfg: TrainConfig) -> list[dict]:
+    """Two parameter groups over every trainable parameter of ``modules`` (each once): matrices with
+    ``cfg.weight_decay``, vectors (norm weights) without."""
     decay, no_decay, seen = [], [], set()
     for module in modules:
         for p in module.parameters():
@@ -19,5 +19,11 @@ def build_optimizer(modules: list[nn.Module], cfg: TrainConfig, device: torch.de
                 continue
             seen.add(id(p))
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(modules: list[nn.Module], cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over every parameter of ``modules``, with the fused kernel (CUDA and CPU): its step counters
+    stay tensors the kernel reads itself, so an optimizer step never copies a value to the host."""
+    return torch.optim.AdamW(adamw_groups(modules, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=True)

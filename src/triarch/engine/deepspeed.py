@@ -19,7 +19,11 @@ import contextlib
 import logging
 import math
 import os
+import platform
+import re
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +32,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from triarch.config import TriarchConfig
 from triarch.engine import deepspeed_state as zstate
-from triarch.engine.adamw import build_optimizer
+from triarch.engine.adamw import adamw_groups, build_optimizer
 from triarch.engine.deepspeed_config import deepspeed_json
 from triarch.engine.generation import Generation, SamplingParams, generate
 from triarch.engine.interface import NonFiniteLossError, RowFn, StepResult
@@ -59,6 +63,20 @@ def import_deepspeed() -> Any:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return deepspeed
+
+
+def extension_cache_dir() -> Path:
+    """Where DeepSpeed's JIT-compiled ops are kept: one folder per CPU model (they are built with
+    ``-march=native``, so a build from another CPU may not run here), Python and torch version."""
+    model = platform.processor() or "cpu"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", model).strip("-").lower()
+    version = f"py{sys.version_info.major}{sys.version_info.minor}-torch{torch.__version__.split('+')[0]}"
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "triarch" / "deepspeed-ops" / slug / version
 
 
 @contextlib.contextmanager
@@ -100,13 +118,25 @@ class DeepSpeedEngine:
             self.module.requires_grad_(False)
             return
         deepspeed = import_deepspeed()
-        self.optimizer = build_optimizer([self.module], cfg.train, topo.device)
+        self.optimizer = self._build_optimizer()
         with _local_rank_set(topo.device):
             self.ds, self.zero, _, _ = deepspeed.initialize(
                 model=self.module, optimizer=self.optimizer, dist_init_required=False,
                 config=deepspeed_json(cfg, n_microbatches=self.n_microbatches))
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self._named = {canonical_name(n): p for n, p in self.module.named_parameters()}
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """The client optimizer DeepSpeed steps: torch's fused AdamW (the native engine's), or DeepSpeed's CPU
+        Adam (``deepspeed.optimizer``), compiled into a cache folder per CPU model."""
+        train = self.cfg.train
+        if self.cfg.deepspeed.optimizer == "torch_adamw":
+            return build_optimizer([self.module], train, self.topo.device)
+        os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(extension_cache_dir()))
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(adamw_groups([self.module], train), lr=train.lr, betas=(train.beta1, train.beta2),
+                                eps=train.eps, adamw_mode=True)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -126,6 +156,7 @@ class DeepSpeedEngine:
         """What DeepSpeed runs here (for logs and tests)."""
         return {"engine": "deepspeed", "zero_stage": self.zero_stage,
                 "optimizer": type(self.zero).__name__ if self.ds is not None else None,
+                "client_optimizer": type(self.optimizer).__name__ if self.ds is not None else None,
                 "offload_optimizer": self.cfg.deepspeed.offload_optimizer,
                 "offload_params": self.cfg.deepspeed.offload_params}
 

@@ -74,6 +74,9 @@ def check_deepspeed_config(cfg: TriarchConfig) -> None:
     if ds.offload_params != "none" and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_params '{ds.offload_params}' partitions parameters, which only ZeRO "
                           f"stage 3 does: set deepspeed.zero_stage=3 (it is {ds.zero_stage})")
+    if ds.optimizer == "deepspeed_cpu_adam" and ds.offload_optimizer == "none":
+        raise ConfigError("deepspeed.optimizer 'deepspeed_cpu_adam' steps optimizer state held in host memory: "
+                          "set deepspeed.offload_optimizer=cpu (or nvme), or use deepspeed.optimizer=torch_adamw")
     if "nvme" in (ds.offload_optimizer, ds.offload_params):
         if ds.nvme_path is None:
             raise ConfigError("deepspeed offload to 'nvme' needs deepspeed.nvme_path (an existing folder on the "

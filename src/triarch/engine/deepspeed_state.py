@@ -39,7 +39,10 @@ def ensure_state(zero: Any) -> None:
     for flat in _flat_partitions(zero):
         if adam.state.get(flat):
             continue
-        step = torch.zeros((), dtype=torch.float32, device=flat.device if fused else "cpu")
+        # torch's AdamW counts steps in a tensor; DeepSpeed's CPU Adam in a Python int
+        step: torch.Tensor | int = 0
+        if isinstance(adam, torch.optim.AdamW):
+            step = torch.zeros((), dtype=torch.float32, device=flat.device if fused else "cpu")
         adam.state[flat] = {"step": step, **{m: torch.zeros_like(flat) for m in MOMENTS}}
     link_state(zero)
 
@@ -65,7 +68,11 @@ def steps_taken(zero: Any) -> float:
 
 def set_steps_taken(zero: Any, steps: float) -> None:
     for flat in _flat_partitions(zero):
-        zero.optimizer.state[flat]["step"].fill_(steps)
+        state = zero.optimizer.state[flat]
+        if torch.is_tensor(state["step"]):
+            state["step"].fill_(steps)
+        else:
+            state["step"] = int(steps)
 
 
 def full_value(zero: Any, param: torch.nn.Parameter, key: str | None) -> torch.Tensor:

@@ -206,9 +206,9 @@ class NativeEngine:
                 pending, self._pending_stats = self._pending_stats, []
             # the schedule keeps each micro-batch's loss as returned by _pipeline_loss (scaled); its first
             # step also calls the loss once to infer shapes, on placeholder activations: that call is dropped
-            kept = {id(l) for l in scaled}
+            kept = {id(micro) for micro in scaled}
             self._stat_sums = [stats for loss, stats in pending if id(loss) in kept]
-            micro_losses = [local_value(l.detach()).double() / self._loss_scale for l in scaled]
+            micro_losses = [local_value(micro.detach()).double() / self._loss_scale for micro in scaled]
         else:
             model = self.chunks[0]
             positions = position_ids.chunk(n) if position_ids is not None else [None] * n

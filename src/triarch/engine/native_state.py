@@ -36,7 +36,8 @@ def ensure_optimizer_state(opt: torch.optim.Optimizer) -> None:
             if p in opt.state and opt.state[p]:
                 continue
             step = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
-            opt.state[p] = {"step": step, **{m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in _MOMENTS}}
+            moments = {m: torch.zeros_like(p, memory_format=torch.preserve_format) for m in _MOMENTS}
+            opt.state[p] = {"step": step, **moments}
 
 
 def engine_state(chunks: list[torch.nn.Module], opt: torch.optim.Optimizer, prefix: str = "") -> dict[str, Any]:
