@@ -129,11 +129,14 @@ def _resume(saved: Path, run_dir: Path, data: Path, nproc: int, overrides: list[
     ZERO3_DP2,
     (1, ["engine=deepspeed", "deepspeed.zero_stage=1"]),
     (2, ["parallel.dp_shard=2"]),
-], ids=["zero3_dp2_same", "zero1_one_rank", "native_fsdp_dp2"])
-def test_a_zero3_run_resumes_at_another_size_and_on_the_native_engine(resumed_by, zero3_run, data: Path,
+    (2, ["engine=megatron", "parallel.tp=2"]),
+], ids=["zero3_dp2_same", "zero1_one_rank", "native_fsdp_dp2", "megatron_tp2"])
+def test_a_zero3_run_resumes_at_another_size_and_on_the_other_engines(resumed_by, zero3_run, data: Path,
                                                                        tmp_path: Path) -> None:
     """Stopped after the step-3 checkpoint (a copy of it in a fresh run directory is what a killed run leaves) and
     resumed: steps 4 and 5 give the uninterrupted run's losses (weights, AdamW moments and step, schedule)."""
+    if "engine=megatron" in resumed_by[1]:
+        pytest.importorskip("megatron.core")
     saved, reference = zero3_run
     assert sorted(reference) == [1, 2, 3, 4, 5]
     got = _resume(saved, tmp_path / "resumed", data, resumed_by[0], resumed_by[1])
