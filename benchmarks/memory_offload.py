@@ -1,7 +1,8 @@
 """Peak memory per rank of one model under DeepSpeed ZeRO-3 with and without offload, against the native
-engine's FSDP2, measured in one run (2 ranks each, same model and batch): a table and a JSON last line.
+engine's FSDP2, measured in one run (same ranks, model and batch): a table and a JSON last line.
 
-Usage: python benchmarks/memory_offload.py [--dim 512 --layers 8 --vocab 8192 --steps 3]
+Usage: python benchmarks/memory_offload.py [--dim 512 --layers 8 --vocab 8192 --steps 3 --nproc 2]
+(on a machine with one GPU: --nproc 1, since NCCL refuses two ranks on one device)
 
 Measured per rank: the model's own memory (peak resident set after the steps minus the resident set before
 the model was built: imports and the process group excluded), the bytes of the state the rank holds
@@ -24,12 +25,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUTS = {  # name: overrides (2 ranks)
-    "native FSDP2": ["parallel.dp_shard=2"],
-    "deepspeed ZeRO-3": ["engine=deepspeed", "parallel.dp_shard=2", "deepspeed.zero_stage=3"],
-    "ZeRO-3 + offload optimizer": ["engine=deepspeed", "parallel.dp_shard=2", "deepspeed.zero_stage=3",
-                                   "deepspeed.offload_optimizer=cpu"],
-    "ZeRO-3 + offload optimizer + params": ["engine=deepspeed", "parallel.dp_shard=2", "deepspeed.zero_stage=3",
+LAYOUTS = {  # name: overrides (every rank a data-parallel shard)
+    "native FSDP2": [],
+    "deepspeed ZeRO-3": ["engine=deepspeed", "deepspeed.zero_stage=3"],
+    "ZeRO-3 + offload optimizer": ["engine=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu"],
+    "ZeRO-3 + offload optimizer + params": ["engine=deepspeed", "deepspeed.zero_stage=3",
                                             "deepspeed.offload_optimizer=cpu", "deepspeed.offload_params=cpu"],
 }
 
@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--nproc", type=int, default=2, help="ranks (data-parallel shards) per layout")
     parser.add_argument("--out", type=Path, default=Path("/tmp/triarch-memory-offload"))
     args = parser.parse_args()
     import shutil
@@ -136,22 +137,24 @@ def main() -> None:
         out = args.out / name.replace(" ", "_").replace("+", "plus")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        launch_local(2, [__file__, "--rank", str(out), *overrides])
-        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+        launch_local(args.nproc, [__file__, "--rank", str(out), f"parallel.dp_shard={args.nproc}", *overrides])
+        ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(args.nproc)]
         results[name] = {key: max(r[key] for r in ranks) for key in ranks[0] if key != "rank"}
     ref = results["native FSDP2"]
     mib = 2**20
     params = 12 * args.layers * args.dim**2 + 2 * args.vocab * args.dim  # approximate, for the header
     print(f"model: dim {args.dim}, {args.layers} layers, vocab {args.vocab} (~{params / 1e6:.0f}M parameters), "
-          f"2 ranks, fp32, AdamW; the largest rank shown")
-    print(f"{'layout':<38} {'model memory MiB':>17} {'vs FSDP2':>9} {'state MiB':>10} {'step s':>8} {'vs FSDP2':>9}")
+          f"{args.nproc} ranks, fp32, AdamW; the largest rank shown")
+    memory = "device_peak_bytes" if "device_peak_bytes" in ref else "model_bytes"  # CUDA: the allocator's peak
+    label = "device peak MiB" if memory == "device_peak_bytes" else "model memory MiB"
+    print(f"{'layout':<38} {label:>17} {'vs FSDP2':>9} {'state MiB':>10} {'tokens/s':>9} {'vs FSDP2':>9}")
     for name, r in results.items():
-        print(f"{name:<38} {r['model_bytes'] / mib:>17.1f} {r['model_bytes'] / ref['model_bytes']:>9.2f} "
-              f"{r['state_bytes'] / mib:>10.1f} {r['step_s']:>8.3f} {r['step_s'] / ref['step_s']:>9.2f}")
-    print(json.dumps({"reference": "native FSDP2 (dp_shard=2), same run",
-                      "model_bytes_ratio": {n: round(r["model_bytes"] / ref["model_bytes"], 3)
-                                            for n, r in results.items()},
-                      "step_time_ratio": {n: round(r["step_s"] / ref["step_s"], 3) for n, r in results.items()},
+        print(f"{name:<38} {r[memory] / mib:>17.1f} {r[memory] / ref[memory]:>9.2f} {r['state_bytes'] / mib:>10.1f} "
+              f"{r['tokens_per_s']:>9.0f} {r['tokens_per_s'] / ref['tokens_per_s']:>9.2f}")
+    print(json.dumps({"reference": f"native FSDP2 (dp_shard={args.nproc}), same run", "memory": memory,
+                      "memory_ratio": {n: round(r[memory] / ref[memory], 3) for n, r in results.items()},
+                      "tokens_per_s_ratio": {n: round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
+                                             for n, r in results.items()},
                       "results": results}))
 
 

@@ -125,6 +125,10 @@ def run_objective(kind: str, overrides: list[str], device: torch.device) -> dict
     params = engine.full_parameters()
     out["params"] = params if topo.dp_rank == 0 and topo.tp_rank == 0 else {}
     out["pp_rank"] = topo.pp_rank
+    if reference is not None:  # what the reference ran on (an engine's own description, where it has one)
+        out["reference"] = getattr(reference, "describe", dict)()
+        out["reference_local_parameters"] = reference.local_parameter_count()
+        out["local_parameters"] = engine.local_parameter_count()
     return out
 
 

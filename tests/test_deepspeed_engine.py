@@ -7,7 +7,6 @@ one-line errors for what it cannot run. Nothing here JIT-compiles a DeepSpeed op
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -20,7 +19,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install
 
 from test_checkpoint_hf import triarch_logits  # noqa: E402
 from test_layout_parity import assert_initial_weights_exact, run_layout  # noqa: E402
-from test_megatron_engine import OBJECTIVES, SMALL, _objectives  # noqa: E402
+from test_megatron_engine import _objectives, _train, assert_objectives_match  # noqa: E402
 
 from triarch.checkpointing.offline import read_full_tensors  # noqa: E402
 from triarch.config import ConfigError, TriarchConfig, validate_for_world  # noqa: E402
@@ -58,6 +57,7 @@ def test_deepspeed_engine_equals_native_engine(name: str, native, tmp_path: Path
     stage = int(LAYOUTS[name][0].rsplit("=", 1)[1])
     assert got["engine"]["engine"] == "deepspeed" and got["engine"]["zero_stage"] == stage
     assert got["engine"]["optimizer"] == OPTIMIZERS[stage], got["engine"]
+    assert got["engine"]["built_partitioned"] == (stage == 3)  # ZeRO-3: under deepspeed.zero.Init
     assert_initial_weights_exact(tmp_path, overrides)  # the native engine's initial weights, bit for bit
     assert all(g > 0.5 for g in want["grad_norm"]), "clipping must be active in every step"
     for key in ("loss", "grad_norm"):
@@ -78,34 +78,34 @@ def test_sft_rm_and_dpo_steps_equal_the_native_engines(tmp_path: Path) -> None:
     (layers.1.feed_forward.w2) has a gradient near AdamW's eps, where the order of DeepSpeed's gradient
     accumulation (summed locally over micro-batches, then reduced) moves its update by 9e-6; every other
     parameter, and every loss and gradient norm, is within 1e-5."""
-    want, want_params = _objectives(tmp_path / "native", 1, [])
-    got, got_params = _objectives(tmp_path / "deepspeed", 2, [*DS, "deepspeed.zero_stage=3"])
-    assert abs(got["dpo"]["loss"][0] - math.log(2)) < 1e-6  # the policy starts at its reference
-    for kind in OBJECTIVES:
-        for key in ("loss", "grad_norm"):
-            for a, b in zip(got[kind][key], want[kind][key], strict=True):
-                assert abs(a - b) <= REL_TOL * max(abs(b), 1.0), f"{kind} {key}: {got[kind][key]} vs {want[kind][key]}"
-        for got_stats, want_stats in zip(got[kind]["stats"], want[kind]["stats"], strict=True):
-            for stat, value in want_stats.items():
-                assert abs(got_stats[stat] - value) <= REL_TOL * max(abs(value), 1.0), (kind, stat)
-        assert got_params[kind].keys() == want_params[kind].keys()
-        for key, ref in want_params[kind].items():
-            bound = 5e-5 if kind == "sft" else REL_TOL
-            assert float((got_params[kind][key] - ref).norm() / ref.norm()) <= bound, (kind, key)
+    got, want = _objectives(tmp_path / "deepspeed", 2, [*DS, "deepspeed.zero_stage=3"]), _objectives(
+        tmp_path / "native", 1, [])
+    assert_objectives_match(got, want, weight_tol={"sft": 5e-5})
+    dpo = got[0]["dpo"]  # the reference is partitioned like the policy: each rank holds half of it
+    assert dpo["reference"]["built_partitioned"] and dpo["reference"]["zero_stage"] == 3, dpo["reference"]
+    whole = sum(v.numel() for v in want[1]["dpo"].values())
+    assert dpo["reference_local_parameters"] == dpo["local_parameters"] <= whole // 2 + 64
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("overrides", [["deepspeed.zero_stage=3", "train.precision=bf16"], ["deepspeed.zero_stage=2"]],
+                         ids=["zero3_bf16", "zero2"])
+def test_weights_loaded_after_a_forward_are_the_ones_the_next_forward_uses(overrides: list[str],
+                                                                           tmp_path: Path) -> None:
+    """ZeRO-3 keeps small parameters gathered between forwards; a load into an engine that already ran one (a
+    trainable engine through its checkpoint state, a frozen one through its model state, as ``init.from`` loads
+    a reference) must release and regather them: the next forward gives the source engine's loss exactly."""
+    launch_local(2, [str(TESTS / "deepspeed_load_worker.py"), str(tmp_path), *DS, *overrides])
+    got = json.loads((tmp_path / "losses.json").read_text())
+    assert got["before"] != got["trained"]  # the fresh engine's own weights differ
+    assert got["loaded"] == got["trained"] == got["frozen_loaded"], got
+    assert got["frozen"]["built_partitioned"] == ("deepspeed.zero_stage=3" in overrides), got["frozen"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return prepare_pydocs(tmp_path_factory.mktemp("data") / "pydocs", 2048, max_documents=800)
-
-
-def _train(run_dir: Path, data: Path, nproc: int, *overrides: str) -> dict[int, float]:
-    cmd = [sys.executable, "-m", "triarch.cli", "train", str(EXAMPLES / "tiny.yaml"), "--nproc", str(nproc),
-           "--run-dir", str(run_dir), f"data.path={data}", *SMALL, *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 ZERO3_DP2 = (2, [*DS, "deepspeed.zero_stage=3"])
@@ -158,15 +158,19 @@ def test_a_native_tp2_checkpoint_resumes_on_zero2_with_offload(data: Path, tmp_p
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
-def test_a_bf16_zero3_checkpoint_resumes_on_zero2_from_the_fp32_master_weights(data: Path, tmp_path: Path) -> None:
+def test_a_bf16_zero3_checkpoint_resumes_from_the_fp32_master_weights(data: Path, tmp_path: Path) -> None:
     """bf16 (DeepSpeed's own scheme: a bf16 model, fp32 master weights and AdamW state, fp32 gradient
-    accumulation): the checkpoint holds the fp32 master weights, so a resume at another stage loses nothing."""
+    accumulation and reduction): the checkpoint holds the fp32 master weights, so a resume on ZeRO-3 loses
+    nothing (1e-5). On ZeRO-2 the bf16 arithmetic of a step differs from ZeRO-3's by itself (uninterrupted runs
+    of the two stages read 7.3908 and 7.3914 at step 5 here), so that resume is held to 1e-4."""
     saved = [*DS, "deepspeed.zero_stage=3", "train.precision=bf16"]
     reference = _train(tmp_path / "saved", data, 2, *saved)
-    got = _resume(tmp_path / "saved", tmp_path / "resumed", data, 2,
-                  [*DS, "deepspeed.zero_stage=2", "train.precision=bf16"])
+    same = _resume(tmp_path / "saved", tmp_path / "zero3", data, 2, saved)
+    other = _resume(tmp_path / "saved", tmp_path / "zero2", data, 2,
+                    [*DS, "deepspeed.zero_stage=2", "train.precision=bf16"])
     for step in (4, 5):
-        assert got[step] == pytest.approx(reference[step], rel=REL_TOL), step
+        assert same[step] == pytest.approx(reference[step], rel=REL_TOL), step
+        assert other[step] == pytest.approx(reference[step], rel=1e-4), step
 
 
 @pytest.mark.multiprocess

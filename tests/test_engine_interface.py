@@ -21,7 +21,7 @@ from triarch.engine.native import NativeEngine
 SRC = Path(triarch.__file__).parent
 ENGINE_NEUTRAL = {"triarch.engine", "triarch.engine.build", "triarch.engine.interface", "triarch.engine.model_args",
                   "triarch.engine.generation", "triarch.engine.sampling", "triarch.engine.lr_schedule",
-                  "triarch.engine.adamw"}
+                  "triarch.engine.adamw", "triarch.engine.step_inputs"}
 BELOW_OBJECTIVES = ("triarch.engine", "triarch.training", "triarch.rlhf", "triarch.checkpointing",
                     "triarch.launcher", "triarch.parallel", "triarch.slurm")
 

@@ -18,7 +18,8 @@ def adamw_groups(modules: list[nn.Module], cfg: TrainConfig) -> list[dict]:
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            shape = getattr(p, "ds_shape", p.shape)  # a ZeRO-3 partitioned parameter keeps its shape there
+            (decay if len(shape) >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -39,11 +39,12 @@ from triarch.engine.interface import NonFiniteLossError, RowFn, StepResult
 from triarch.engine.lr_schedule import build_scheduler, load_scheduler_state, scheduler_state
 from triarch.engine.lr_schedule import set_schedule_step as put_schedule_at
 from triarch.engine.model_args import llama_args
+from triarch.engine.step_inputs import inputs_on_device
 from triarch.models.llama import Llama
 from triarch.objectives.base import PRETRAIN, Fields, Objective
 from triarch.objectives.rows import RowCollector, token_objective
 from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
-from triarch.parallel.init import canonical_name, materialize
+from triarch.parallel.init import canonical_name, flat_init_value, full_init_value, materialize
 from triarch.parallel.pipeline import build_chunk, chunk_specs
 from triarch.parallel.topology import Topology
 from triarch.profiling import scopes
@@ -107,24 +108,66 @@ class DeepSpeedEngine:
         self.specs = chunk_specs(args.n_layers, 1, 1, 0)
         with torch.device("meta"):
             self.module: Llama = build_chunk(args, self.specs[0])
-        self.ds: Any = None
+        self.ds: Any = None  # the DeepSpeed engine of a trainable model
+        self._frozen_ds: Any = None  # a frozen ZeRO-3 model's DeepSpeed engine (no optimizer: gathers to run)
         self._objective: Objective = PRETRAIN
         self._stat_sums: list[torch.Tensor] = []
         self._pending: list[tuple[torch.nn.Parameter | None, str | None, torch.Tensor]] = []
         if not materialize_weights:
             return
-        materialize(self.module, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
-        if not trainable:
+        if not trainable and not self._partitioned_at_construction():
+            materialize(self.module, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
             self.module.requires_grad_(False)
             return
         deepspeed = import_deepspeed()
-        self.optimizer = self._build_optimizer()
+        config = deepspeed_json(cfg, n_microbatches=self.n_microbatches)
         with _local_rank_set(topo.device):
+            if self._partitioned_at_construction():
+                self.module = self._build_partitioned(deepspeed, config)
+            else:
+                materialize(self.module, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
+            if not trainable:  # partitioned like the policy; DeepSpeed gathers each layer for its forward
+                self.module.requires_grad_(False)
+                self._frozen_ds, *_ = deepspeed.initialize(model=self.module, config=config, dist_init_required=False)
+                return
+            self.optimizer = self._build_optimizer()
             self.ds, self.zero, _, _ = deepspeed.initialize(
-                model=self.module, optimizer=self.optimizer, dist_init_required=False,
-                config=deepspeed_json(cfg, n_microbatches=self.n_microbatches))
+                model=self.module, optimizer=self.optimizer, dist_init_required=False, config=config)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self._named = {canonical_name(n): p for n, p in self.module.named_parameters()}
+        if cfg.train.precision == "bf16":
+            self._write_fp32_initial_weights()
+
+    def _partitioned_at_construction(self) -> bool:
+        """ZeRO-3 builds the model partitioned (``deepspeed.zero.Init``), trainable or frozen: no rank ever
+        holds the whole model, which is the point of stage 3 for a model larger than one device. (NVMe
+        parameter offload builds whole first: its swap buffers are set up by ``deepspeed.initialize``.)"""
+        ds = self.cfg.deepspeed
+        return ds.zero_stage == 3 and ds.offload_params != "nvme"
+
+    def _build_partitioned(self, deepspeed: Any, config: dict[str, Any]) -> Llama:
+        """The model built under ``deepspeed.zero.Init`` (each parameter partitioned as its module is made),
+        then every rank's partition filled with its elements of the layout-independent initial weights, drawing
+        only those (``parallel.init.flat_init_value``)."""
+        train = self.cfg.train
+        with deepspeed.zero.Init(config_dict_or_path=config), torch.device(self.topo.device):
+            module = build_chunk(self.args, self.specs[0])
+        for raw_name, p in module.named_parameters():
+            start, stop = zstate.partition_range(p)
+            zstate.write_partition(p, flat_init_value(canonical_name(raw_name), tuple(p.ds_shape), start, stop,
+                                                      seed=train.seed, std=self.cfg.model.init_std,
+                                                      n_layers=self.args.n_layers))
+        return module
+
+    def _write_fp32_initial_weights(self) -> None:
+        """bf16: DeepSpeed makes its fp32 master weights from the bf16 model; put the exact fp32 initial weights
+        there instead (each parameter's full initial value computed on every rank, one at a time)."""
+        train = self.cfg.train
+        for name, p in self._named.items():
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            zstate.put_value(self.zero, p, full_init_value(name, shape, seed=train.seed, std=self.cfg.model.init_std,
+                                                           n_layers=self.args.n_layers), None)
+        zstate.refresh_model_weights(self.zero)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """The client optimizer DeepSpeed steps: torch's fused AdamW (the native engine's), or DeepSpeed's CPU
@@ -146,7 +189,8 @@ class DeepSpeedEngine:
 
     @property
     def zero_stage(self) -> int:
-        return self.ds.zero_optimization_stage() if self.ds is not None else 0
+        run = self.ds if self.ds is not None else self._frozen_ds
+        return run.zero_optimization_stage() if run is not None else 0
 
     def local_parameter_count(self) -> int:
         """Elements of parameters stored on this rank (a stage-3 rank holds its partition only)."""
@@ -158,26 +202,29 @@ class DeepSpeedEngine:
                 "optimizer": type(self.zero).__name__ if self.ds is not None else None,
                 "client_optimizer": type(self.optimizer).__name__ if self.ds is not None else None,
                 "offload_optimizer": self.cfg.deepspeed.offload_optimizer,
-                "offload_params": self.cfg.deepspeed.offload_params}
+                "offload_params": self.cfg.deepspeed.offload_params,
+                "built_partitioned": self.zero_stage == 3 and self._partitioned_at_construction()}
+
+    def _runner(self) -> Any:
+        """What runs the forward: DeepSpeed's engine (trainable, or a frozen ZeRO-3 model), else the module."""
+        for run in (self.ds, self._frozen_ds):
+            if run is not None:
+                return run
+        return self.module
 
     def _forward(self, x: torch.Tensor, position_ids: torch.Tensor | None) -> torch.Tensor:
-        run = self.ds if self.ds is not None else self.module
+        run = self._runner()
         return run(x) if position_ids is None else run(x, position_ids=position_ids)
 
     def _precision_context(self) -> contextlib.AbstractContextManager:
-        # DeepSpeed's bf16 mode holds the trainable model in bf16 itself; a frozen model runs under autocast
-        if self.ds is None and self.cfg.train.precision == "bf16":
+        # DeepSpeed's bf16 mode holds its model in bf16 itself; a frozen bare module runs under autocast
+        if self._runner() is self.module and self.cfg.train.precision == "bf16":
             return torch.autocast(self.topo.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _to_device(self, inputs: torch.Tensor, labels: torch.Tensor | None, fields: Fields | None,
                    position_ids: torch.Tensor | None) -> tuple[torch.Tensor, Fields, torch.Tensor | None]:
-        device = self.topo.device
-        fields = dict(fields) if fields is not None else {}
-        if labels is not None:
-            fields["labels"] = labels
-        fields = {name: value.to(device) for name, value in fields.items()}
-        return inputs.to(device), fields, position_ids.to(device) if position_ids is not None else None
+        return inputs_on_device(self.topo.device, inputs, labels, fields, position_ids)
 
     def _micro_batches(self, inputs: torch.Tensor, fields: Fields, position_ids: torch.Tensor | None
                        ) -> list[tuple[torch.Tensor, Fields, torch.Tensor | None]]:
@@ -303,11 +350,9 @@ class DeepSpeedEngine:
         if prompt_index is None:
             prompt_index = torch.arange(len(prompts)) + self.topo.dp_rank * len(prompts)
         dtype = torch.bfloat16 if self.cfg.train.precision == "bf16" else torch.float32
-        autocast = torch.autocast(self.topo.device.type, dtype=torch.bfloat16) if self.ds is None and \
-            self.cfg.train.precision == "bf16" else contextlib.nullcontext()
         with self._gathered():
             return generate([self.module], self.specs, self.topo, prompts, prompt_index, params,
-                            activation_dtype=dtype, sequence_parallel=False, autocast=autocast)
+                            activation_dtype=dtype, sequence_parallel=False, autocast=self._precision_context())
 
     # --- state under canonical names (engine.interface) -----------------------------------------------
     def _row_shard(self, full: torch.Tensor) -> torch.Tensor:
@@ -338,7 +383,15 @@ class DeepSpeedEngine:
         return {name: self._handed_out(p, None) for name, p in self._named.items()}
 
     def _frozen_named(self) -> dict[str, torch.Tensor]:
-        return {canonical_name(n): p.detach() for n, p in self.module.named_parameters()}
+        """A frozen model's weights by canonical name: its parameters themselves, or under ZeRO-3 full copies
+        gathered one at a time that ``state_loaded`` writes back into the partitions (collective)."""
+        if self._frozen_ds is None:
+            return {canonical_name(n): p.detach() for n, p in self.module.named_parameters()}
+        out = {}
+        for raw_name, p in self.module.named_parameters():
+            out[canonical_name(raw_name)] = zstate.gathered_value(p)
+            self._pending.append((p, "partition", out[canonical_name(raw_name)]))
+        return out
 
     def checkpoint_state(self, prefix: str = "") -> dict[str, Any]:
         """Weights and AdamW moments (``model.<name>``, ``optim.<name>.<exp_avg|exp_avg_sq|step>``) as row
@@ -361,6 +414,9 @@ class DeepSpeedEngine:
         """Write what a load put into the handed-out tensors back into ZeRO's partitions (each gathered whole
         once, one at a time) and refresh the model's weights from them (collective)."""
         if self.ds is None:
+            if self._frozen_ds is not None:  # a frozen ZeRO-3 model's gathered weights
+                zstate.rewrite_frozen_partitions(self._frozen_ds.optimizer, [(p, t) for p, _, t in self._pending])
+            self._pending = []
             return
         zstate.ensure_state(self.zero)
         for param, key, tensor in self._pending:
@@ -384,7 +440,9 @@ class DeepSpeedEngine:
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Full fp32 weights by canonical name, on every rank (collective)."""
         if self.ds is None:
-            return {k: v.clone() for k, v in self._frozen_named().items()}
+            state = {k: v.clone() for k, v in self._frozen_named().items()}
+            self._pending = []
+            return state
         return {name: zstate.full_value(self.zero, p, None) for name, p in self._named.items()}
 
     def close(self) -> None:
@@ -393,4 +451,6 @@ class DeepSpeedEngine:
         if self.ds is not None:
             self.ds.destroy()
             self.optimizer.state.clear()
-        self.ds = None
+        if self._frozen_ds is not None:
+            self._frozen_ds.destroy()
+        self.ds = self._frozen_ds = None

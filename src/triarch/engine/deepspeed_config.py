@@ -148,6 +148,7 @@ def deepspeed_json(cfg: TriarchConfig, *, n_microbatches: int) -> dict[str, Any]
     }
     if trn.precision == "bf16":  # fp32 gradient accumulation and reduction, as the native engine's bf16 scheme
         ours["data_types"] = {"grad_accum_dtype": "fp32"}
+        ours["communication_data_type"] = "fp32"
     if ds.config_file is None:
         return ours
     theirs = _user_json(ds.config_file)

@@ -98,9 +98,49 @@ def put_value(zero: Any, param: torch.nn.Parameter, value: torch.Tensor, key: st
 def refresh_model_weights(zero: Any) -> None:
     """Copy the fp32 master weights into the model's (possibly bf16) parameters on every rank (collective)."""
     if hasattr(zero, "fp32_partitioned_groups_flat"):
+        # release every gathered parameter first, the small ones stage 3 keeps whole on every rank included,
+        # or they would keep their old values (DeepSpeed's own checkpoint load does the same)
+        zero.checkpoint_event_prologue()
         for group in range(len(zero.fp32_partitioned_groups_flat)):
             zero._reassign_or_swap_out_partitioned_parameters(group)  # noqa: SLF001
-        if zero.persistent_parameters:  # small parameters stage 3 keeps whole on every rank
-            zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
+        zero.checkpoint_event_epilogue()  # gathers the persistent ones again
     else:
         zero.update_lp_params()
+
+
+def partition_range(param: torch.nn.Parameter) -> tuple[int, int]:
+    """Stage 3: the elements ``[start, stop)`` of the flattened parameter this rank's partition holds (its
+    ``ds_tensor`` may be longer: the last partition is padded)."""
+    size = param.ds_tensor.numel()
+    start = size * torch.distributed.get_rank(group=param.ds_process_group)
+    return start, min(start + size, param.ds_numel)
+
+
+@torch.no_grad()
+def write_partition(param: torch.nn.Parameter, values: torch.Tensor) -> None:
+    """Stage 3, a model without optimizer state: write this rank's slice of ``values`` (the parameter's
+    flattened elements ``partition_range``, or its full value) into its partition."""
+    start, stop = partition_range(param)
+    flat = values.detach().reshape(-1)
+    if flat.numel() == param.ds_numel:
+        flat = flat[start:stop]
+    param.ds_tensor.view(-1)[:stop - start].copy_(flat.to(param.ds_tensor.dtype))
+
+
+def gathered_value(param: torch.nn.Parameter) -> torch.Tensor:
+    """Stage 3, a model without optimizer state: the parameter's full value as an fp32 copy (collective)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().float().clone()
+
+
+def rewrite_frozen_partitions(offload: Any, values: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """Stage 3, a model without optimizer state (DeepSpeed's ``DeepSpeedZeRoOffload``): write each parameter's
+    partition of its full value, with every gathered parameter released first and the persistent ones gathered
+    again after (collective)."""
+    offload.partition_all_parameters()
+    for param, value in values:
+        write_partition(param, value)
+    if offload.persistent_parameters:
+        offload.persistent_parameters[0].all_gather(offload.persistent_parameters)

@@ -32,6 +32,7 @@ from triarch.engine.lr_schedule import set_schedule_step as put_schedule_at
 from triarch.engine.model_args import llama_args
 from triarch.engine.native_grad_norm import GradNormer, clip_factor, scale_gradients, settle_partial_grads
 from triarch.engine.native_state import engine_state, named_parameters
+from triarch.engine.step_inputs import inputs_on_device
 from triarch.models.llama import Llama
 from triarch.objectives.base import PRETRAIN, Fields, Objective
 from triarch.objectives.rows import RowCollector, local_value, token_objective
@@ -320,12 +321,7 @@ class NativeEngine:
 
     def _to_device(self, inputs: torch.Tensor, labels: torch.Tensor | None, fields: Fields | None,
                    position_ids: torch.Tensor | None) -> tuple[torch.Tensor, Fields, torch.Tensor | None]:
-        device = self.topo.device
-        fields = dict(fields) if fields is not None else {}
-        if labels is not None:
-            fields["labels"] = labels
-        fields = {name: value.to(device) for name, value in fields.items()}
-        return inputs.to(device), fields, position_ids.to(device) if position_ids is not None else None
+        return inputs_on_device(self.topo.device, inputs, labels, fields, position_ids)
 
     @torch.no_grad()
     def eval_step(self, inputs: torch.Tensor, fields: Fields, objective: Objective = PRETRAIN, *,

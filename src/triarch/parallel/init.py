@@ -50,6 +50,32 @@ def full_init_value(name: str, shape: Sequence[int], *, seed: int, std: float, n
     return init_box(name, shape, [(0, n) for n in shape], seed=seed, std=std, n_layers=n_layers)[0]
 
 
+def flat_init_value(name: str, shape: Sequence[int], start: int, stop: int, *, seed: int, std: float,
+                    n_layers: int) -> torch.Tensor:
+    """Initial values of elements ``[start, stop)`` of the flattened parameter (a ZeRO-3 partition), drawing
+    only those: a matrix's range is at most three boxes (a partial row, whole rows, a partial row)."""
+    stop = min(stop, math.prod(shape))
+    if stop <= start:
+        return torch.empty(0)
+    if len(shape) == 1:
+        return init_box(name, shape, [(start, stop)], seed=seed, std=std, n_layers=n_layers)[0]
+    if len(shape) != 2:
+        return full_init_value(name, shape, seed=seed, std=std, n_layers=n_layers).reshape(-1)[start:stop]
+    cols = shape[1]
+    (r0, c0), (r1, c1) = divmod(start, cols), divmod(stop, cols)
+    if r0 == r1:
+        boxes = [[(r0, r0 + 1), (c0, c1)]]
+    else:
+        boxes = [[(r0, r0 + 1), (c0, cols)]] if c0 else []
+        first_whole = r0 + 1 if c0 else r0
+        if r1 > first_whole:
+            boxes.append([(first_whole, r1), (0, cols)])
+        if c1:
+            boxes.append([(r1, r1 + 1), (0, c1)])
+    return torch.cat([init_box(name, shape, box, seed=seed, std=std, n_layers=n_layers)[0].reshape(-1)
+                      for box in boxes])
+
+
 def shard_indices(full_shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int],
                   placements: Sequence[Placement]) -> list[torch.Tensor]:
     """Per dimension, the full-tensor indices of the shard held at ``coordinate`` of the mesh, in local order.
