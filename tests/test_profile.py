@@ -26,7 +26,7 @@ PARTS_TOLERANCE = 0.05  # the issue's bound: parts within 5% of the step time th
 # backward at the step's agreement all-reduce), mean over the stages, against (p-1)/(m+p-1): measured
 # 0.319 / 0.249 / 0.130 against 0.333 / 0.200 / 0.111 for m = 2 / 4 / 8 on 2 CPU cores
 BUBBLE_TOLERANCE = 0.1
-RECOMPUTE_SHARE_TOLERANCE = 0.5
+RECOMPUTE_SHARE_BOUNDS = (0.1, 0.55)  # the recomputed forward's share of the compute: 1/3 (none 0, twice 2/3)
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +105,19 @@ def test_pipeline_bubble_falls_with_micro_batches_as_1f1b_predicts(data: Path, t
 @pytest.mark.timeout(600)
 def test_activation_checkpointing_hfu_exceeds_mfu_by_the_recomputed_forward(data: Path, tmp_path: Path) -> None:
     plain = _profile(tmp_path / "none", data, 1, "train.activation_checkpoint=none", steps=3)["ranks"][0]
-    full = _profile(tmp_path / "full", data, 1, "train.activation_checkpoint=full", steps=3)["ranks"][0]
+    full = _profile(tmp_path / "full", data, 1, "train.activation_checkpoint=full", steps=5)["ranks"][0]
     assert plain["hfu"] == pytest.approx(plain["mfu"])
     # model FLOPs per token 6N (forward 2N, backward 4N); the recomputed forward adds 2N: HFU = MFU * 4/3
     assert full["hfu"] / full["mfu"] == pytest.approx(4 / 3, rel=0.02)
-    # measured: the backward grows by about one forward (the recomputation); as a share of the plain step's
-    # compute it is the share HFU adds: 0.28 and 0.196 measured in two runs (two processes, so timing noise of
-    # both) against 1/3, hence the wide bound (0 would mean no recompute, 2/3 a recompute counted twice)
-    recomputed = full["parts_s"]["backward"] - plain["parts_s"]["backward"]
-    share = recomputed / (plain["parts_s"]["forward"] + plain["parts_s"]["backward"])
-    assert share == pytest.approx(full["hfu"] / full["mfu"] - 1, rel=RECOMPUTE_SHARE_TOLERANCE)
+    # the recomputation, measured within the checkpointed run: its backward beyond the 2 forwards' worth of FLOPs a
+    # backward costs (4N against 2N), in units of that run's own forward, as a share of its 3 forwards' worth of
+    # model compute; it is the share HFU adds (1/3). Read 0.22-0.30 in ten runs of 3 profiled steps here (once
+    # below 0.17), so 5 steps and bounds that tell a recompute (1/3) from none (0) and from one counted twice
+    # (2/3). Comparing against the plain run's backward instead read 0.06-0.66 (a CI run failed on 0.06): a plain
+    # forward also stores every activation, and on CPU that allocation varies its time between runs.
+    full_ratio = full["parts_s"]["backward"] / full["parts_s"]["forward"]
+    share = (full_ratio - 2) / 3
+    assert RECOMPUTE_SHARE_BOUNDS[0] <= share <= RECOMPUTE_SHARE_BOUNDS[1], (share, full["hfu"] / full["mfu"] - 1)
 
 
 def test_bad_profile_requests_are_one_line_errors(data: Path, tmp_path: Path) -> None:
