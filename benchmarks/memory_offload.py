@@ -1,5 +1,6 @@
 """Peak memory per rank of one model under DeepSpeed ZeRO-3 with and without offload, against the native
-engine's FSDP2, measured in one run (same ranks, model and batch): a table and a JSON last line.
+engine's FSDP2 (and FSDP2's CPU offload policy), measured in one run (same ranks, model and batch): a table
+and a JSON last line.
 
 Usage: python benchmarks/memory_offload.py [--dim 512 --layers 8 --vocab 8192 --steps 3 --nproc 2]
 (on a machine with one GPU: --nproc 1, since NCCL refuses two ranks on one device)
@@ -27,6 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {  # name: overrides (every rank a data-parallel shard)
     "native FSDP2": [],
+    "native FSDP2 + CPU offload": ["parallel.fsdp_offload=cpu"],
     "deepspeed ZeRO-3": ["engine=deepspeed", "deepspeed.zero_stage=3"],
     "ZeRO-3 + offload optimizer": ["engine=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu"],
     "ZeRO-3 + offload optimizer + params": ["engine=deepspeed", "deepspeed.zero_stage=3",

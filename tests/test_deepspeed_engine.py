@@ -7,9 +7,12 @@ one-line errors for what it cannot run. Nothing here JIT-compiles a DeepSpeed op
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,9 +20,10 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'triarch[deepspeed]')")
 
+from test_checkpoint_faults import rank_pids  # noqa: E402
 from test_checkpoint_hf import triarch_logits  # noqa: E402
 from test_layout_parity import assert_initial_weights_exact, run_layout  # noqa: E402
-from test_megatron_engine import _objectives, _train, assert_objectives_match  # noqa: E402
+from test_megatron_engine import _objectives, _train, _train_command, assert_objectives_match  # noqa: E402
 
 from triarch.checkpointing.offline import read_full_tensors  # noqa: E402
 from triarch.config import ConfigError, TriarchConfig, validate_for_world  # noqa: E402
@@ -118,8 +122,39 @@ def zero3_run(data: Path, tmp_path_factory) -> tuple[Path, dict[int, float]]:
     return run_dir, _train(run_dir, data, ZERO3_DP2[0], *ZERO3_DP2[1])
 
 
-def _resume(saved: Path, run_dir: Path, data: Path, nproc: int, overrides: list[str]) -> dict[int, float]:
-    shutil.copytree(saved / "checkpoints" / "step_3", run_dir / "checkpoints" / "step_3")
+@pytest.fixture(scope="module")
+def zero3_killed(data: Path, tmp_path_factory) -> Path:
+    """The run of ``zero3_run`` with rank 1 SIGKILLed right after the step-3 checkpoint committed (saved
+    synchronously, so the kill lands in step 4): the run directory a dead node leaves."""
+    run_dir = tmp_path_factory.mktemp("zero3_killed") / "run"
+    proc = subprocess.Popen(_train_command(run_dir, data, ZERO3_DP2[0], *ZERO3_DP2[1], "checkpoint.async_save=false"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    committed = run_dir / "checkpoints" / "step_3" / "COMMITTED.json"
+    deadline = time.monotonic() + 400
+    while not committed.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.005)
+    victims = rank_pids(1)
+    assert victims, "rank 1 is not running"
+    for pid in victims:
+        os.kill(pid, signal.SIGSTOP)  # frozen at once, then killed for real
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0, stderr[-3000:]
+    assert max(logged) < 5, f"the run ended before the kill: steps {logged}"
+    return run_dir
+
+
+def _resume(source: Path, run_dir: Path, data: Path, nproc: int, overrides: list[str]) -> dict[int, float]:
+    """Resume a copy of ``source`` (a killed run, or a finished one cut back to its step-3 checkpoint) on
+    ``nproc`` ranks; the losses this resumed process logs."""
+    shutil.copytree(source, run_dir)
+    (run_dir / "metrics.jsonl").unlink()
+    for later in (run_dir / "checkpoints").glob("step_*"):
+        if int(later.name.split("_")[1]) > 3:
+            shutil.rmtree(later)
     return _train(run_dir, data, nproc, *overrides)
 
 
@@ -131,15 +166,15 @@ def _resume(saved: Path, run_dir: Path, data: Path, nproc: int, overrides: list[
     (2, ["parallel.dp_shard=2"]),
     (2, ["engine=megatron", "parallel.tp=2"]),
 ], ids=["zero3_dp2_same", "zero1_one_rank", "native_fsdp_dp2", "megatron_tp2"])
-def test_a_zero3_run_resumes_at_another_size_and_on_the_other_engines(resumed_by, zero3_run, data: Path,
-                                                                       tmp_path: Path) -> None:
-    """Stopped after the step-3 checkpoint (a copy of it in a fresh run directory is what a killed run leaves) and
-    resumed: steps 4 and 5 give the uninterrupted run's losses (weights, AdamW moments and step, schedule)."""
+def test_a_zero3_run_resumes_at_another_size_and_on_the_other_engines(resumed_by, zero3_run, zero3_killed,
+                                                                       data: Path, tmp_path: Path) -> None:
+    """Killed in step 4 (rank 1 SIGKILLed) and resumed from the step-3 checkpoint: steps 4 and 5 give the
+    uninterrupted run's losses (weights, AdamW moments and step, schedule)."""
     if "engine=megatron" in resumed_by[1]:
         pytest.importorskip("megatron.core")
-    saved, reference = zero3_run
+    _, reference = zero3_run
     assert sorted(reference) == [1, 2, 3, 4, 5]
-    got = _resume(saved, tmp_path / "resumed", data, resumed_by[0], resumed_by[1])
+    got = _resume(zero3_killed, tmp_path / "resumed", data, resumed_by[0], resumed_by[1])
     assert sorted(got) == [4, 5]
     for step in (4, 5):
         assert got[step] == pytest.approx(reference[step], rel=REL_TOL), step
@@ -259,6 +294,7 @@ def _json_file(tmp_path: Path, content: dict) -> str:
     ({"deepspeed": {"optimizer": "deepspeed_cpu_adam"}}, 1, "set deepspeed.offload_optimizer=cpu"),
     ({"deepspeed": {"zero_stage": 3, "offload_optimizer": "nvme", "nvme_path": "/no/such/nvme"}}, 1,
      "deepspeed.nvme_path '/no/such/nvme' is not an existing folder"),
+    ({"parallel": {"fsdp_offload": "cpu"}}, 1, "FSDP2's CPU offload, run by engine native only.*deepspeed.offload_"),
 ])
 def test_what_deepspeed_cannot_run_is_one_config_error(sections: dict, world: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

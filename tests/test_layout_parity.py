@@ -31,6 +31,8 @@ LAYOUTS = {
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.virtual_stages=2", "parallel.schedule=interleaved_1f1b"]),
     "dp_shard2_fsdp": (2, ["parallel.dp_shard=2"]),
     "dp_replicate2_ddp": (2, ["parallel.dp_replicate=2", "parallel.dp_shard=1"]),
+    "dp_shard2_cpu_offload": (2, ["parallel.dp_shard=2", "parallel.fsdp_offload=cpu"]),
+    "tp2_cpu_offload": (2, ["parallel.tp=2", "parallel.fsdp_offload=cpu"]),
     "tp2_dp2": (4, ["parallel.tp=2", "parallel.dp_shard=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "pp2_dp2": (4, ["parallel.pp=2", "parallel.dp_shard=2"]),

@@ -157,10 +157,14 @@ def data(tmp_path_factory) -> Path:
     return prepare_pydocs(tmp_path_factory.mktemp("data") / "pydocs", 2048, max_documents=800)
 
 
+def _train_command(run_dir: Path, data: Path, nproc: int, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "triarch.cli", "train", str(EXAMPLES / "tiny.yaml"), "--nproc", str(nproc),
+            "--run-dir", str(run_dir), f"data.path={data}", *SMALL, *overrides]
+
+
 def _train(run_dir: Path, data: Path, nproc: int, *overrides: str) -> dict[int, float]:
-    cmd = [sys.executable, "-m", "triarch.cli", "train", str(EXAMPLES / "tiny.yaml"), "--nproc", str(nproc),
-           "--run-dir", str(run_dir), f"data.path={data}", *SMALL, *overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(_train_command(run_dir, data, nproc, *overrides), capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}

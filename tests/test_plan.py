@@ -172,6 +172,8 @@ def test_plan_cli_prints_the_best_layout_and_json() -> None:
     (["8b.yaml", "--gpus", "8", "--gpu", "a100", "--precision", "fp8"], "no FP8 tensor cores"),
     (["8b.yaml", "--gpus", "12", "--gpus-per-node", "8"], "whole number of nodes"),
     (["8b.yaml", "--gpus", "8", "engine=megatron"], "not planned yet"),
+    (["8b.yaml", "--gpus", "8", "engine=deepspeed"], "engine deepspeed is not planned yet"),
+    (["8b.yaml", "--gpus", "8", "parallel.fsdp_offload=cpu"], "parallel.fsdp_offload 'cpu' is not planned yet"),
 ])
 def test_impossible_plans_are_one_line_errors(args: list[str], needle: str) -> None:
     done = _cli("plan", str(EXAMPLES / args[0]), *args[1:])

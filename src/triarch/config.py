@@ -71,6 +71,12 @@ class ParallelConfig(_Section):
     ``auto`` is every_microbatch when gradients are sharded (dp_shard > 1), else last_microbatch (a
     replicated gradient is full-size either way). With pp > 1, torch's pipeline schedules always reduce
     after the last micro-batch.
+
+    ``fsdp_offload: cpu`` (native engine) is FSDP2's CPU offload policy: this rank's shards of the parameters,
+    gradients and AdamW state live in host memory; each block's all-gather copies its shards to the device for
+    forward and backward, gradients are reduced on the device and copied back, and the optimizer steps on the
+    CPU. It lowers device memory to the gathered blocks and activations at the cost of host<->device copies
+    and a CPU optimizer step (the deepspeed engine's counterpart: ``deepspeed.offload_*``).
     """
 
     tp: int = Field(1, gt=0)
@@ -81,6 +87,7 @@ class ParallelConfig(_Section):
     virtual_stages: int = Field(1, gt=0)
     schedule: Literal["1f1b", "interleaved_1f1b", "gpipe", "zero_bubble"] = "1f1b"
     dp_grad_sync: Literal["auto", "every_microbatch", "last_microbatch"] = "auto"
+    fsdp_offload: Literal["none", "cpu"] = "none"
 
     @model_validator(mode="after")
     def _check(self) -> "ParallelConfig":

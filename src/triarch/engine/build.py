@@ -14,6 +14,11 @@ if TYPE_CHECKING:  # (config checks run without importing torch: the CLI and the
 
 def check_engine_config(cfg: TriarchConfig) -> None:
     """The rules of the engine ``cfg`` names for this layout (``parallel`` resolved): one ConfigError line."""
+    if cfg.parallel.fsdp_offload != "none" and cfg.engine != "native":
+        hint = ("use deepspeed.offload_optimizer / deepspeed.offload_params" if cfg.engine == "deepspeed"
+                else "use engine native (FSDP2) or deepspeed (deepspeed.offload_*) to offload")
+        raise ConfigError(f"parallel.fsdp_offload '{cfg.parallel.fsdp_offload}' is FSDP2's CPU offload, run by "
+                          f"engine native only, not '{cfg.engine}': {hint}")
     if cfg.engine == "megatron":
         from triarch.engine.megatron_model import check_megatron_config
 

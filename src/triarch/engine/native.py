@@ -64,7 +64,8 @@ def parallelize_chunk(chunk: Llama, cfg: TriarchConfig, topo: Topology, *, train
         for key, block in list(chunk.layers.items()):
             chunk.layers[key] = torch.compile(block)
     param_dtype = torch.bfloat16 if cfg.train.precision in LOW_PRECISION else None
-    apply_data_parallel(chunk, topo, param_dtype=param_dtype, reshard_after_forward=topo.pp == 1 or not trainable)
+    apply_data_parallel(chunk, topo, param_dtype=param_dtype, reshard_after_forward=topo.pp == 1 or not trainable,
+                        offload=cfg.parallel.fsdp_offload == "cpu")
     return chunk
 
 
@@ -102,8 +103,10 @@ class NativeEngine:
         self.chunks: list[Llama] = [parallelize_chunk(c, cfg, topo, trainable=trainable) for c in chunks]
         if not materialize_weights:
             return
+        # FSDP2's CPU offload keeps the parameter shards (so gradients and optimizer state) in host memory
+        param_device = torch.device("cpu") if cfg.parallel.fsdp_offload == "cpu" else topo.device
         for chunk in self.chunks:
-            materialize(chunk, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
+            materialize(chunk, param_device, seed=cfg.train.seed, std=cfg.model.init_std, buffer_device=topo.device)
         if trainable:
             self.optimizer = build_optimizer(self.chunks, cfg.train, topo.device)
             self.scheduler = build_scheduler(self.optimizer, cfg.train)

@@ -131,14 +131,22 @@ def local_init_value(name: str, full_shape: Sequence[int], indices: Sequence[tor
 
 
 @torch.no_grad()
-def materialize(model: Llama, device: torch.device, *, seed: int, std: float) -> int:
+def materialize(model: Llama, device: torch.device, *, seed: int, std: float,
+                buffer_device: torch.device | None = None) -> int:
     """Allocate ``model`` on ``device`` and fill every parameter's local part with its layout-independent value.
+    ``buffer_device`` (default ``device``) holds the buffers: the compute device when parameters are offloaded
+    to the CPU.
 
     Returns the number of random elements this rank drew.
     """
     shared = _shared_parameter_names(model)
     model.to_empty(device=device)
     _retie(model, shared)
+    if buffer_device is not None and buffer_device != device:
+        for module in model.modules():
+            for key, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[key] = buffer.to(buffer_device)
     model.reset_buffers()
     drawn = 0
     for raw_name, param in model.named_parameters():

@@ -95,6 +95,9 @@ def plan(cfg: TriarchConfig, gpus: int, gpus_per_node: int, device: Device, top:
     ``precisions``: those to consider (default the config's ``train.precision``)."""
     if cfg.engine != "native":
         raise ConfigError(f"triarch plan models the native engine; engine {cfg.engine} is not planned yet")
+    if cfg.parallel.fsdp_offload != "none":
+        raise ConfigError(f"parallel.fsdp_offload '{cfg.parallel.fsdp_offload}' is not planned yet (the planner "
+                          f"keeps parameters, gradients and optimizer state on the device): plan without it")
     precisions = precisions or [cfg.train.precision]
     if "fp8" in precisions and not device.fp8_flops:
         raise ConfigError(f"--precision fp8: {device.key} has no FP8 tensor cores")
