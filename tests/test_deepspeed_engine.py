@@ -162,10 +162,10 @@ def _resume(source: Path, run_dir: Path, data: Path, nproc: int, overrides: list
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("resumed_by", [
     ZERO3_DP2,
-    (1, ["engine=deepspeed", "deepspeed.zero_stage=1"]),
+    (1, ["engine=deepspeed", "deepspeed.zero_stage=3"]),  # a lone ZeRO-3 process (no LOCAL_RANK: a crash before)
     (2, ["parallel.dp_shard=2"]),
     (2, ["engine=megatron", "parallel.tp=2"]),
-], ids=["zero3_dp2_same", "zero1_one_rank", "native_fsdp_dp2", "megatron_tp2"])
+], ids=["zero3_dp2_same", "zero3_one_rank", "native_fsdp_dp2", "megatron_tp2"])
 def test_a_zero3_run_resumes_at_another_size_and_on_the_other_engines(resumed_by, zero3_run, zero3_killed,
                                                                        data: Path, tmp_path: Path) -> None:
     """Killed in step 4 (rank 1 SIGKILLed) and resumed from the step-3 checkpoint: steps 4 and 5 give the

@@ -22,7 +22,6 @@ import os
 import platform
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,18 +79,11 @@ def extension_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "triarch" / "deepspeed-ops" / slug / version
 
 
-@contextlib.contextmanager
-def _local_rank_set(device: torch.device) -> Iterator[None]:
-    """DeepSpeed's engine reads ``LOCAL_RANK``, which a lone process (no launcher) lacks: set it for the
-    call only (child processes must not inherit it)."""
-    if "LOCAL_RANK" in os.environ:
-        yield
-        return
-    os.environ["LOCAL_RANK"] = str(device.index or 0)
-    try:
-        yield
-    finally:
-        os.environ.pop("LOCAL_RANK", None)
+def _ensure_local_rank(device: torch.device) -> None:
+    """DeepSpeed reads ``LOCAL_RANK`` when it builds its engine and, under ZeRO-3, in every forward (its
+    check that all ranks traced the same modules); a lone process (no launcher) lacks it: set it to this
+    process's device index for the process's life. A child process that inherits it reads the same device."""
+    os.environ.setdefault("LOCAL_RANK", str(device.index or 0))
 
 
 class DeepSpeedEngine:
@@ -121,18 +113,18 @@ class DeepSpeedEngine:
             return
         deepspeed = import_deepspeed()
         config = deepspeed_json(cfg, n_microbatches=self.n_microbatches)
-        with _local_rank_set(topo.device):
-            if self._partitioned_at_construction():
-                self.module = self._build_partitioned(deepspeed, config)
-            else:
-                materialize(self.module, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
-            if not trainable:  # partitioned like the policy; DeepSpeed gathers each layer for its forward
-                self.module.requires_grad_(False)
-                self._frozen_ds, *_ = deepspeed.initialize(model=self.module, config=config, dist_init_required=False)
-                return
-            self.optimizer = self._build_optimizer()
-            self.ds, self.zero, _, _ = deepspeed.initialize(
-                model=self.module, optimizer=self.optimizer, dist_init_required=False, config=config)
+        _ensure_local_rank(topo.device)
+        if self._partitioned_at_construction():
+            self.module = self._build_partitioned(deepspeed, config)
+        else:
+            materialize(self.module, topo.device, seed=cfg.train.seed, std=cfg.model.init_std)
+        if not trainable:  # partitioned like the policy; DeepSpeed gathers each layer for its forward
+            self.module.requires_grad_(False)
+            self._frozen_ds, *_ = deepspeed.initialize(model=self.module, config=config, dist_init_required=False)
+            return
+        self.optimizer = self._build_optimizer()
+        self.ds, self.zero, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=self.optimizer, dist_init_required=False, config=config)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self._named = {canonical_name(n): p for n, p in self.module.named_parameters()}
         if cfg.train.precision == "bf16":
