@@ -29,6 +29,7 @@ from triarch.checkpointing.offline import read_full_tensors  # noqa: E402
 from triarch.config import ConfigError, TriarchConfig, validate_for_world  # noqa: E402
 from triarch.data_pipeline import prepare_pydocs  # noqa: E402
 from triarch.launcher.local import launch_local  # noqa: E402
+from triarch.models.hf_llama import from_hf_state_dict  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 EXAMPLES = TESTS.parent / "examples"
@@ -209,23 +210,46 @@ def test_a_bf16_zero3_checkpoint_resumes_from_the_fp32_master_weights(data: Path
 
 
 @pytest.mark.multiprocess
-@pytest.mark.timeout(300)
-def test_a_deepspeed_checkpoint_of_a_transformers_llama_imports_with_its_logits(tmp_path: Path) -> None:
-    """DeepSpeed itself (ZeRO-3 on 2 ranks, its own save_checkpoint) writes the folder, as HF Trainer does."""
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_deepspeed_checkpoint_of_a_transformers_llama_imports_with_its_logits_and_adam_state(
+        stage: int, data: Path, tmp_path: Path) -> None:
+    """DeepSpeed itself (ZeRO-2 or 3 on 2 ranks, two AdamW steps, its own save_checkpoint) writes the folder, as
+    HF Trainer does. The import gives transformers' logits, and each parameter's Adam moments equal what
+    DeepSpeed's live engine reported for it (bit for bit); a run started from the import continues that AdamW
+    (its step count goes on from 2)."""
     pytest.importorskip("transformers")
-    folder = tmp_path / "checkpoint-1"
-    launch_local(2, [str(TESTS / "deepspeed_hf_worker.py"), str(folder), "3"])
-    assert len(list((folder / "global_step1").glob("*optim_states.pt"))) == 2  # one partition per rank
+    folder = tmp_path / "checkpoint-2"
+    launch_local(2, [str(TESTS / "deepspeed_hf_worker.py"), str(folder), str(stage)])
+    assert len(list((folder / "global_step2").glob("*optim_states.pt"))) == 2  # one partition per rank
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, "-m", "triarch.cli", "ckpt", "import", "--deepspeed", str(folder),
                            "--run-dir", str(run)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "optimizer state imported: AdamW moments and step (2)" in done.stdout, done.stdout
     expected = torch.load(folder / "expected.pt")
-    ours = triarch_logits(read_full_tensors(run / "checkpoints" / "step_0"),
-                          json.loads((folder / "config.json").read_text()), expected["tokens"])
+    step0 = run / "checkpoints" / "step_0"
+    ours = triarch_logits(read_full_tensors(step0), json.loads((folder / "config.json").read_text()),
+                          expected["tokens"])
     assert (ours - expected["logits"]).abs().max().item() <= 1e-5
-    assert (run / "config.yaml").is_file()
-    # the run it started trains on (native engine, from the imported weights)
+    optim = read_full_tensors(step0, "optim.")
+    for moment in ("exp_avg", "exp_avg_sq"):
+        hf = {k.removesuffix(f".{moment}"): v for k, v in expected["moments"].items() if k.endswith(f".{moment}")}
+        want = from_hf_state_dict(hf, 2)
+        assert len(want) == 3 + 9 * 2  # embedding, head, final norm; 9 per layer
+        for name, value in want.items():
+            assert torch.equal(optim[f"{name}.{moment}"], value), (name, moment)
+        assert any(float(v.abs().max()) > 0 for v in want.values())
+    assert {float(v) for k, v in optim.items() if k.endswith(".step")} == {2.0}
+
+    resumed = subprocess.run([sys.executable, "-m", "triarch.cli", "train", str(run / "config.yaml"), "--run-dir",
+                              str(run), f"data.path={data}", "train.steps=1", "train.warmup_steps=0",
+                              "train.global_batch_size=2", "train.micro_batch_size=2", "checkpoint.interval=1",
+                              "logging.progress=off", "logging.tensorboard=false", "train.eval_interval=0"],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = read_full_tensors(run / "checkpoints" / "step_1", "optim.")
+    assert {float(v) for k, v in after.items() if k.endswith(".step")} == {3.0}
 
 
 def _cli_error(*argv: str, timeout: int = 120) -> str:
@@ -265,7 +289,7 @@ def test_import_refuses_what_is_not_a_deepspeed_checkpoint_in_one_line(tmp_path:
         import_deepspeed(only_model, tmp_path / "c")
     (only_model / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"truncated")
     (only_model / "config.json").write_text(json.dumps(HF_CONFIG))
-    assert "DeepSpeed could not assemble the weights" in _cli_error("ckpt", "import", "--deepspeed", str(only_model),
+    assert "DeepSpeed could not assemble the checkpoint" in _cli_error("ckpt", "import", "--deepspeed", str(only_model),
                                                                     "--run-dir", str(tmp_path / "c"))
     assert not any((tmp_path / name).exists() for name in "abc")
 

@@ -137,12 +137,16 @@ def _run_config(args: LlamaArgs, run_dir: Path, config_path: Path) -> TriarchCon
         raise CheckpointError(f"{config_path}: {err}") from None
 
 
-def _write_run(run_dir: Path, tensors: dict[str, torch.Tensor], cfg: TriarchConfig, source: Path) -> Path:
+ImportedState = tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]  # weights, AdamW state or None
+
+
+def _write_run(run_dir: Path, state: ImportedState, cfg: TriarchConfig, source: Path) -> Path:
     """Committed step 0, then ``config.yaml``; on failure what was written is removed again."""
     step_dir = run_dir / "checkpoints" / "step_0"
+    tensors, optimizer = state
     try:
         write_model_checkpoint(step_dir, tensors, {"step": 0, "config": cfg.model_dump(mode="json", by_alias=True),
-                                                   "layout": "imported", "source": str(source)})
+                                                   "layout": "imported", "source": str(source)}, optimizer)
         dump_config(cfg, run_dir / "config.yaml")
     except BaseException:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
@@ -168,14 +172,15 @@ def import_hf(hf_dir: Path, run_dir: Path) -> Path:
     """Write a committed step-0 checkpoint and a matching ``config.yaml`` into a new or empty ``run_dir``."""
     config_path = hf_dir / CONFIG_FILE
     args, weights, names = checked_hf_folder(hf_dir)
-    return import_run(run_dir, args, config_path, lambda: _triarch_tensors(weights, names, args, config_path),
+    return import_run(run_dir, args, config_path, lambda: (_triarch_tensors(weights, names, args, config_path), None),
                       hf_dir)
 
 
-def import_run(run_dir: Path, args: LlamaArgs, config_path: Path, tensors: Callable[[], dict[str, torch.Tensor]],
+def import_run(run_dir: Path, args: LlamaArgs, config_path: Path, tensors: Callable[[], ImportedState],
                source: Path) -> Path:
-    """Claim a new or empty ``run_dir``, then write ``tensors()`` (triarch names, float32) as its committed step 0
-    and a ``config.yaml`` for a model of shape ``args``; a failure leaves no run directory it created."""
+    """Claim a new or empty ``run_dir``, then write ``tensors()`` (weights under triarch names, float32, and
+    optionally AdamW state as ``write_model_checkpoint`` takes it) as its committed step 0 and a ``config.yaml``
+    for a model of shape ``args``; a failure leaves no run directory it created."""
     cfg = _run_config(args, run_dir, config_path)
     with _claimed(run_dir) as created:
         try:

@@ -15,6 +15,7 @@ from triarch.checkpointing.commit import CheckpointError, read_commit, write_com
 from triarch.checkpointing.safe_load import check_dcp_metadata
 
 MODEL_PREFIX = "model."
+OPTIM_PREFIX = "optim."
 
 
 def tensor_metadata(step_dir: Path) -> dict[str, TensorStorageMetadata]:
@@ -37,11 +38,16 @@ def read_full_tensors(step_dir: Path, prefix: str = MODEL_PREFIX) -> dict[str, t
     return {k[len(prefix):]: v for k, v in state.items()}
 
 
-def write_model_checkpoint(step_dir: Path, tensors: dict[str, torch.Tensor], trainer_state: dict[str, Any]) -> None:
-    """A committed checkpoint holding only model weights (optimizer and schedule start fresh)."""
+def write_model_checkpoint(step_dir: Path, tensors: dict[str, torch.Tensor], trainer_state: dict[str, Any],
+                           optimizer: dict[str, torch.Tensor] | None = None) -> None:
+    """A committed checkpoint of model weights and, when given, AdamW state (``optimizer``: ``<name>.exp_avg``,
+    ``<name>.exp_avg_sq`` and ``<name>.step`` for every parameter, saved as ``optim.*``); without it the optimizer
+    starts fresh. The schedule always starts fresh."""
     if step_dir.exists() and read_commit(step_dir) is not None:
         raise CheckpointError(f"{step_dir} already holds a committed checkpoint")
     step_dir.mkdir(parents=True, exist_ok=True)
-    dcp.save({MODEL_PREFIX + k: v.contiguous() for k, v in tensors.items()}, checkpoint_id=str(step_dir), no_dist=True)
+    state = {MODEL_PREFIX + k: v.contiguous() for k, v in tensors.items()}
+    state.update({OPTIM_PREFIX + k: v.contiguous() for k, v in (optimizer or {}).items()})
+    dcp.save(state, checkpoint_id=str(step_dir), no_dist=True)
     torch.save(trainer_state, step_dir / "trainer_state.pt")
     write_commit(step_dir, {"step": trainer_state["step"], "world_size": 1, "layout": "imported"})
