@@ -132,10 +132,9 @@ class DeepSpeedEngine:
 
     def _partitioned_at_construction(self) -> bool:
         """ZeRO-3 builds the model partitioned (``deepspeed.zero.Init``), trainable or frozen: no rank ever
-        holds the whole model, which is the point of stage 3 for a model larger than one device. (NVMe
-        parameter offload builds whole first: its swap buffers are set up by ``deepspeed.initialize``.)"""
-        ds = self.cfg.deepspeed
-        return ds.zero_stage == 3 and ds.offload_params != "nvme"
+        holds the whole model, which is the point of stage 3 for a model larger than one device (or, with
+        NVMe parameter offload, than host memory: each partition goes to disk as its module is built)."""
+        return self.cfg.deepspeed.zero_stage == 3
 
     def _build_partitioned(self, deepspeed: Any, config: dict[str, Any]) -> Llama:
         """The model built under ``deepspeed.zero.Init`` (each parameter partitioned as its module is made),

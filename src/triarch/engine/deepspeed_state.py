@@ -119,12 +119,20 @@ def partition_range(param: torch.nn.Parameter) -> tuple[int, int]:
 @torch.no_grad()
 def write_partition(param: torch.nn.Parameter, values: torch.Tensor) -> None:
     """Stage 3, a model without optimizer state: write this rank's slice of ``values`` (the parameter's
-    flattened elements ``partition_range``, or its full value) into its partition."""
+    flattened elements ``partition_range``, or its full value) into its partition (swapped in from NVMe and
+    out again when parameters are offloaded there)."""
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
     start, stop = partition_range(param)
     flat = values.detach().reshape(-1)
     if flat.numel() == param.ds_numel:
         flat = flat[start:stop]
+    swapped = param.ds_tensor.status == PartitionedParamStatus.NOT_AVAILABLE  # NVMe offload: on disk
+    if swapped:
+        param.nvme_swapper.swap_in([param], async_op=False)
     param.ds_tensor.view(-1)[:stop - start].copy_(flat.to(param.ds_tensor.dtype))
+    if swapped:
+        param.nvme_swapper.swap_out_and_release([param])
 
 
 def gathered_value(param: torch.nn.Parameter) -> torch.Tensor:
