@@ -42,6 +42,7 @@ MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=2,bf_interval=1
 JobRequeue=1
 ReturnToService=2
 SlurmdTimeout=20

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,18 @@ def local_losses(run_dir: Path, data: Path, steps: int, nproc: int = 2, *extra: 
     return losses(run_dir)
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory) -> Callable[[int], dict[int, float]]:
+    """The losses of the uninterrupted local 2-rank run of N steps (computed once per N for the module's tests)."""
+    cache: dict[int, dict[int, float]] = {}
+
+    def losses_of(steps: int) -> dict[int, float]:
+        if steps not in cache:
+            cache[steps] = local_losses(tmp_path_factory.mktemp(f"local-{steps}"), data, steps)
+        return cache[steps]
+    return losses_of
+
+
 def log_text(run_dir: Path, job: str, rank: int, stream: str) -> str:
     path = run_dir / "slurm" / f"{job}_{rank}_log.{stream}"
     return path.read_text(errors="replace") if path.exists() else ""
@@ -80,13 +93,13 @@ def ledger(run_dir: Path) -> dict:
     return json.loads(path.read_text())["counts"] if path.exists() else {}
 
 
-def test_two_node_job_matches_local_run_and_status_logs(cluster, data, home, tmp_path) -> None:
+def test_two_node_job_matches_local_run_and_status_logs(cluster, data, home, uninterrupted, tmp_path) -> None:
     run = tmp_path / "two-node"
     job = submit(home, run, data, 6, "--nodes", "2")
     assert wait_for_end(job, 180) == "COMPLETED", log_text(run, job, 0, "err")[-3000:]
     # one rank per node: rank 1 ran on the second node of the allocation
     assert f"job {job} attempt 0, rank 1 of 2 on node 1 of 2" in log_text(run, job, 1, "out")
-    reference = local_losses(tmp_path / "local", data, 6)
+    reference = uninterrupted(6)
     assert sorted(losses(run)) == list(range(1, 7))
     assert losses(run) == pytest.approx(reference, rel=1e-6)
     # the script SLURM ran is the one --dry-run renders for the same options
@@ -105,9 +118,10 @@ def test_two_node_job_matches_local_run_and_status_logs(cluster, data, home, tmp
     assert bad_rank.returncode == 2 and bad_rank.stderr.count("\n") == 1 and "--rank 5" in bad_rank.stderr
 
 
-def test_usr2_saves_requeues_and_resumes_to_the_uninterrupted_losses(cluster, data, home, tmp_path) -> None:
+def test_usr2_saves_requeues_and_resumes_to_the_uninterrupted_losses(cluster, data, home, uninterrupted,
+                                                                    tmp_path) -> None:
     run = tmp_path / "preempted"
-    steps = 60
+    steps = 80
     job = submit(home, run, data, steps, "--nodes", "2")
     wait_for_step(run, 5)
     slurm("scancel", "--signal=USR2", job)
@@ -117,7 +131,7 @@ def test_usr2_saves_requeues_and_resumes_to_the_uninterrupted_losses(cluster, da
     assert "preemption (SIGUSR2): saved step" in err and "resumed from" in err
     # every step trained once, and each loss equals the uninterrupted run's
     assert logged_steps(run) == list(range(1, steps + 1))
-    assert losses(run) == pytest.approx(local_losses(tmp_path / "local", data, steps), rel=1e-6)
+    assert losses(run) == pytest.approx(uninterrupted(steps), rel=1e-6)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("megatron") is None, reason="megatron-core is not installed")
@@ -189,11 +203,11 @@ def test_grpo_usr2_saves_requeues_and_resumes_to_the_uninterrupted_trajectory(cl
 
 
 def test_time_limit_requeues_up_to_max_timeouts_then_saves_and_ends(cluster, data, home, tmp_path) -> None:
-    """--time 2 with USR2 60 s before the end: the first warning requeues (a time-out), the second one finds
+    """--time 1 with USR2 30 s before the end: the first warning requeues (a time-out), the second one finds
     --max-timeouts used up, saves and ends the job non-zero instead of letting SLURM kill it mid-step."""
     run = tmp_path / "time-limit"
-    # submit() passes --time 10; the later --time 2 wins
-    job = submit(home, run, data, 10**6, "--nodes", "2", "--time", "2", "--signal-delay", "60", "--max-timeouts", "1")
+    # submit() passes --time 10; the later --time 1 wins
+    job = submit(home, run, data, 10**6, "--nodes", "2", "--time", "1", "--signal-delay", "30", "--max-timeouts", "1")
     assert wait_for_end(job, 400) == "FAILED", log_text(run, job, 0, "err")[-3000:]
     data_ = json.loads((run / "slurm" / "requeues.json").read_text())
     assert data_["counts"] == {"preemption": 0, "timeout": 1, "failure": 0}
@@ -205,7 +219,7 @@ def test_time_limit_requeues_up_to_max_timeouts_then_saves_and_ends(cluster, dat
     assert logged_steps(run) == list(range(1, committed[-1] + 1))  # resumed once, no step twice
 
 
-def test_killed_rank_is_retried_from_the_newest_checkpoint(cluster, data, home, tmp_path) -> None:
+def test_killed_rank_is_retried_from_the_newest_checkpoint(cluster, data, home, uninterrupted, tmp_path) -> None:
     run = tmp_path / "retried"
     steps = 80
     job = submit(home, run, data, steps, "--nodes", "2", "--max-retries", "1", "checkpoint.interval=5")
@@ -215,7 +229,7 @@ def test_killed_rank_is_retried_from_the_newest_checkpoint(cluster, data, home, 
     assert ledger(run)["failure"] == 1
     assert "retry 1 of 1: requeued" in log_text(run, job, 0, "err")
     assert max(logged_steps(run)) == steps
-    assert losses(run) == pytest.approx(local_losses(tmp_path / "local", data, steps), rel=1e-6)
+    assert losses(run) == pytest.approx(uninterrupted(steps), rel=1e-6)
 
 
 def test_failure_without_retries_ends_the_job(cluster, data, home, tmp_path) -> None:
@@ -256,7 +270,7 @@ def kill_node(run: Path, node: str, rank: int) -> None:
 
 
 def test_killed_node_requeues_and_the_job_finishes_when_the_node_returns(cluster, node_n2_restored, data, home,
-                                                                         tmp_path) -> None:
+                                                                         uninterrupted, tmp_path) -> None:
     run = tmp_path / "node-lost"
     steps = 80
     job = submit(home, run, data, steps, "--nodes", "2", "checkpoint.interval=5")
@@ -270,10 +284,11 @@ def test_killed_node_requeues_and_the_job_finishes_when_the_node_returns(cluster
     assert wait_for_end(job, 300) == "COMPLETED", log_text(run, job, 0, "err")[-3000:]
     assert f"job {job} attempt 1, rank 1 of 2" in log_text(run, job, 1, "out")
     assert "resumed from" in log_text(run, job, 0, "err")
-    assert losses(run) == pytest.approx(local_losses(tmp_path / "local", data, steps), rel=1e-6)
+    assert losses(run) == pytest.approx(uninterrupted(steps), rel=1e-6)
 
 
-def test_elastic_job_finishes_on_the_surviving_node_with_dp1(cluster, node_n2_restored, data, home, tmp_path) -> None:
+def test_elastic_job_finishes_on_the_surviving_node_with_dp1(cluster, node_n2_restored, data, home, uninterrupted,
+                                                             tmp_path) -> None:
     run = tmp_path / "elastic"
     steps = 80
     job = submit(home, run, data, steps, "--nodes", "2", "--elastic", "checkpoint.interval=5")
@@ -287,7 +302,7 @@ def test_elastic_job_finishes_on_the_surviving_node_with_dp1(cluster, node_n2_re
     # resumed from a committed step k: steps after k were trained once more at DP 1 on the same global
     # batches, so every final loss equals the uninterrupted DP-2 run's (no sequence repeated or skipped)
     assert max(logged_steps(run)) == steps
-    assert losses(run) == pytest.approx(local_losses(tmp_path / "local", data, steps), rel=1e-5)
+    assert losses(run) == pytest.approx(uninterrupted(steps), rel=1e-5)
 
 
 def test_stopped_rank_ends_the_job_within_the_hang_timeout(cluster, data, home, tmp_path) -> None:

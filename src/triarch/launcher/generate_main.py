@@ -75,7 +75,7 @@ def _write(results: dict[str, Any], path: Path) -> None:
 def run_job(path: Path) -> int:
     """Run one rank of the job in ``path``; returns the exit code (2 for an error every rank agrees on, after
     rank 0 printed it)."""
-    from triarch.launcher.rank_main import configure_threads
+    from triarch.launcher.cpu_threads import configure_threads
     from triarch.training.precision import configure_tf32
 
     job = json.loads(Path(path).read_text())

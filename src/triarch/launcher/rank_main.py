@@ -17,6 +17,7 @@ from triarch.config import ConfigError, TriarchConfig, load_config
 from triarch.data_pipeline.errors import DataError
 from triarch.engine.interface import NonFiniteLossError
 from triarch.launcher import exit_codes
+from triarch.launcher.cpu_threads import configure_threads
 from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.parent_watch import die_with_parent
 from triarch.launcher.stop_signal import LOCAL_STOP_SIGNALS, StopRequest
@@ -49,25 +50,6 @@ def nccl_environment(run_dir: Path) -> dict[str, str]:
             "TORCH_FR_DUMP_TEMP_FILE": prefix, "TORCH_NCCL_DEBUG_INFO_TEMP_FILE": prefix}
 
 log = logging.getLogger("triarch.train")
-
-
-def cores_for_this_rank() -> int:
-    """CPU cores this rank may use: SLURM's allocation when under SLURM, else the process's affinity,
-    shared among the ranks of this node."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if os.environ.get("SLURM_CPUS_PER_TASK"):
-        return int(os.environ["SLURM_CPUS_PER_TASK"])
-    if os.environ.get("SLURM_CPUS_ON_NODE"):
-        return max(1, int(os.environ["SLURM_CPUS_ON_NODE"]) // local_world)
-    return max(1, len(os.sched_getaffinity(0)) // local_world)
-
-
-def configure_threads() -> None:
-    """Share the CPU cores among the local ranks instead of oversubscribing them, on CPU and GPU ranks alike
-    (a GPU rank's CPU work: data loading, pinned staging copies, the optimizer's host-side bits).
-    OMP_NUM_THREADS, when set (a GPU job's batch script sets it from the allocation), wins."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cores_for_this_rank())
 
 
 def report(summary: TrainSummary) -> None:
