@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA := data/pydocs
 
-.PHONY: install demo align-demo align-demo-steps test test-slow bench clean
+.PHONY: install demo align-demo align-demo-steps test test-slow bench clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -73,3 +73,17 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs data
+
+# For a session lent a GPU (scripts/gpu_session.sh): the packages its image (Python 3.12, torch with CUDA) lacks,
+# as cp312 wheels at the versions installed here, in .whl/ (ignored by git; the device call carries it).
+# DeepSpeed ships no wheel: it is built here (pure Python; its ops compile on first use).
+GPU_WHEELS := pydantic pydantic_core annotated_types typing_inspection zstandard megatron_core torchao submitit hjson
+GPU_PIN = $$($(BIN)/python -c "import importlib.metadata as m; print(' '.join(n + '==' + m.version(n) for n in '$(1)'.split()))")
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+	  $(call GPU_PIN,$(GPU_WHEELS))
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl $(call GPU_PIN,deepspeed)
+	@du -sh .whl

@@ -145,8 +145,8 @@ def materialize(model: Llama, device: torch.device, *, seed: int, std: float,
     if buffer_device is not None and buffer_device != device:
         for module in model.modules():
             for key, buffer in module._buffers.items():
-                if buffer is not None:
-                    module._buffers[key] = buffer.to(buffer_device)
+                if buffer is not None:  # still uninitialized: reset_buffers fills it where it now lives
+                    module._buffers[key] = torch.empty_like(buffer, device=buffer_device)
     model.reset_buffers()
     drawn = 0
     for raw_name, param in model.named_parameters():
