@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from processes import rank_pids
 from triarch.checkpointing.commit import verify
 from triarch.checkpointing.manager import list_steps
 from triarch.data_pipeline import prepare_pydocs
@@ -38,21 +39,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def rank_pids(rank: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"triarch.launcher.rank_main" in cmdline and f"RANK={rank}".encode() in environ:
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_rank_killed_during_async_save(data: Path, tmp_path: Path) -> None:
@@ -65,7 +51,7 @@ def test_rank_killed_during_async_save(data: Path, tmp_path: Path) -> None:
     deadline = time.time() + 240
     while not target.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
-    victims = rank_pids(1)
+    victims = rank_pids(1, proc.pid)
     assert target.exists() and victims, "the run never reached the step-6 save"
     for pid in victims:
         os.kill(pid, signal.SIGSTOP)  # freeze rank 1 inside the save, then kill it for real

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from triarch.checkpointing.commit import read_commit, verify
+from triarch.checkpointing import manager as manager_module
 from triarch.checkpointing.manager import CheckpointManager, list_steps
 from triarch.checkpointing.retention import TRASH_PREFIX
 from triarch.config import load_config, validate_for_world
@@ -78,4 +79,23 @@ def test_saving_a_step_again_replaces_it(engine, tmp_path) -> None:
     ckpt_dir = tmp_path / "checkpoints"
     assert [s.step for s in list_steps(ckpt_dir) if s.committed] == [2, 3]
     for info in list_steps(ckpt_dir):
+        verify(info.path)
+
+
+@pytest.mark.parametrize("reusable", [True, False], ids=["one_stager", "stager_per_save"])
+def test_async_saves_through_one_stager_or_one_per_save(engine, tmp_path, monkeypatch, reusable: bool) -> None:
+    """torch >= 2.13 keeps one DCP stager (and its CPU copies) for the run; torch 2.11 / 2.12, whose stager
+    closes itself after each save and fails the next, get a new one per save: every step commits either way."""
+    monkeypatch.setattr(manager_module, "STAGER_REUSABLE", reusable)
+    manager = CheckpointManager(tmp_path, keep=5, async_save=True)
+    stagers = []
+    for step in range(1, 4):
+        manager.save(step, engine, {"layout": "one"})
+        stagers.append(manager._stager)
+        manager.poll()
+    manager.wait()
+    assert len({id(s) for s in stagers}) == (1 if reusable else 3)
+    steps = list_steps(tmp_path / "checkpoints")
+    assert [s.step for s in steps] == [1, 2, 3] and all(s.committed for s in steps)
+    for info in steps:
         verify(info.path)

@@ -20,7 +20,7 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'triarch[deepspeed]')")
 
-from test_checkpoint_faults import rank_pids  # noqa: E402
+from processes import rank_pids  # noqa: E402
 from test_checkpoint_hf import triarch_logits  # noqa: E402
 from test_layout_parity import assert_initial_weights_exact, run_layout  # noqa: E402
 from test_megatron_engine import _objectives, _train, _train_command, assert_objectives_match  # noqa: E402
@@ -135,7 +135,7 @@ def zero3_killed(data: Path, tmp_path_factory) -> Path:
     while not committed.is_file():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.005)
-    victims = [pid for pid in rank_pids(1) if _parent(pid) == proc.pid]  # this run's rank 1 only
+    victims = rank_pids(1, proc.pid)  # this run's rank 1 only
     assert victims, "rank 1 is not running"
     for pid in victims:
         os.kill(pid, signal.SIGSTOP)  # frozen at once, then killed for real
@@ -146,13 +146,6 @@ def zero3_killed(data: Path, tmp_path_factory) -> Path:
     assert proc.returncode != 0, stderr[-3000:]
     assert max(logged) < 5, f"the run ended before the kill: steps {logged}"
     return run_dir
-
-
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 def _resume(source: Path, run_dir: Path, data: Path, nproc: int, overrides: list[str]) -> dict[int, float]:

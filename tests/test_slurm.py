@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from processes import parent_pid
 from slurm_cluster import (
     ROOT,
     SLURM_CONF,
@@ -250,10 +251,6 @@ def node_n2_restored(cluster):
     deadline = time.time() + 60
     while time.time() < deadline and "idle" not in slurm("sinfo", "-h", "-n", "n2", "-o", "%t"):
         time.sleep(1)
-
-
-def parent_pid(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def kill_node(run: Path, node: str, rank: int) -> None:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.torch_version import TorchVersion
 
 from triarch.checkpointing.commit import (
     CheckpointError,
@@ -70,8 +71,14 @@ def _reason(err: BaseException, where: Path) -> str:
     return text.splitlines()[-1] if text else type(err).__name__
 
 
-def _persistent_stager() -> DefaultStager:
-    """One stager per run: its CPU (pinned, on CUDA) copies are allocated once and reused by every save.
+# torch 2.11 and 2.12 close a DefaultStager at the end of every stage() and the next save through it fails
+# (KeyError: <class 'type'>; pytorch/pytorch issue 183413, fixed for 2.13): there each async save gets its own.
+STAGER_REUSABLE = TorchVersion(torch.__version__) >= (2, 13)
+
+
+def _new_stager() -> DefaultStager:
+    """A stager for async saves: kept for the whole run where torch allows (``STAGER_REUSABLE``), so its CPU
+    (pinned, on CUDA) copies are allocated once and reused by every save.
 
     Staging stays synchronous, so the copy is complete before the optimizer touches the weights again.
     """
@@ -141,7 +148,7 @@ class CheckpointManager:
         self.keep, self.keep_every, self.async_save = keep, keep_every, async_save
         self._host = host_group if host_group is not None else default_host_group()
         self._group = dist.new_group(backend="gloo") if async_save else None
-        self._stager = _persistent_stager() if async_save else None
+        self._stager = _new_stager() if async_save else None
         self._pending: _PendingSave | None = None
         self._retention = BackgroundRetention(self.dir, keep, keep_every)
         self.last_stall_s = 0.0
@@ -175,6 +182,8 @@ class CheckpointManager:
             state = _all_state(engine, others)
             if self.async_save:
                 # DCP stages a CPU copy before returning; only the write (and its hashing) runs in the background
+                if not STAGER_REUSABLE:
+                    self._stager = _new_stager()
                 future = dcp.async_save(state, checkpoint_id=str(step_dir), storage_writer=writer,
                                         process_group=self._group, async_stager=self._stager)
                 self._pending = _PendingSave(step, step_dir, commit_info, future, writer, own)

@@ -122,7 +122,7 @@ def gathered_weights(chunks: list[Llama]) -> Iterator[None]:
     saved = []
     for module in modules:
         state = module._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)  # torch < 2.8 keeps one ``_fsdp_param_group``
+        groups = getattr(state, "_fsdp_param_groups", None)  # older torch (2.11 read) keeps one ``_fsdp_param_group``
         if groups is None:
             groups = [g for g in [getattr(state, "_fsdp_param_group", None)] if g is not None]
         saved.append((state, getattr(state, "_auto_reshard_after_forward", None),
