@@ -77,6 +77,6 @@ EOF"
 step test_gpu 240 "$PY" -m pytest -q -rA -p no:cacheprovider --timeout 200 tests/test_gpu.py
 step gpu_throughput 240 "$PY" benchmarks/gpu_throughput.py --steps 20 --warmup 6
 step plan_accuracy 120 "$PY" benchmarks/plan_accuracy.py
-step memory_offload 120 "$PY" benchmarks/memory_offload.py --nproc 1 --out /tmp/triarch-memory-offload
+step memory_offload 120 "$PY" benchmarks/memory_offload.py --nproc 1
 echo "gpu_session: done in $(($(date +%s) - start)) s; logs in $OUT"
 cat "$OUT/summary.txt"

@@ -65,13 +65,13 @@ def _env_int(name: str) -> int | None:
 
 def init_distributed(device: torch.device, timeout_s: float = 600.0) -> None:
     """Join the default process group (NCCL on CUDA, gloo on CPU); a lone process gets a world of one.
-    A launched rank also takes its share of the node's CPU cores (:func:`configure_threads`)."""
+    The process also takes its share of the node's CPU cores (:func:`configure_threads`)."""
     if dist.is_initialized():
         return
+    configure_threads()
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     if "RANK" in os.environ and "MASTER_PORT" in os.environ:  # started by a launcher
-        configure_threads()
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
         return
     # a lone process: a private in-memory store, and nothing written to os.environ that child processes

@@ -75,7 +75,6 @@ def _write(results: dict[str, Any], path: Path) -> None:
 def run_job(path: Path) -> int:
     """Run one rank of the job in ``path``; returns the exit code (2 for an error every rank agrees on, after
     rank 0 printed it)."""
-    from triarch.launcher.cpu_threads import configure_threads
     from triarch.training.precision import configure_tf32
 
     job = json.loads(Path(path).read_text())
@@ -85,7 +84,6 @@ def run_job(path: Path) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return exit_codes.CONFIG
-    configure_threads()
     configure_tf32(device, cfg.train.tf32)
     init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     try:

@@ -17,7 +17,6 @@ from triarch.config import ConfigError, TriarchConfig, load_config
 from triarch.data_pipeline.errors import DataError
 from triarch.engine.interface import NonFiniteLossError
 from triarch.launcher import exit_codes
-from triarch.launcher.cpu_threads import configure_threads
 from triarch.launcher.distributed import exit_process, init_distributed, pick_device, shutdown_distributed
 from triarch.launcher.parent_watch import die_with_parent
 from triarch.launcher.stop_signal import LOCAL_STOP_SIGNALS, StopRequest
@@ -129,7 +128,6 @@ def _execute(run_dir: Path, stop: StopRequest, config: Path | None) -> RankOutco
         for key, value in nccl_environment(run_dir).items():
             os.environ.setdefault(key, value)
         (run_dir / FLIGHT_RECORDER_DIR).mkdir(exist_ok=True)
-    configure_threads()
     configure_tf32(device, cfg.train.tf32)
     init_distributed(device, timeout_s=cfg.fault.startup_timeout_s)
     rank = dist.get_rank()
