@@ -23,7 +23,7 @@ def configure_threads() -> None:
     (a GPU rank's CPU work: data loading, pinned staging copies, the optimizer's host-side bits).
     OMP_NUM_THREADS, when set (a GPU job's batch script sets it from the allocation), wins.
 
-    Oversubscription is costly: four gloo ranks on two cores with torch's default two threads each run a
-    4-rank tiny-model step about 2x slower than with one thread each (OpenMP threads spin at barriers)."""
+    Oversubscribed ranks (each with torch's default of every core) lose time to OpenMP threads spinning at
+    barriers while the other ranks' threads want the same cores."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cores_for_this_rank())
