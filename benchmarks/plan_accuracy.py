@@ -43,6 +43,7 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
     "dp_shard2": (2, ["parallel.dp_shard=2"]),
+    "dp_shard2, fsdp_offload": (2, ["parallel.dp_shard=2", "parallel.fsdp_offload=cpu"]),
 }
 TIMED_STEPS = 3
 # the 886M benchmark shape (examples/1b.yaml), one GPU, when one is present
@@ -64,8 +65,10 @@ def copy_bandwidth() -> float:
 
 
 def cpu_device(peak: float, memory_bw: float, link_bw: float) -> Device:
+    """This machine as a "device": its host memory is the device's, and a host<->device copy is a memory copy."""
     return Device(key="cpu", name="this CPU", memory_bytes=2**40, usable_bytes=2**40, hbm_bytes_s=memory_bw,
-                  bf16_flops=peak, fp8_flops=None, nvlink_bytes_s=link_bw, inter_node_bytes_s=link_bw)
+                  bf16_flops=peak, fp8_flops=None, nvlink_bytes_s=link_bw, inter_node_bytes_s=link_bw,
+                  host_usable_bytes=2**40, host_bytes_s=memory_bw, pcie_bytes_s=memory_bw)
 
 
 def gpu_device() -> Device | None:
@@ -84,23 +87,25 @@ def main() -> None:
     gpu = gpu_device()
     if gpu is not None:
         runs.append((f"886M, 1 {gpu.key}", 1, GPU_SHAPE, gpu))
+        runs.append((f"886M, 1 {gpu.key}, fsdp_offload", 1, [*GPU_SHAPE, "parallel.fsdp_offload=cpu"], gpu))
     for name, nproc, overrides, table_device in runs:
         os.environ[DEVICE_ENV] = "cuda" if table_device is not None else "cpu"
         with tempfile.TemporaryDirectory() as out:
             launch_local(nproc, [str(ROOT / "tests" / "plan_worker.py"), out, *overrides])
             ranks = [json.loads((Path(out) / f"rank{r}.json").read_text()) for r in range(nproc)]
         cfg = validate_for_world(config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), overrides)), nproc)
-        p, t = cfg.parallel, cfg.train
-        layout = Layout(p.tp, p.pp, p.virtual_stages, p.dp_replicate, p.dp_shard, t.micro_batch_size,
-                        t.activation_checkpoint, t.precision, p.sequence_parallel)
+        layout = Layout.of(cfg)
         link = min((r.get("link_bytes_s", float("inf")) for r in ranks), default=float("inf"))
         link = link if link != float("inf") else memory_bw
         device = table_device or cpu_device(ranks[0]["peak_flops"], memory_bw, link)
         predicted_s = predict_step_time(cfg, layout, device, efficiency(), gpus_per_node=nproc).total
         measured_s = max(r["step_s"] for r in ranks)
-        worst_mem = max(ranks, key=lambda r: abs(estimate_memory(cfg, layout, pp_rank=r["pp_rank"]).total
-                                               / r["step_peak"] - 1))
-        predicted_mem = estimate_memory(cfg, layout, pp_rank=worst_mem["pp_rank"]).total
+        def predicted_peak(pp_rank: int) -> int:  # on CPU, host and "device" memory are one
+            est = estimate_memory(cfg, layout, pp_rank=pp_rank)
+            return est.total if table_device is not None else est.total + est.host
+
+        worst_mem = max(ranks, key=lambda r: abs(predicted_peak(r["pp_rank"]) / r["step_peak"] - 1))
+        predicted_mem = predicted_peak(worst_mem["pp_rank"])
         rows.append({"layout": name, "memory_predicted": predicted_mem, "memory_measured": worst_mem["step_peak"],
                      "memory_ratio": predicted_mem / worst_mem["step_peak"], "step_predicted_s": predicted_s,
                      "step_measured_s": measured_s, "step_ratio": predicted_s / measured_s})

@@ -1,5 +1,6 @@
 """One rank of a planner check: build the native engine at a layout, take one optimizer step, and write the
-bytes this rank's parameters, gradients (just before the step) and AdamW state actually occupy.
+bytes this rank's parameters, gradients (just before the step) and AdamW state actually occupy, and the peak
+of a step (``step_peak``: all tensors on CPU; on CUDA the device's, which excludes state offloaded to the host).
 
 Run through ``triarch.launcher.local.launch_local``; argv: OUT_DIR then dotted config overrides (on top of
 ``BASE``). Bytes are counted per distinct storage (FSDP2 allocates each shard padded to ceil(rows / dp_shard)
@@ -77,7 +78,9 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
         engine.train_step(mine[:, :-1], mine[:, 1:], step=2)
         torch.cuda.synchronize(device)
-        above = torch.cuda.max_memory_allocated(device) - measured["parameters"] - measured["optimizer"]
+        above = torch.cuda.max_memory_allocated(device)
+        if cfg.parallel.fsdp_offload == "none":  # else parameters and AdamW state are in host memory
+            above -= measured["parameters"] + measured["optimizer"]
     else:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             engine.train_step(mine[:, :-1], mine[:, 1:], step=2)
@@ -86,7 +89,8 @@ def main() -> None:
         events = json.loads(trace.read_text())["traceEvents"]
         above = max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
         trace.unlink()
-    measured["step_peak"] = measured["parameters"] + measured["optimizer"] + above
+    in_host = device.type == "cuda" and cfg.parallel.fsdp_offload == "cpu"
+    measured["step_peak"] = above if in_host else measured["parameters"] + measured["optimizer"] + above
     timed = int(os.environ.get(TIMED_STEPS_ENV, "0"))  # benchmarks/plan_accuracy.py: step time, peak, link
     if timed:
         from triarch.training.mfu import device_peak_flops

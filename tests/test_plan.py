@@ -13,17 +13,18 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from triarch.config import apply_overrides, config_from_dict, load_config, validate_for_world
+from triarch.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_for_world
 from triarch.launcher.local import launch_local
 from triarch.planning.devices import load_device
 from triarch.planning.memory import Layout, estimate_memory, model_key, static_bytes
-from triarch.planning.search import plan
+from triarch.planning.search import evaluate, plan
 
 sys.path.insert(0, str(Path(__file__).parent))
 from plan_worker import BASE  # noqa: E402
@@ -47,13 +48,8 @@ LAYOUTS = {
     "dp_shard4_uneven": (4, [*SMALL, "model.vocab_size=2002", "parallel.dp_shard=4"]),  # FSDP pads 2002 rows
     "tp4_kv_replicated": (4, [*SMALL, "parallel.tp=4"]),  # 2 KV heads on 4 TP ranks stay whole
     "tp2_pp2_bf16": (4, [*SMALL, "parallel.tp=2", "parallel.pp=2", "train.precision=bf16"]),
+    "fsdp_offload_dp2": (2, [*SMALL, "parallel.dp_shard=2", "parallel.fsdp_offload=cpu"]),
 }
-
-
-def _layout(cfg) -> Layout:
-    p, t = cfg.parallel, cfg.train
-    return Layout(p.tp, p.pp, p.virtual_stages, p.dp_replicate, p.dp_shard, t.micro_batch_size,
-                  t.activation_checkpoint, t.precision, p.sequence_parallel)
 
 
 @pytest.mark.timeout(600)
@@ -62,7 +58,7 @@ def test_predicted_bytes_match_a_built_engine(name: str, tmp_path: Path) -> None
     nproc, overrides = LAYOUTS[name]
     launch_local(nproc, [WORKER, str(tmp_path), *overrides])
     cfg = validate_for_world(config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), overrides)), nproc)
-    layout = _layout(cfg)
+    layout = Layout.of(cfg)
     stage_first = {}
     for rank in range(nproc):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
@@ -71,7 +67,8 @@ def test_predicted_bytes_match_a_built_engine(name: str, tmp_path: Path) -> None
         stage_first.setdefault(got["pp_rank"], got)
         # AdamW's moments are zeros_like the unpadded shard: the stage's first rank holds the most
         assert got["optimizer"] <= want.optimizer
-        peak = estimate_memory(cfg, layout, pp_rank=got["pp_rank"]).total
+        est = estimate_memory(cfg, layout, pp_rank=got["pp_rank"])
+        peak = est.total + est.host  # on CPU offloaded state shares the one memory
         assert abs(peak / got["step_peak"] - 1) <= PEAK_TOLERANCE, (rank, peak, got["step_peak"])
     for pp_rank, got in stage_first.items():
         assert got["optimizer"] == static_bytes(cfg, layout, pp_rank).optimizer
@@ -119,7 +116,7 @@ def test_parameter_bytes_of_every_example_layout_equal_a_meta_build() -> None:
             cfg = validate_for_world(load_config(EXAMPLES / name, overrides), world)
         except Exception:  # a layout this config's shapes or batch do not allow on four ranks
             continue
-        layout = _layout(cfg)
+        layout = Layout.of(cfg)
         head = "score" if cfg.objective.kind == "rm" else "lm"
         key = (model_key(cfg.model), head, tp_pp or (cfg.parallel.tp, cfg.parallel.pp), world)
         if key in seen:  # the alignment examples share their base's shapes
@@ -166,6 +163,26 @@ def test_plan_cli_prints_the_best_layout_and_json() -> None:
     assert len(rows) == 3 and all(r["memory_bytes"]["total"] <= json.loads(done.stdout)["usable_bytes"] for r in rows)
 
 
+def test_offloaded_plans_keep_the_state_in_host_memory() -> None:
+    """70B on one node of 8 H100s fits only with FSDP2's CPU offload: the device then holds the activations and
+    the gathered blocks, each node's host the ranks' exact state; offload costs time where the state fits."""
+    cfg, h100 = load_config(EXAMPLES / "70b.yaml"), load_device("h100")
+    with pytest.raises(ConfigError):
+        plan(cfg, 8, 8, h100, top=3)
+    chosen = plan(cfg, 8, 8, h100, top=3, offloads=["cpu"])
+    for c in chosen:
+        validate_for_world(c.layout.apply(cfg), 8)
+        assert c.layout.fsdp_offload == "cpu" and "parallel.fsdp_offload=cpu" in c.layout.overrides()
+        stages = [static_bytes(cfg, c.layout, s).total for s in range(c.layout.pp)]
+        assert c.memory.host in stages
+        assert c.memory.total == c.memory.activations + c.memory.logits + c.memory.buffers <= h100.usable_bytes
+        assert c.host_per_node == sum(stages) * (8 // c.layout.pp) <= h100.host_usable_bytes  # one node
+    cfg8 = load_config(EXAMPLES / "8b.yaml")
+    on_device = plan(cfg8, 16, 8, h100, top=1, offloads=["none"])[0]
+    offloaded = evaluate(on_device.layout.apply(cfg8), replace(on_device.layout, fsdp_offload="cpu"), h100, 8)
+    assert offloaded.step.total > on_device.step.total and offloaded.step.optimizer > on_device.step.optimizer
+
+
 @pytest.mark.parametrize("args, needle", [
     (["70b.yaml", "--gpus", "8", "--gpu", "a100"], "its largest term is parameters + gradients + optimizer state"),
     (["8b.yaml", "--gpus", "8", "--gpu", "x100"], "known: h100"),
@@ -173,7 +190,9 @@ def test_plan_cli_prints_the_best_layout_and_json() -> None:
     (["8b.yaml", "--gpus", "12", "--gpus-per-node", "8"], "whole number of nodes"),
     (["8b.yaml", "--gpus", "8", "engine=megatron"], "not planned yet"),
     (["8b.yaml", "--gpus", "8", "engine=deepspeed"], "engine deepspeed is not planned yet"),
-    (["8b.yaml", "--gpus", "8", "parallel.fsdp_offload=cpu"], "parallel.fsdp_offload 'cpu' is not planned yet"),
+    (["70b.yaml", "--gpus", "8"], "it fits with parameters, gradients and optimizer state in host memory: add "
+                                  "--fsdp-offload cpu"),
+    (["70b.yaml", "--gpus", "8", "--fsdp-offload", "cpu", "model.n_layers=200"], "GiB usable host memory"),
 ])
 def test_impossible_plans_are_one_line_errors(args: list[str], needle: str) -> None:
     done = _cli("plan", str(EXAMPLES / args[0]), *args[1:])

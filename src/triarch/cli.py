@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--top", type=_positive_int, default=10, help="layouts to show (default 10)")
     plan.add_argument("--precision", action="append", choices=["fp32", "bf16", "fp8"], default=None,
                       help="precisions to consider (repeat; default the config's train.precision)")
+    plan.add_argument("--fsdp-offload", action="append", choices=["none", "cpu"], default=None,
+                      help="parallel.fsdp_offload values to consider (repeatable; default the config's)")
     plan.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     ckpt = sub.add_parser("ckpt", help="list, verify, inspect, export or import checkpoints")
@@ -427,7 +429,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         device = load_device(args.gpu)
     except ValueError as err:
         raise CliError(str(err)) from None
-    best = plan(cfg, args.gpus, min(args.gpus_per_node, args.gpus), device, args.top, args.precision)
+    best = plan(cfg, args.gpus, min(args.gpus_per_node, args.gpus), device, args.top, args.precision,
+                args.fsdp_offload)
     if args.json:
         print(as_json(best, device, args.gpus))
     else:

@@ -26,6 +26,9 @@ class Device:
     fp8_flops: float | None
     nvlink_bytes_s: float
     inter_node_bytes_s: float
+    host_usable_bytes: int  # per node, for parallel.fsdp_offload: cpu
+    host_bytes_s: float  # the node's DRAM bandwidth
+    pcie_bytes_s: float
 
     def peak(self, precision: str) -> float:
         if precision == "fp8" and self.fp8_flops:
@@ -41,6 +44,7 @@ class Efficiency:
     memory: float
     link: float
     dp_overlap: float
+    host_optimizer: float
 
 
 @cache
@@ -62,7 +66,9 @@ def load_device(key: str) -> Device:
     return Device(key=key, name=d["name"], memory_bytes=memory, usable_bytes=memory - int(d["reserve_gib"] * GIB),
                   hbm_bytes_s=d["hbm_tbps"] * 1e12, bf16_flops=d["bf16_tflops"] * 1e12,
                   fp8_flops=d["fp8_tflops"] * 1e12 if d.get("fp8_tflops") else None,
-                  nvlink_bytes_s=d["nvlink_gbps"] * 1e9, inter_node_bytes_s=d["inter_node_gbps"] * 1e9)
+                  nvlink_bytes_s=d["nvlink_gbps"] * 1e9, inter_node_bytes_s=d["inter_node_gbps"] * 1e9,
+                  host_usable_bytes=int(d["host_memory_gb"] * 1e9) - int(d["host_reserve_gib"] * GIB),
+                  host_bytes_s=d["host_bandwidth_gbps"] * 1e9, pcie_bytes_s=d["pcie_gbps"] * 1e9)
 
 
 def efficiency() -> Efficiency:

@@ -8,8 +8,12 @@ to a multiple (every rank allocates ceil(rows / dp_shard) rows). Gradients match
 (float32); AdamW holds two float32 moments per element and one float32 ``step`` per tensor.
 
 Activations are a model of what autograd saves per micro-batch (``activation_bytes``), times the
-micro-batches the pipeline schedule keeps in flight, plus the last stage's logits; ``BUFFER_ALLOWANCE``
-covers what neither counts (FSDP's gathered copies, the allocator's slack).
+micro-batches the pipeline schedule keeps in flight, plus the last stage's logits and FSDP's gathered
+parameter copies (``_buffers``).
+
+With ``parallel.fsdp_offload: cpu`` the static state (the same exact bytes) lives in host memory: the device
+holds the gathered copies, activations and logits (``MemoryEstimate.total``), the host the rest
+(``MemoryEstimate.host``, per rank).
 """
 
 from __future__ import annotations
@@ -38,6 +42,14 @@ class Layout:
     activation_checkpoint: str
     precision: str
     sequence_parallel: bool = True
+    fsdp_offload: str = "none"
+
+    @classmethod
+    def of(cls, cfg: TriarchConfig) -> "Layout":
+        """The layout ``cfg`` selects."""
+        p, t = cfg.parallel, cfg.train
+        return cls(p.tp, p.pp, p.virtual_stages, p.dp_replicate, p.dp_shard, t.micro_batch_size,
+                   t.activation_checkpoint, t.precision, p.sequence_parallel, p.fsdp_offload)
 
     @property
     def schedule(self) -> str:
@@ -50,7 +62,7 @@ class Layout:
     def overrides(self) -> list[str]:
         """The command-line overrides that select this layout."""
         out = [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.dp_replicate={self.dp_replicate}",
-               f"parallel.dp_shard={self.dp_shard}"]
+               f"parallel.dp_shard={self.dp_shard}", f"parallel.fsdp_offload={self.fsdp_offload}"]
         if self.pp > 1:
             out += [f"parallel.virtual_stages={self.virtual_stages}", f"parallel.schedule={self.schedule}"]
         return out + [f"train.micro_batch_size={self.micro_batch_size}",
@@ -62,7 +74,7 @@ class Layout:
         par = cfg.parallel.model_copy(update={
             "tp": self.tp, "pp": self.pp, "virtual_stages": self.virtual_stages, "dp_replicate": self.dp_replicate,
             "dp_shard": self.dp_shard, "schedule": self.schedule if self.pp > 1 else cfg.parallel.schedule,
-            "sequence_parallel": self.sequence_parallel})
+            "sequence_parallel": self.sequence_parallel, "fsdp_offload": self.fsdp_offload})
         trn = cfg.train.model_copy(update={"micro_batch_size": self.micro_batch_size,
                                            "activation_checkpoint": self.activation_checkpoint,
                                            "precision": self.precision})
@@ -192,7 +204,8 @@ def in_flight_micro_batches(layout: Layout, n_micro: int, pp_rank: int = 0) -> f
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted peak bytes of one rank, by term."""
+    """Predicted peak bytes of one rank, by term; ``offloaded``: parameters, gradients and optimizer state are
+    in host memory (``parallel.fsdp_offload: cpu``)."""
 
     parameters: int
     gradients: int
@@ -200,10 +213,21 @@ class MemoryEstimate:
     activations: int
     logits: int
     buffers: int
+    offloaded: bool = False
+
+    @property
+    def static(self) -> int:
+        return self.parameters + self.gradients + self.optimizer
 
     @property
     def total(self) -> int:
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.logits + self.buffers
+        """Device bytes."""
+        return (0 if self.offloaded else self.static) + self.activations + self.logits + self.buffers
+
+    @property
+    def host(self) -> int:
+        """Host bytes of this rank (its offloaded state)."""
+        return self.static if self.offloaded else 0
 
     def terms(self) -> dict[str, int]:
         return {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
@@ -211,12 +235,13 @@ class MemoryEstimate:
 
 
 def _buffers(cfg: TriarchConfig, layout: Layout, head: str) -> int:
-    """Gathered parameter copies FSDP2 holds (none when the engine does not wrap: fp32 at dp = 1): the chunk
+    """Gathered parameter copies FSDP2 holds (none when the engine does not wrap: fp32 at dp = 1 without
+    offload): the chunk
     root (embedding, norm, head) stays gathered from forward to backward; each block is gathered for its
     forward and again for its backward (two alive at once, the one computing and the one prefetched), except
     under PP, where blocks stay gathered between a micro-batch's forward and backward (the whole stage)."""
     dp = layout.dp_replicate * layout.dp_shard
-    if dp == 1 and layout.precision == "fp32":
+    if dp == 1 and layout.precision == "fp32" and layout.fsdp_offload == "none":
         return 0
     compute = FP32 if layout.precision == "fp32" else 2
     block, root = _block_and_root(model_key(cfg.model), layout.tp, head)
@@ -244,8 +269,8 @@ def estimate_memory(cfg: TriarchConfig, layout: Layout, head: str = "lm", pp_ran
             acts += activation_bytes(cfg, plain)  # one block's activations rebuilt during its backward
         last = rank == layout.pp - 1
         est = MemoryEstimate(static.parameters, static.gradients, static.optimizer, acts, logits if last else 0,
-                             buffers)
-        if best is None or est.total > best.total:
+                             buffers, offloaded=layout.fsdp_offload == "cpu")
+        if best is None or (est.total, est.host) > (best.total, best.host):
             best = est
     assert best is not None
     return best

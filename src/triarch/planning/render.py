@@ -15,11 +15,12 @@ def as_json(candidates: list[Candidate], device: Device, gpus: int) -> str:
     rows: list[dict[str, Any]] = []
     for c in candidates:
         rows.append({"layout": asdict(c.layout), "overrides": c.layout.overrides(),
-                     "memory_bytes": {**c.memory.terms(), "total": c.memory.total},
+                     "memory_bytes": {**c.memory.terms(), "total": c.memory.total, "host": c.memory.host,
+                                      "host_per_node": c.host_per_node},
                      "step_time_s": {**c.step.terms(), "total": c.step.total},
                      "tokens_per_s": c.tokens_per_s, "mfu": c.mfu})
-    return json.dumps({"device": device.key, "gpus": gpus, "usable_bytes": device.usable_bytes, "layouts": rows},
-                      indent=1)
+    return json.dumps({"device": device.key, "gpus": gpus, "usable_bytes": device.usable_bytes,
+                       "host_usable_bytes_per_node": device.host_usable_bytes, "layouts": rows}, indent=1)
 
 
 def print_table(candidates: list[Candidate], device: Device, gpus: int, gpus_per_node: int) -> None:
@@ -28,20 +29,28 @@ def print_table(candidates: list[Candidate], device: Device, gpus: int, gpus_per
 
     table = Table(title=f"layouts on {gpus} x {device.key} ({gpus_per_node} per node), by predicted tokens/s; "
                         f"{device.usable_bytes / GIB:.0f} GiB usable per GPU")
-    for name in ("#", "tp", "pp", "v", "dp r x s", "mbs", "recompute", "prec", "mem GiB", "step s", "tok/s", "MFU"):
+    offloaded = any(c.memory.offloaded for c in candidates)
+    names = ["#", "tp", "pp", "v", "dp r x s", "mbs", "recompute", "prec", "mem GiB", "step s", "tok/s", "MFU"]
+    if offloaded:  # the offload choice and each rank's state in host memory
+        names[8:8] = ["offload", "host GiB/node"]
+    for name in names:
         table.add_column(name, justify="right")
     for i, c in enumerate(candidates, 1):
         lay = c.layout
-        table.add_row(str(i), str(lay.tp), str(lay.pp), str(lay.virtual_stages),
-                      f"{lay.dp_replicate}x{lay.dp_shard}", str(lay.micro_batch_size), lay.activation_checkpoint,
-                      lay.precision, f"{c.memory.total / GIB:.1f}", f"{c.step.total:.2f}", f"{c.tokens_per_s:,.0f}",
-                      f"{c.mfu:.0%}")
+        cells = [str(i), str(lay.tp), str(lay.pp), str(lay.virtual_stages), f"{lay.dp_replicate}x{lay.dp_shard}",
+                 str(lay.micro_batch_size), lay.activation_checkpoint, lay.precision, f"{c.memory.total / GIB:.1f}",
+                 f"{c.step.total:.2f}", f"{c.tokens_per_s:,.0f}", f"{c.mfu:.0%}"]
+        if offloaded:
+            cells[8:8] = [lay.fsdp_offload, f"{c.host_per_node / GIB:.0f}"]
+        table.add_row(*cells)
     console = Console()
     if console.width < 110:  # not a terminal (a pipe, a log): wide enough for every column
         console = Console(width=110)
     console.print(table)
     best = candidates[0]
     mem = ", ".join(f"{k} {v / GIB:.1f}" for k, v in best.memory.terms().items())
+    if best.memory.offloaded:
+        mem += " (parameters, gradients and optimizer in host memory)"
     time = ", ".join(f"{k} {v:.2f}" for k, v in best.step.terms().items())
     console.print(f"best: memory GiB {mem}; step s {time}")
     console.print("run it with: " + " ".join(best.layout.overrides()), soft_wrap=True)

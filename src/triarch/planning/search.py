@@ -3,11 +3,12 @@ that fit by predicted tokens/s (``triarch plan``)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from triarch.config import ConfigError, TriarchConfig, validate_for_world
 from triarch.planning.devices import GIB, Device, efficiency
-from triarch.planning.memory import Layout, MemoryEstimate, estimate_memory
+from triarch.planning.memory import Layout, MemoryEstimate, estimate_memory, static_bytes
 from triarch.planning.step_time import StepTime, predict_step_time
 from triarch.training.model_flops import flops_per_token
 
@@ -26,12 +27,14 @@ class Candidate:
     tokens_per_s: float
     mfu: float
     fits: bool
+    host_per_node: int = 0  # offloaded state of the most loaded node's ranks
 
     def largest_term(self) -> tuple[str, int]:
-        terms = self.memory.terms()
-        static = terms["parameters"] + terms["gradients"] + terms["optimizer"]
-        named = {"parameters + gradients + optimizer state": static, "activations": terms["activations"],
-                 "logits": terms["logits"], "gathered parameters": terms["buffers"]}
+        """The largest term of the device memory."""
+        mem = self.memory
+        named = {"activations": mem.activations, "logits": mem.logits, "gathered parameters": mem.buffers}
+        if not mem.offloaded:
+            named["parameters + gradients + optimizer state"] = mem.static
         return max(named.items(), key=lambda kv: kv[1])
 
 
@@ -47,7 +50,8 @@ def _powers_of_two(limit: int) -> list[int]:
     return out
 
 
-def layouts(cfg: TriarchConfig, gpus: int, gpus_per_node: int, precisions: list[str]) -> list[Layout]:
+def layouts(cfg: TriarchConfig, gpus: int, gpus_per_node: int, precisions: list[str],
+            offloads: tuple[str, ...] = ("none",)) -> list[Layout]:
     """Every layout the config's shapes allow on ``gpus`` ranks, with TP inside a node (cheap checks only;
     ``validate_for_world`` confirms the ones proposed)."""
     m, gbs = cfg.model, cfg.train.global_batch_size
@@ -74,7 +78,9 @@ def layouts(cfg: TriarchConfig, gpus: int, gpus_per_node: int, precisions: list[
                             continue
                         for recompute in RECOMPUTE:
                             for precision in precisions:
-                                out.append(Layout(tp, pp, v, replicate, dp // replicate, mbs, recompute, precision))
+                                for offload in offloads:
+                                    out.append(Layout(tp, pp, v, replicate, dp // replicate, mbs, recompute,
+                                                      precision, fsdp_offload=offload))
     return out
 
 
@@ -85,24 +91,37 @@ def evaluate(cfg: TriarchConfig, layout: Layout, device: Device, gpus_per_node: 
     tokens = cfg.train.global_batch_size * cfg.model.seq_len
     tokens_per_s = tokens / step.total
     mfu = tokens_per_s * flops_per_token(cfg.model) / (layout.world * device.peak(layout.precision))
-    return Candidate(layout, memory, step, tokens_per_s, mfu, memory.total <= device.usable_bytes)
+    host = host_bytes_per_node(cfg, layout, gpus_per_node) if memory.offloaded else 0
+    fits = memory.total <= device.usable_bytes and host <= device.host_usable_bytes
+    return Candidate(layout, memory, step, tokens_per_s, mfu, fits, host)
+
+
+def host_bytes_per_node(cfg: TriarchConfig, layout: Layout, gpus_per_node: int) -> int:
+    """The most host memory one node's ranks hold with their state offloaded (rank order pp x dp x tp: a node
+    may hold ranks of several pipeline stages, whose state differs)."""
+    per_stage = layout.world // layout.pp
+    ranks = min(gpus_per_node, layout.world)
+    worst = 0
+    for first in range(0, layout.world, ranks):
+        stages = Counter(rank // per_stage for rank in range(first, first + ranks))
+        worst = max(worst, sum(n * static_bytes(cfg, layout, stage).total for stage, n in stages.items()))
+    return worst
 
 
 def plan(cfg: TriarchConfig, gpus: int, gpus_per_node: int, device: Device, top: int,
-         precisions: list[str] | None = None) -> list[Candidate]:
+         precisions: list[str] | None = None, offloads: list[str] | None = None) -> list[Candidate]:
     """The ``top`` fitting layouts by predicted tokens/s, each accepted by ``validate_for_world``; ConfigError
     with the reason when none fits (the term that is too large in the layout closest to fitting).
-    ``precisions``: those to consider (default the config's ``train.precision``)."""
+    ``precisions`` / ``offloads``: the ``train.precision`` / ``parallel.fsdp_offload`` values to consider
+    (default the config's)."""
     if cfg.engine != "native":
         raise ConfigError(f"triarch plan models the native engine; engine {cfg.engine} is not planned yet")
-    if cfg.parallel.fsdp_offload != "none":
-        raise ConfigError(f"parallel.fsdp_offload '{cfg.parallel.fsdp_offload}' is not planned yet (the planner "
-                          f"keeps parameters, gradients and optimizer state on the device): plan without it")
     precisions = precisions or [cfg.train.precision]
+    offloads = offloads or [cfg.parallel.fsdp_offload]
     if "fp8" in precisions and not device.fp8_flops:
         raise ConfigError(f"--precision fp8: {device.key} has no FP8 tensor cores")
     candidates = [evaluate(cfg, layout, device, gpus_per_node)
-                  for layout in layouts(cfg, gpus, gpus_per_node, precisions)]
+                  for layout in layouts(cfg, gpus, gpus_per_node, precisions, tuple(dict.fromkeys(offloads)))]
     if not candidates:
         raise ConfigError(f"no layout of {cfg.name} divides {gpus} GPUs ({gpus_per_node} per node): "
                           "tp must divide model.n_heads, ffn_hidden and vocab_size, pp model.n_layers, and the "
@@ -119,9 +138,29 @@ def plan(cfg: TriarchConfig, gpus: int, gpus_per_node: int, device: Device, top:
             break
     if chosen:
         return chosen
+    raise ConfigError(_why_nothing_fits(cfg, candidates, gpus, gpus_per_node, device, precisions, offloads))
+
+
+def _why_nothing_fits(cfg: TriarchConfig, candidates: list[Candidate], gpus: int, gpus_per_node: int,
+                      device: Device, precisions: list[str], offloads: list[str]) -> str:
+    """One line: the layout closest to fitting, its largest term, and whether offload would fit."""
+    on_device = [c for c in candidates if c.memory.total <= device.usable_bytes]
+    if on_device:  # the device fits, the host does not (offloaded state)
+        closest = min(on_device, key=lambda c: c.host_per_node)
+        return (f"{cfg.name} does not fit on {gpus} {device.key} with parallel.fsdp_offload=cpu: the smallest "
+                f"offloaded state is {closest.host_per_node / GIB:.0f} GiB per node of "
+                f"{min(gpus_per_node, gpus)} ranks against {device.host_usable_bytes / GIB:.0f} GiB usable host "
+                f"memory ({' '.join(closest.layout.overrides()[:4])}): use more nodes")
     closest = min(candidates, key=lambda c: c.memory.total)
     term, size = closest.largest_term()
-    raise ConfigError(
-        f"{cfg.name} does not fit on {gpus} {device.key} at any layout: the smallest predicted peak is "
-        f"{closest.memory.total / GIB:.1f} GiB per GPU ({' '.join(closest.layout.overrides()[:4])}) against "
-        f"{device.usable_bytes / GIB:.1f} GiB usable; its largest term is {term} ({size / GIB:.1f} GiB)")
+    line = (f"{cfg.name} does not fit on {gpus} {device.key} at any layout: the smallest predicted peak is "
+            f"{closest.memory.total / GIB:.1f} GiB per GPU ({' '.join(closest.layout.overrides()[:4])}) against "
+            f"{device.usable_bytes / GIB:.1f} GiB usable; its largest term is {term} ({size / GIB:.1f} GiB)")
+    if "cpu" not in offloads:
+        try:
+            offloaded = plan(cfg, gpus, gpus_per_node, device, 1, precisions, ["cpu"])
+        except ConfigError:
+            return line
+        line += f"; it fits with parameters, gradients and optimizer state in host memory: add --fsdp-offload cpu " \
+                f"(predicted {offloaded[0].tokens_per_s:,.0f} tokens/s)"
+    return line

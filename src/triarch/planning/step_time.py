@@ -7,6 +7,10 @@ schedule's bubble, (p - 1) / v micro-batch times. FSDP's gathers and reductions 
 ``efficiency.dp_overlap`` of it; across replicas (HSDP) gradients are all-reduced once per step; AdamW
 reads and writes its state once per step (memory-bound).
 
+With ``parallel.fsdp_offload: cpu`` every FSDP gather first copies this rank's float32 shard host to device
+and every reduction copies the sharded float32 gradient back, over PCIe, counted with FSDP's traffic (the same
+overlap); AdamW steps on the CPU, the node's DRAM bandwidth shared by its GPUs' ranks.
+
 Which link a group uses follows the rank order pp x dp_replicate x dp_shard x tp (tp innermost): a group
 whose ranks fit in one node uses NVLink, else the network.
 """
@@ -97,9 +101,16 @@ def predict_step_time(cfg: TriarchConfig, layout: Layout, device: Device, eff: E
     reductions = n_micro if (p == 1 and f > 1) else 1
     fsdp = gathers * _ring(elements * compute_bytes, f, bandwidth(t * f)) + reductions * _ring(
         elements * FP32, f, bandwidth(t * f))
+    offloaded = layout.fsdp_offload == "cpu"
+    if offloaded:  # host -> device shard before each gather, device -> host gradient shard after each reduction
+        fsdp += (gathers + reductions) * elements / f * FP32 / (device.pcie_bytes_s * link)
     replicas = 2 * _ring(elements * FP32 / f, layout.dp_replicate, bandwidth(t * dp))
     compute_total = n_micro * per_micro
     dp_exposed = max(fsdp - eff.dp_overlap * compute_total, fsdp / (layers + 1)) + replicas
-    optimizer = elements / f * OPTIMIZER_BYTES_PER_ELEMENT / (device.hbm_bytes_s * eff.memory)
+    optimizer_bytes = elements / f * OPTIMIZER_BYTES_PER_ELEMENT
+    if offloaded:
+        optimizer = optimizer_bytes * min(gpus_per_node, layout.world) / (device.host_bytes_s * eff.host_optimizer)
+    else:
+        optimizer = optimizer_bytes / (device.hbm_bytes_s * eff.memory)
     return StepTime(compute=compute_total, tp_comm=n_micro * tp_micro, pp_comm=n_micro * pp_micro, bubble=bubble,
                     dp_exposed=dp_exposed, optimizer=optimizer)
