@@ -51,9 +51,7 @@ def main() -> None:
     out = Path(sys.argv[1])
     cfg = config_from_dict(apply_overrides(json.loads(json.dumps(BASE)), sys.argv[2:]))
     device = pick_device(os.environ.get(DEVICE_ENV, "cpu"))
-    if os.environ.get(TIMED_STEPS_ENV):  # share the cores among the ranks, as a training launch does
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["WORLD_SIZE"])))
-    init_distributed(device)
+    init_distributed(device)  # shares the cores among the ranks (OMP_NUM_THREADS wins), as a training launch does
     cfg = validate_for_world(cfg, dist.get_world_size())
     p = cfg.parallel
     topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)

@@ -24,6 +24,6 @@ def configure_threads() -> None:
     OMP_NUM_THREADS, when set (a GPU job's batch script sets it from the allocation), wins.
 
     Oversubscribed ranks (each with torch's default of every core) lose time to OpenMP threads spinning at
-    barriers while the other ranks' threads want the same cores."""
+    barriers while the other ranks' threads want the same cores (``benchmarks/rank_threads.py``)."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cores_for_this_rank())
