@@ -20,6 +20,7 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install 'triarch[deepspeed]')")
 
+from layout_worker import BASE  # noqa: E402
 from processes import rank_pids  # noqa: E402
 from test_checkpoint_hf import triarch_logits  # noqa: E402
 from test_layout_parity import assert_initial_weights_exact, run_layout  # noqa: E402
@@ -35,6 +36,7 @@ TESTS = Path(__file__).resolve().parent
 EXAMPLES = TESTS.parent / "examples"
 REL_TOL = 1e-5
 DS = ["engine=deepspeed", "parallel.dp_shard=2"]
+LAYERS = BASE["model"]["n_layers"]
 LAYOUTS = {  # name: overrides on 2 ranks
     "zero1": ["deepspeed.zero_stage=1"],
     "zero2": ["deepspeed.zero_stage=2"],
@@ -43,6 +45,9 @@ LAYOUTS = {  # name: overrides on 2 ranks
     "zero2_offload_optimizer": ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=cpu"],
     "zero3_offload_optimizer_and_params": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu",
                                            "deepspeed.offload_params=cpu"],
+    # recomputation changes memory, not numbers: ZeRO-3 gathers each block's partitions again for it
+    "zero3_full_recompute": ["deepspeed.zero_stage=3", "train.activation_checkpoint=full"],
+    "zero2_selective_recompute": ["deepspeed.zero_stage=2", "train.activation_checkpoint=selective"],
 }
 OPTIMIZERS = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
 
@@ -63,6 +68,8 @@ def test_deepspeed_engine_equals_native_engine(name: str, native, tmp_path: Path
     assert got["engine"]["engine"] == "deepspeed" and got["engine"]["zero_stage"] == stage
     assert got["engine"]["optimizer"] == OPTIMIZERS[stage], got["engine"]
     assert got["engine"]["built_partitioned"] == (stage == 3)  # ZeRO-3: under deepspeed.zero.Init
+    recompute = "train.activation_checkpoint=none" not in overrides and any("checkpoint=" in o for o in overrides)
+    assert got["engine"]["checkpointed_blocks"] == (LAYERS if recompute else 0), got["engine"]
     assert_initial_weights_exact(tmp_path, overrides)  # the native engine's initial weights, bit for bit
     assert all(g > 0.5 for g in want["grad_norm"]), "clipping must be active in every step"
     for key in ("loss", "grad_norm"):

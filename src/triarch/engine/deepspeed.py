@@ -43,6 +43,7 @@ from triarch.models.llama import Llama
 from triarch.objectives.base import PRETRAIN, Fields, Objective
 from triarch.objectives.rows import RowCollector, token_objective
 from triarch.objectives.token_loss import TokenLossFn, cross_entropy_sum
+from triarch.parallel.activation_checkpoint import apply_activation_checkpointing
 from triarch.parallel.init import canonical_name, flat_init_value, full_init_value, materialize
 from triarch.parallel.pipeline import build_chunk, chunk_specs
 from triarch.parallel.topology import Topology
@@ -100,6 +101,7 @@ class DeepSpeedEngine:
         self.specs = chunk_specs(args.n_layers, 1, 1, 0)
         with torch.device("meta"):
             self.module: Llama = build_chunk(args, self.specs[0])
+        apply_activation_checkpointing(self.module, cfg.train.activation_checkpoint if trainable else "none")
         self.ds: Any = None  # the DeepSpeed engine of a trainable model
         self._frozen_ds: Any = None  # a frozen ZeRO-3 model's DeepSpeed engine (no optimizer: gathers to run)
         self._objective: Objective = PRETRAIN
@@ -143,6 +145,8 @@ class DeepSpeedEngine:
         train = self.cfg.train
         with deepspeed.zero.Init(config_dict_or_path=config), torch.device(self.topo.device):
             module = build_chunk(self.args, self.specs[0])
+        # recomputed in backward: ZeRO-3's pre-forward hooks gather the block's partitions again for it
+        apply_activation_checkpointing(module, train.activation_checkpoint if self.trainable else "none")
         for raw_name, p in module.named_parameters():
             start, stop = zstate.partition_range(p)
             zstate.write_partition(p, flat_init_value(canonical_name(raw_name), tuple(p.ds_shape), start, stop,
@@ -194,7 +198,8 @@ class DeepSpeedEngine:
                 "client_optimizer": type(self.optimizer).__name__ if self.ds is not None else None,
                 "offload_optimizer": self.cfg.deepspeed.offload_optimizer,
                 "offload_params": self.cfg.deepspeed.offload_params,
-                "built_partitioned": self.zero_stage == 3 and self._partitioned_at_construction()}
+                "built_partitioned": self.zero_stage == 3 and self._partitioned_at_construction(),
+                "checkpointed_blocks": sum(type(b).__name__ == "CheckpointWrapper" for b in self.module.layers.values())}
 
     def _runner(self) -> Any:
         """What runs the forward: DeepSpeed's engine (trainable, or a frozen ZeRO-3 model), else the module."""
