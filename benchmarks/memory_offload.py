@@ -1,4 +1,4 @@
-"""Peak memory per rank of one model under DeepSpeed ZeRO-3 with and without offload, against the native
+"""Peak memory per rank of one model under DeepSpeed ZeRO-2, and ZeRO-3 with and without offload, against the native
 engine's FSDP2 (and FSDP2's CPU offload policy), measured in one run (same ranks, model and batch): a table
 and a JSON last line.
 
@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYOUTS = {  # name: overrides (every rank a data-parallel shard)
     "native FSDP2": [],
     "native FSDP2 + CPU offload": ["parallel.fsdp_offload=cpu"],
+    "deepspeed ZeRO-2": ["engine=deepspeed", "deepspeed.zero_stage=2"],
     "deepspeed ZeRO-3": ["engine=deepspeed", "deepspeed.zero_stage=3"],
     "ZeRO-3 + offload optimizer": ["engine=deepspeed", "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu"],
     "ZeRO-3 + offload optimizer + params": ["engine=deepspeed", "deepspeed.zero_stage=3",

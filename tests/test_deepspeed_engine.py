@@ -350,7 +350,9 @@ def test_a_deepspeed_json_that_conflicts_is_one_config_error(content: dict, mess
 
 
 def test_a_deepspeed_json_merges_under_the_runs_keys(tmp_path: Path) -> None:
+    from triarch.config import load_config
     from triarch.engine.deepspeed_config import deepspeed_json
+    from triarch.training.model_flops import parameter_count
 
     content = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
                "zero_optimization": {"stage": 2, "contiguous_gradients": True, "reduce_bucket_size": "auto"},
@@ -361,7 +363,11 @@ def test_a_deepspeed_json_merges_under_the_runs_keys(tmp_path: Path) -> None:
     assert merged["train_micro_batch_size_per_gpu"] == 2 and merged["gradient_clipping"] == 0.5
     assert merged["gradient_accumulation_steps"] == 2
     assert merged["zero_optimization"]["contiguous_gradients"] is True  # theirs, which the run does not set
-    assert merged["zero_optimization"]["reduce_bucket_size"] == 500_000_000  # "auto": the run's
+    n = parameter_count(cfg.model)  # "auto": the run's, capped at the model's size (a bigger one never fills)
+    assert merged["zero_optimization"]["reduce_bucket_size"] == n + n % 2 < 500_000_000
+    large = validate_for_world(load_config(EXAMPLES / "8b.yaml", ["engine=deepspeed", "parallel.tp=1",
+                                                                "train.compile=false"]), 8)
+    assert deepspeed_json(large, n_microbatches=1)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
     assert merged["comms_logger"] == {"enabled": False}
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from triarch.config import ConfigError, TriarchConfig
+from triarch.training.model_flops import parameter_count
 
 DEEPSPEED_INSTALL = "pip install 'triarch[deepspeed]'"
 # DeepSpeed's top-level config keys (its docs' "config-json" page, 0.19): DeepSpeed ignores keys it does not
@@ -126,10 +127,14 @@ def _offload(device: str, nvme_path: str | None) -> dict[str, Any]:
 def deepspeed_json(cfg: TriarchConfig, *, n_microbatches: int) -> dict[str, Any]:
     """The DeepSpeed config dict of ``cfg`` (``parallel`` resolved) with ``n_microbatches`` per step."""
     trn, ds = cfg.train, cfg.deepspeed
+    # A bucket larger than all the gradients is never filled, yet ZeRO-1/2 allocate it whole at every micro-step
+    # (reduce_bucket_size elements: 2 GB per rank in fp32 at the default 5e8, whatever the model's size): cap
+    # both buckets at the model's parameter count (even, as DeepSpeed requires), which changes no reduction.
+    cap = parameter_count(cfg.model) + parameter_count(cfg.model) % 2
     zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm,
-                            "reduce_bucket_size": ds.reduce_bucket_size}
+                            "reduce_bucket_size": min(ds.reduce_bucket_size, cap)}
     if ds.zero_stage < 3:
-        zero["allgather_bucket_size"] = ds.allgather_bucket_size
+        zero["allgather_bucket_size"] = min(ds.allgather_bucket_size, cap)
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = _offload(ds.offload_optimizer, ds.nvme_path)
     if ds.offload_params != "none":
