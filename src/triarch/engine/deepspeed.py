@@ -199,7 +199,8 @@ class DeepSpeedEngine:
                 "offload_optimizer": self.cfg.deepspeed.offload_optimizer,
                 "offload_params": self.cfg.deepspeed.offload_params,
                 "built_partitioned": self.zero_stage == 3 and self._partitioned_at_construction(),
-                "checkpointed_blocks": sum(type(b).__name__ == "CheckpointWrapper" for b in self.module.layers.values())}
+                "checkpointed_blocks": sum(type(b).__name__ == "CheckpointWrapper"
+                                           for b in self.module.layers.values())}
 
     def _runner(self) -> Any:
         """What runs the forward: DeepSpeed's engine (trainable, or a frozen ZeRO-3 model), else the module."""
