@@ -44,6 +44,8 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2"]),
     "dp_shard2": (2, ["parallel.dp_shard=2"]),
     "dp_shard2, fsdp_offload": (2, ["parallel.dp_shard=2", "parallel.fsdp_offload=cpu"]),
+    "deepspeed ZeRO-2": (2, ["engine=deepspeed", "parallel.dp_shard=2", "deepspeed.zero_stage=2"]),
+    "deepspeed ZeRO-3": (2, ["engine=deepspeed", "parallel.dp_shard=2", "deepspeed.zero_stage=3"]),
 }
 TIMED_STEPS = 3
 # the 886M benchmark shape (examples/1b.yaml), one GPU, when one is present

@@ -56,11 +56,16 @@ def main() -> None:
     p = cfg.parallel
     topo = Topology.build(device, pp=p.pp, dp_replicate=p.dp_replicate, dp_shard=p.dp_shard, tp=p.tp)
     engine = build_engine(cfg, topo)
-    params = [prm for chunk in engine.chunks for prm in chunk.parameters()]
+    if cfg.engine == "deepspeed":  # the module's parameters (a ZeRO-3 rank's slices); AdamW steps fp32 partitions
+        params = [prm.ds_tensor if hasattr(prm, "ds_tensor") else prm for prm in engine.module.parameters()]
+        zero = engine.zero  # its float32 master partitions, which ZeRO hands AdamW group by group as it steps
+        stepped = list(getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups)
+    else:
+        params = stepped = [prm for chunk in engine.chunks for prm in chunk.parameters()]
     measured = {"pp_rank": topo.pp_rank, "parameters": storage_bytes(params)}
 
-    def before_step(optimizer, args, kwargs) -> None:
-        measured["gradients"] = storage_bytes([prm.grad for prm in params if prm.grad is not None])
+    def before_step(optimizer, args, kwargs) -> None:  # (ZeRO: one group's gradient at a time; not compared)
+        measured["gradients"] = storage_bytes([prm.grad for prm in stepped if prm.grad is not None])
 
     engine.optimizer.register_step_pre_hook(before_step)
     gen = torch.Generator().manual_seed(3)
@@ -68,7 +73,8 @@ def main() -> None:
     rows = batch.shape[0] // topo.dp
     mine = batch[topo.dp_rank * rows:(topo.dp_rank + 1) * rows]
     engine.train_step(mine[:, :-1], mine[:, 1:], step=1)
-    measured["optimizer"] = storage_bytes([v for state in engine.optimizer.state.values() for v in state.values()])
+    state = [v for values in engine.optimizer.state.values() for v in values.values()]
+    measured["optimizer"] = storage_bytes(state + (stepped if cfg.engine == "deepspeed" else []))
     # the peak of a second step: what the step starts with (parameters, AdamW state; gradients are freed)
     # plus the most the CPU allocator held above that during the step (the profiler's memory events); on CUDA
     # the caching allocator's own high-water mark

@@ -43,13 +43,18 @@ class Layout:
     precision: str
     sequence_parallel: bool = True
     fsdp_offload: str = "none"
+    zero_stage: int = 0  # 1-3: engine deepspeed, with its offload of optimizer state and parameters
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
 
     @classmethod
     def of(cls, cfg: TriarchConfig) -> "Layout":
         """The layout ``cfg`` selects."""
-        p, t = cfg.parallel, cfg.train
+        p, t, ds = cfg.parallel, cfg.train, cfg.deepspeed
+        zero = (ds.zero_stage, ds.offload_optimizer, ds.offload_params) if cfg.engine == "deepspeed" else (0, "none",
+                                                                                                          "none")
         return cls(p.tp, p.pp, p.virtual_stages, p.dp_replicate, p.dp_shard, t.micro_batch_size,
-                   t.activation_checkpoint, t.precision, p.sequence_parallel, p.fsdp_offload)
+                   t.activation_checkpoint, t.precision, p.sequence_parallel, p.fsdp_offload, *zero)
 
     @property
     def schedule(self) -> str:
@@ -62,7 +67,12 @@ class Layout:
     def overrides(self) -> list[str]:
         """The command-line overrides that select this layout."""
         out = [f"parallel.tp={self.tp}", f"parallel.pp={self.pp}", f"parallel.dp_replicate={self.dp_replicate}",
-               f"parallel.dp_shard={self.dp_shard}", f"parallel.fsdp_offload={self.fsdp_offload}"]
+               f"parallel.dp_shard={self.dp_shard}"]
+        if self.zero_stage:
+            out += [f"deepspeed.zero_stage={self.zero_stage}", f"deepspeed.offload_optimizer={self.offload_optimizer}",
+                    f"deepspeed.offload_params={self.offload_params}"]
+        else:
+            out.append(f"parallel.fsdp_offload={self.fsdp_offload}")
         if self.pp > 1:
             out += [f"parallel.virtual_stages={self.virtual_stages}", f"parallel.schedule={self.schedule}"]
         return out + [f"train.micro_batch_size={self.micro_batch_size}",
@@ -78,7 +88,12 @@ class Layout:
         trn = cfg.train.model_copy(update={"micro_batch_size": self.micro_batch_size,
                                            "activation_checkpoint": self.activation_checkpoint,
                                            "precision": self.precision})
-        return cfg.model_copy(update={"parallel": par, "train": trn})
+        update = {"parallel": par, "train": trn}
+        if self.zero_stage:
+            update["deepspeed"] = cfg.deepspeed.model_copy(update={
+                "zero_stage": self.zero_stage, "offload_optimizer": self.offload_optimizer,
+                "offload_params": self.offload_params})
+        return cfg.model_copy(update=update)
 
 
 def _ceil(a: int, b: int) -> int:
@@ -204,8 +219,7 @@ def in_flight_micro_batches(layout: Layout, n_micro: int, pp_rank: int = 0) -> f
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Predicted peak bytes of one rank, by term; ``offloaded``: parameters, gradients and optimizer state are
-    in host memory (``parallel.fsdp_offload: cpu``)."""
+    """Predicted peak bytes of one rank, by term: on the device, and (``host_*``) offloaded to host memory."""
 
     parameters: int
     gradients: int
@@ -213,25 +227,34 @@ class MemoryEstimate:
     activations: int
     logits: int
     buffers: int
-    offloaded: bool = False
+    host_parameters: int = 0
+    host_gradients: int = 0
+    host_optimizer: int = 0
 
     @property
     def static(self) -> int:
+        """Device bytes of parameters, gradients and optimizer state."""
         return self.parameters + self.gradients + self.optimizer
 
     @property
     def total(self) -> int:
         """Device bytes."""
-        return (0 if self.offloaded else self.static) + self.activations + self.logits + self.buffers
+        return self.static + self.activations + self.logits + self.buffers
 
     @property
     def host(self) -> int:
         """Host bytes of this rank (its offloaded state)."""
-        return self.static if self.offloaded else 0
+        return self.host_parameters + self.host_gradients + self.host_optimizer
+
+    @property
+    def offloaded(self) -> bool:
+        return self.host > 0
 
     def terms(self) -> dict[str, int]:
         return {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
-                "activations": self.activations, "logits": self.logits, "buffers": self.buffers}
+                "activations": self.activations, "logits": self.logits, "buffers": self.buffers,
+                "host_parameters": self.host_parameters, "host_gradients": self.host_gradients,
+                "host_optimizer": self.host_optimizer}
 
 
 def _buffers(cfg: TriarchConfig, layout: Layout, head: str) -> int:
@@ -254,6 +277,10 @@ def estimate_memory(cfg: TriarchConfig, layout: Layout, head: str = "lm", pp_ran
                     ) -> MemoryEstimate:
     """The predicted peak of pipeline stage ``pp_rank``'s first rank; by default of the most loaded stage (the
     first stage holds the most micro-batches, the last one the logits)."""
+    if layout.zero_stage:
+        from triarch.planning.zero import estimate_zero_memory
+
+        return estimate_zero_memory(cfg, layout, head)
     m = cfg.model
     n_micro = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp_replicate * layout.dp_shard)
     layers = m.n_layers // layout.pp
@@ -268,8 +295,11 @@ def estimate_memory(cfg: TriarchConfig, layout: Layout, head: str = "lm", pp_ran
         if layout.activation_checkpoint == "full":
             acts += activation_bytes(cfg, plain)  # one block's activations rebuilt during its backward
         last = rank == layout.pp - 1
-        est = MemoryEstimate(static.parameters, static.gradients, static.optimizer, acts, logits if last else 0,
-                             buffers, offloaded=layout.fsdp_offload == "cpu")
+        on_device = layout.fsdp_offload == "none"
+        est = MemoryEstimate(*(term * on_device for term in (static.parameters, static.gradients, static.optimizer)),
+                             acts, logits if last else 0, buffers,
+                             *(term * (not on_device) for term in (static.parameters, static.gradients,
+                                                                   static.optimizer)))
         if best is None or (est.total, est.host) > (best.total, best.host):
             best = est
     assert best is not None

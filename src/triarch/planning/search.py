@@ -1,5 +1,5 @@
-"""Enumerate the native engine's layouts on N GPUs, predict memory and step time for each, and rank the ones
-that fit by predicted tokens/s (``triarch plan``)."""
+"""Enumerate the layouts of the native or deepspeed engine on N GPUs, predict memory and step time for each,
+and rank the ones that fit by predicted tokens/s (``triarch plan``)."""
 
 from __future__ import annotations
 
@@ -32,9 +32,8 @@ class Candidate:
     def largest_term(self) -> tuple[str, int]:
         """The largest term of the device memory."""
         mem = self.memory
-        named = {"activations": mem.activations, "logits": mem.logits, "gathered parameters": mem.buffers}
-        if not mem.offloaded:
-            named["parameters + gradients + optimizer state"] = mem.static
+        named = {"activations": mem.activations, "logits": mem.logits, "gathered parameters": mem.buffers,
+                 "parameters + gradients + optimizer state": mem.static}
         return max(named.items(), key=lambda kv: kv[1])
 
 
@@ -84,6 +83,25 @@ def layouts(cfg: TriarchConfig, gpus: int, gpus_per_node: int, precisions: list[
     return out
 
 
+ZERO_CHOICES = ((1, "none", "none"), (1, "cpu", "none"), (2, "none", "none"), (2, "cpu", "none"),
+                (3, "none", "none"), (3, "cpu", "none"), (3, "cpu", "cpu"))  # stage, offload optimizer, params
+
+
+def zero_layouts(cfg: TriarchConfig, gpus: int, precisions: list[str]) -> list[Layout]:
+    """Every deepspeed layout on ``gpus`` ranks: ZeRO over all of them, each stage with and without CPU
+    offload (NVMe offload is not modelled)."""
+    out = []
+    for mbs in MICRO_BATCH_SIZES:
+        if cfg.train.global_batch_size % (mbs * gpus):
+            continue
+        for recompute in RECOMPUTE:
+            for precision in precisions:
+                for stage, optimizer, params in ZERO_CHOICES:
+                    out.append(Layout(1, 1, 1, 1, gpus, mbs, recompute, precision, sequence_parallel=False,
+                                      zero_stage=stage, offload_optimizer=optimizer, offload_params=params))
+    return out
+
+
 def evaluate(cfg: TriarchConfig, layout: Layout, device: Device, gpus_per_node: int) -> Candidate:
     """Predictions for one layout."""
     memory = estimate_memory(cfg, layout)
@@ -91,7 +109,12 @@ def evaluate(cfg: TriarchConfig, layout: Layout, device: Device, gpus_per_node: 
     tokens = cfg.train.global_batch_size * cfg.model.seq_len
     tokens_per_s = tokens / step.total
     mfu = tokens_per_s * flops_per_token(cfg.model) / (layout.world * device.peak(layout.precision))
-    host = host_bytes_per_node(cfg, layout, gpus_per_node) if memory.offloaded else 0
+    if not memory.offloaded:
+        host = 0
+    elif layout.zero_stage:  # every rank holds the same partitions
+        host = memory.host * min(gpus_per_node, layout.world)
+    else:
+        host = host_bytes_per_node(cfg, layout, gpus_per_node)
     fits = memory.total <= device.usable_bytes and host <= device.host_usable_bytes
     return Candidate(layout, memory, step, tokens_per_s, mfu, fits, host)
 
@@ -114,30 +137,41 @@ def plan(cfg: TriarchConfig, gpus: int, gpus_per_node: int, device: Device, top:
     with the reason when none fits (the term that is too large in the layout closest to fitting).
     ``precisions`` / ``offloads``: the ``train.precision`` / ``parallel.fsdp_offload`` values to consider
     (default the config's)."""
-    if cfg.engine != "native":
-        raise ConfigError(f"triarch plan models the native engine; engine {cfg.engine} is not planned yet")
+    if cfg.engine == "megatron":
+        raise ConfigError("triarch plan models the native and deepspeed engines; engine megatron is not planned yet")
     precisions = precisions or [cfg.train.precision]
     offloads = offloads or [cfg.parallel.fsdp_offload]
     if "fp8" in precisions and not device.fp8_flops:
         raise ConfigError(f"--precision fp8: {device.key} has no FP8 tensor cores")
-    candidates = [evaluate(cfg, layout, device, gpus_per_node)
-                  for layout in layouts(cfg, gpus, gpus_per_node, precisions, tuple(dict.fromkeys(offloads)))]
+    if cfg.engine == "deepspeed":
+        if "fp8" in precisions:
+            raise ConfigError("precision fp8 runs on engine native or megatron, not deepspeed: plan fp32 or bf16")
+        if offloads != ["none"]:
+            raise ConfigError("--fsdp-offload is the native engine's; the deepspeed plan weighs ZeRO's own offload "
+                              "(deepspeed.offload_optimizer / offload_params) by itself")
+        grid = zero_layouts(cfg, gpus, precisions)
+    else:
+        grid = layouts(cfg, gpus, gpus_per_node, precisions, tuple(dict.fromkeys(offloads)))
+    candidates = [evaluate(cfg, layout, device, gpus_per_node) for layout in grid]
     if not candidates:
         raise ConfigError(f"no layout of {cfg.name} divides {gpus} GPUs ({gpus_per_node} per node): "
                           "tp must divide model.n_heads, ffn_hidden and vocab_size, pp model.n_layers, and the "
                           "data-parallel size train.global_batch_size")
     fitting = sorted((c for c in candidates if c.fits), key=lambda c: -c.tokens_per_s)
-    chosen = []
+    chosen, refused = [], None
     for c in fitting:
         try:
             validate_for_world(c.layout.apply(cfg), gpus)
-        except ConfigError:
+        except ConfigError as err:
+            refused = refused or err
             continue
         chosen.append(c)
         if len(chosen) == top:
             break
     if chosen:
         return chosen
+    if refused is not None:  # layouts fit, but a launch would refuse each (the first reason)
+        raise refused
     raise ConfigError(_why_nothing_fits(cfg, candidates, gpus, gpus_per_node, device, precisions, offloads))
 
 
@@ -156,7 +190,7 @@ def _why_nothing_fits(cfg: TriarchConfig, candidates: list[Candidate], gpus: int
     line = (f"{cfg.name} does not fit on {gpus} {device.key} at any layout: the smallest predicted peak is "
             f"{closest.memory.total / GIB:.1f} GiB per GPU ({' '.join(closest.layout.overrides()[:4])}) against "
             f"{device.usable_bytes / GIB:.1f} GiB usable; its largest term is {term} ({size / GIB:.1f} GiB)")
-    if "cpu" not in offloads:
+    if "cpu" not in offloads and cfg.engine == "native":
         try:
             offloaded = plan(cfg, gpus, gpus_per_node, device, 1, precisions, ["cpu"])
         except ConfigError:

@@ -11,6 +11,9 @@ With ``parallel.fsdp_offload: cpu`` every FSDP gather first copies this rank's f
 and every reduction copies the sharded float32 gradient back, over PCIe, counted with FSDP's traffic (the same
 overlap); AdamW steps on the CPU, the node's DRAM bandwidth shared by its GPUs' ranks.
 
+The deepspeed engine's data-parallel traffic and optimizer step are ``planning.zero``'s (the compute is the
+same model's at tp 1, pp 1).
+
 Which link a group uses follows the rank order pp x dp_replicate x dp_shard x tp (tp innermost): a group
 whose ranks fit in one node uses NVLink, else the network.
 """
@@ -47,7 +50,7 @@ class StepTime:
                 "dp_exposed": self.dp_exposed, "optimizer": self.optimizer}
 
 
-def _ring(size: float, ranks: int, bandwidth: float) -> float:
+def ring_seconds(size: float, ranks: int, bandwidth: float) -> float:
     """Seconds of an all-gather or reduce-scatter of ``size`` bytes (the full tensor) over ``ranks``."""
     return 0.0 if ranks == 1 else (ranks - 1) / ranks * size / bandwidth
 
@@ -80,7 +83,7 @@ def predict_step_time(cfg: TriarchConfig, layout: Layout, device: Device, eff: E
 
     # tensor parallelism: per layer 2 gathers + 2 reductions forward and backward (SP), or 4 all-reduces
     message = tokens * m.dim * a
-    per_collective = _ring(message, t, bandwidth(t))
+    per_collective = ring_seconds(message, t, bandwidth(t))
     collectives = 8 if layout.sequence_parallel else 16  # an all-reduce moves twice a gather's bytes
     if layout.activation_checkpoint == "full":
         collectives += collectives // 2
@@ -96,16 +99,23 @@ def predict_step_time(cfg: TriarchConfig, layout: Layout, device: Device, eff: E
     # data parallelism: FSDP gathers (forward, and backward when resharded) and reduce-scatters
     elements = stage_elements(model_key(m), t, p, v, p - 1)
     compute_bytes = FP32 if layout.precision == "fp32" else 2
+    compute_total = n_micro * per_micro
+    if layout.zero_stage:
+        from triarch.planning.zero import zero_data_parallel_seconds
+
+        dp_exposed, optimizer = zero_data_parallel_seconds(cfg, layout, device, eff, gpus_per_node, elements,
+                                                           compute_total, bandwidth(dp))
+        return StepTime(compute=compute_total, tp_comm=0.0, pp_comm=0.0, bubble=0.0, dp_exposed=dp_exposed,
+                        optimizer=optimizer)
     f = layout.dp_shard
     gathers = n_micro * (2 if p == 1 else 1)
     reductions = n_micro if (p == 1 and f > 1) else 1
-    fsdp = gathers * _ring(elements * compute_bytes, f, bandwidth(t * f)) + reductions * _ring(
+    fsdp = gathers * ring_seconds(elements * compute_bytes, f, bandwidth(t * f)) + reductions * ring_seconds(
         elements * FP32, f, bandwidth(t * f))
     offloaded = layout.fsdp_offload == "cpu"
     if offloaded:  # host -> device shard before each gather, device -> host gradient shard after each reduction
         fsdp += (gathers + reductions) * elements / f * FP32 / (device.pcie_bytes_s * link)
-    replicas = 2 * _ring(elements * FP32 / f, layout.dp_replicate, bandwidth(t * dp))
-    compute_total = n_micro * per_micro
+    replicas = 2 * ring_seconds(elements * FP32 / f, layout.dp_replicate, bandwidth(t * dp))
     dp_exposed = max(fsdp - eff.dp_overlap * compute_total, fsdp / (layers + 1)) + replicas
     optimizer_bytes = elements / f * OPTIMIZER_BYTES_PER_ELEMENT
     if offloaded:
