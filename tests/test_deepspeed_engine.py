@@ -326,6 +326,8 @@ def _json_file(tmp_path: Path, content: dict) -> str:
     ({"deepspeed": {"zero_stage": 3, "offload_optimizer": "nvme", "nvme_path": "/no/such/nvme"}}, 1,
      "deepspeed.nvme_path '/no/such/nvme' is not an existing folder"),
     ({"parallel": {"fsdp_offload": "cpu"}}, 1, "FSDP2's CPU offload, run by engine native only.*deepspeed.offload_"),
+    ({"deepspeed": {"zero_stage": 3}, "train": {"activation_checkpoint": "selective"}}, 2,
+     "'selective' does not run under deepspeed.zero_stage 3"),
 ])
 def test_what_deepspeed_cannot_run_is_one_config_error(sections: dict, world: int, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

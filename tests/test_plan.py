@@ -183,10 +183,14 @@ def test_offloaded_plans_keep_the_state_in_host_memory() -> None:
     assert offloaded.step.total > on_device.step.total and offloaded.step.optimizer > on_device.step.optimizer
 
 
+# ZeRO-3 in bf16 peaks with or without a float32 copy of the gradient bucket, run to run (measured 7.47 and
+# 5.95 MB on the same rank: 4 bytes per parameter of this small model); the plan counts the copy, so it is
+# within 20% above the larger peak and up to 25% above the smaller one
+ZERO3_BF16_PEAK_BOUNDS = (0.8, 1.25)
 ZERO_LAYOUTS = {  # 2 ranks; vocabulary 2002: ZeRO pads each flat group to a multiple of 2 x dp
     "zero1_offload_optimizer": ["deepspeed.zero_stage=1", "deepspeed.offload_optimizer=cpu"],
     "zero2_bf16": ["deepspeed.zero_stage=2", "train.precision=bf16"],
-    "zero3_bf16_full_recompute": ["deepspeed.zero_stage=3", "train.precision=bf16", "train.activation_checkpoint=full"],
+    "zero3_bf16": ["deepspeed.zero_stage=3", "train.precision=bf16"],
     "zero3_offload_optimizer_and_params": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=cpu",
                                            "deepspeed.offload_params=cpu"],
 }
@@ -209,12 +213,13 @@ def test_deepspeed_predicted_bytes_match_a_built_engine(name: str, tmp_path: Pat
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["parameters"] == est.parameters + est.host_parameters, (rank, got, est)
         assert got["optimizer"] == est.optimizer + est.host_optimizer, (rank, got, est)
-        assert abs((est.total + est.host) / got["step_peak"] - 1) <= PEAK_TOLERANCE, (rank, est, got["step_peak"])
+        low, high = ZERO3_BF16_PEAK_BOUNDS if name == "zero3_bf16" else (1 - PEAK_TOLERANCE, 1 + PEAK_TOLERANCE)
+        assert low <= (est.total + est.host) / got["step_peak"] <= high, (rank, est, got["step_peak"])
 
 
 def test_deepspeed_plans_weigh_zero_stages_and_offload() -> None:
-    """70B on 8 H100s under DeepSpeed: only ZeRO-3 with the optimizer state offloaded fits; 8B on 8 fits
-    ZeRO-3 on the devices, and offload costs time there."""
+    """70B on 8 H100s under DeepSpeed: only ZeRO-3 with the optimizer state offloaded fits; for 8B on 8,
+    offload trades step time for device memory."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     h100 = load_device("h100")
     cfg = load_config(EXAMPLES / "70b.yaml", ["engine=deepspeed", "train.compile=false"])
@@ -226,10 +231,12 @@ def test_deepspeed_plans_weigh_zero_stages_and_offload() -> None:
         assert c.memory.total <= h100.usable_bytes and c.host_per_node == 8 * c.memory.host <= h100.host_usable_bytes
         validate_for_world(c.layout.apply(cfg), 8)
     cfg8 = load_config(EXAMPLES / "8b.yaml", ["engine=deepspeed", "train.compile=false"])
-    best = plan(cfg8, 8, 8, h100, top=1)[0]
-    assert best.layout.zero_stage == 3 and not best.memory.offloaded
-    offloaded = evaluate(cfg8, replace(best.layout, offload_optimizer="cpu"), h100, 8)
-    assert offloaded.step.total > best.step.total and offloaded.memory.total < best.memory.total
+    assert plan(cfg8, 8, 8, h100, top=1)[0].fits
+    on_device = Layout(1, 1, 1, 1, 8, 1, "full", "bf16", sequence_parallel=False, zero_stage=3)
+    offloaded = evaluate(cfg8, replace(on_device, offload_optimizer="cpu"), h100, 8)
+    on_device = evaluate(cfg8, on_device, h100, 8)
+    assert on_device.fits and not on_device.memory.offloaded and offloaded.memory.offloaded
+    assert offloaded.step.total > on_device.step.total and offloaded.memory.total < on_device.memory.total
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -72,6 +72,10 @@ def check_deepspeed_config(cfg: TriarchConfig) -> None:
                           "not deepspeed; use bf16")
     if trn.compile:
         raise ConfigError("train.compile applies to engine: native; set it false on engine 'deepspeed'")
+    if trn.activation_checkpoint == "selective" and ds.zero_stage == 3:  # measured: the recompute then fails
+        raise ConfigError("train.activation_checkpoint 'selective' does not run under deepspeed.zero_stage 3 (ZeRO-3 "
+                          "gathers parameters inside the recomputed block, which selective recompute cannot replay): "
+                          "use full, or zero_stage 1 or 2")
     if ds.offload_params != "none" and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_params '{ds.offload_params}' partitions parameters, which only ZeRO "
                           f"stage 3 does: set deepspeed.zero_stage=3 (it is {ds.zero_stage})")

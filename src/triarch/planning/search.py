@@ -97,6 +97,8 @@ def zero_layouts(cfg: TriarchConfig, gpus: int, precisions: list[str]) -> list[L
         for recompute in RECOMPUTE:
             for precision in precisions:
                 for stage, optimizer, params in ZERO_CHOICES:
+                    if stage == 3 and recompute == "selective":  # the engine refuses it
+                        continue
                     out.append(Layout(1, 1, 1, 1, gpus, mbs, recompute, precision, sequence_parallel=False,
                                       zero_stage=stage, offload_optimizer=optimizer, offload_params=params))
     return out

@@ -14,7 +14,8 @@ to host memory, as DeepSpeed 0.19 lays them out (``engine/deepspeed.py`` builds 
   partition, moments and gradient partition of that size. Parameters below DeepSpeed's persistence threshold
   (1e5 elements: the norms) stay gathered on every rank; the others are gathered while their layer runs:
   two blocks at once and the embedding or head, as FSDP2. Gradients queue for their reduce-scatter in a
-  bucket of up to ``reduce_bucket_size`` elements in the model's dtype.
+  bucket of up to ``reduce_bucket_size`` elements, with a float32 copy in bf16 as at stage 2 (measured: the
+  copy is alive at the peak in some runs and not in others; the plan counts it).
 - ``offload_optimizer: cpu`` puts the master partition, the moments and the float32 gradient partition in
   host memory; ``offload_params: cpu`` (stage 3) the parameter partitions.
 
@@ -34,7 +35,7 @@ from dataclasses import replace
 
 from triarch.config import TriarchConfig
 from triarch.planning.devices import Device, Efficiency
-from triarch.planning.memory import FP32, Layout, MemoryEstimate, _shapes, activation_bytes, model_key
+from triarch.planning.memory import FP32, Layout, MemoryEstimate, activation_bytes, stage_tensor_shapes
 from triarch.training.model_flops import parameter_count
 
 PERSISTENCE_THRESHOLD = 100_000  # DeepSpeed's zero_optimization.stage3_param_persistence_threshold default
@@ -47,7 +48,7 @@ def _ceil(a: int, b: int) -> int:
 
 def _elements(cfg: TriarchConfig, head: str) -> list[tuple[int, bool]]:
     """(elements, is a matrix) of every parameter tensor, in the module's order."""
-    return [(rows * cols, cols > 1 or rows == 1) for rows, cols in _shapes(model_key(cfg.model), 1, 1, 1, 0, head)]
+    return [(rows * cols, cols > 1 or rows == 1) for rows, cols in stage_tensor_shapes(cfg, 1, 1, 1, 0, head)]
 
 
 def partition_elements(cfg: TriarchConfig, layout: Layout, head: str = "lm") -> int:
@@ -88,18 +89,18 @@ def estimate_zero_memory(cfg: TriarchConfig, layout: Layout, head: str = "lm") -
     if stage == 1:
         gradients += FP32 * sum(n for n, _ in _elements(cfg, head))  # whole gradients between reductions
     bucket = min(cfg.deepspeed.reduce_bucket_size, parameter_count(m) + parameter_count(m) % 2)
-    if stage < 3:
-        # stage 1 accumulates in float32; stage 2 stages bf16 gradients and reduces a float32 copy of the bucket
-        staged = FP32 if stage == 1 else compute + (FP32 if compute != FP32 else 0)
-        buffers = staged * bucket * (2 if cfg.deepspeed.overlap_comm else 1)
-    else:  # the gathered parameters, and the gradients queued for reduce-scatter
-        buffers = compute * (_gathered_elements(cfg, head) + bucket)
+    # stage 1 accumulates in float32; stages 2 and 3 stage gradients in the model's dtype and reduce a float32
+    # copy of a bf16 bucket (the engine communicates in float32)
+    staged = FP32 if stage == 1 else compute + (FP32 if compute != FP32 else 0)
+    buffers = staged * bucket * (2 if cfg.deepspeed.overlap_comm and stage < 3 else 1)
+    if stage == 3:  # and the gathered parameters
+        buffers += compute * _gathered_elements(cfg, head)
     tokens = layout.micro_batch_size * m.seq_len
     logits = 0 if head == "score" else 3 * FP32 * tokens * m.vocab_size
-    plain = replace(layout, tp=1, pp=1, activation_checkpoint="none")
-    activations = m.n_layers * activation_bytes(cfg, replace(plain, activation_checkpoint=layout.activation_checkpoint))
-    if layout.activation_checkpoint == "full":
-        activations += activation_bytes(cfg, plain)
+    single = replace(layout, tp=1, pp=1)  # one rank runs the whole model
+    activations = m.n_layers * activation_bytes(cfg, single)
+    if layout.activation_checkpoint == "full":  # one block's activations rebuilt during its backward
+        activations += activation_bytes(cfg, replace(single, activation_checkpoint="none"))
     host_optimizer = layout.offload_optimizer == "cpu"
     host_params = layout.offload_params == "cpu"
     partition_gradients = FP32 * part
