@@ -190,3 +190,28 @@ def test_run_directory_writable_by_others_is_refused(data: Path, tmp_path: Path)
     created = subprocess.run(command(fresh, data, 1, "train.steps=3"), capture_output=True, text=True, timeout=300)
     assert created.returncode == 0, created.stderr[-2000:]
     assert fresh.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_a_run_whose_every_checkpoint_is_damaged_refuses_to_start_over(data: Path, tmp_path: Path) -> None:
+    """Resuming must not fall back to step 0 over committed checkpoints it cannot use: retention would delete
+    them as the new run saves. Exit 4, one line, every file as it was."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run(command(run_dir, data, 1, "train.steps=4", "checkpoint.interval=2"), capture_output=True,
+                           text=True, timeout=240)
+    assert first.returncode == 0, first.stderr
+    steps = [s.path for s in list_steps(run_dir / "checkpoints") if s.committed]
+    assert [p.name for p in steps] == ["step_2", "step_4"]
+    for step_dir in steps:
+        shard = next(step_dir.glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[:10])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "checkpoints" in p.parts}
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    again = subprocess.run(command(run_dir, data, 1, "train.steps=6", "checkpoint.interval=2"), capture_output=True,
+                           text=True, timeout=240)
+    assert again.returncode == 4, again.stderr
+    errors = [line for line in again.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "2 committed checkpoint(s) and none is usable" in errors[0], again.stderr
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "checkpoints" in p.parts} == before
+    assert (run_dir / "metrics.jsonl").read_text() == metrics

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -183,3 +184,15 @@ def test_export_refuses_non_empty_folder_and_force_removes_stale_shards(trained,
     ours = triarch_logits(read_full_tensors(run / "checkpoints" / "step_2"),
                           json.loads((out / "config.json").read_text()), tokens)
     assert (ours - hf(tokens).logits.detach()).abs().max().item() <= 1e-5
+
+
+def test_export_of_a_damaged_step_or_a_bad_pad_id_is_one_line(trained, tmp_path: Path) -> None:
+    run, _ = trained
+    line = one_error_line(cli("ckpt", "export", str(run), "--hf", str(tmp_path / "a"), "--pad-id", "-5"))
+    assert "--pad-id -5 is outside the vocabulary" in line
+    damaged = tmp_path / "run"
+    shutil.copytree(run, damaged)
+    shard = next((damaged / "checkpoints" / "step_2").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    line = one_error_line(cli("ckpt", "export", str(damaged), "--hf", str(tmp_path / "b")))
+    assert str(shard) in line and not (tmp_path / "b").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,16 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["train", str(EXAMPLES / "tiny.yaml"), "--nproc", "0"], "error: argument --nproc: 0 must be positive"),
         (["train", str(EXAMPLES / "tiny.yaml"), "--bogus"], "error: unrecognized arguments: --bogus"),
         (["train", str(EXAMPLES / "tiny.yaml"), "data.path=/nonexistent/data"], "error: no prepared data at /nonexistent/data"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "data.path=file:///nonexistent/data"],
+         "error: no manifest at file:///nonexistent/data/manifest.json"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "fault.collective_timeout_s=inf"],
+         "error: fault.collective_timeout_s = 'inf': Input should be a finite number"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "fault.startup_timeout_s=1e15"],
+         "error: fault.startup_timeout_s = '1e15': Input should be less than or equal to 2000000"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "train.lr=nan"], "error: train.lr = 'nan': Input should be a finite"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "train.seed=-1"], "error: train.seed = -1: Input should be greater"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "name=../../escape"], "error: name = '../../escape': String should"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "name=.."], "error: name '..' is a folder, not a run name"),
     ],
 )
 def test_cli_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:
@@ -97,3 +108,17 @@ def test_cli_one_line_errors(tmp_path: Path, args: list[str], message: str) -> N
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+
+
+def test_object_store_without_credentials_is_one_line(tmp_path: Path) -> None:
+    """No credentials for s3:// (the client's own exception) is one line, exit 2, in every subcommand."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    for args in (["data", "verify", "s3://no-bucket/x"], ["train", str(EXAMPLES / "tiny.yaml"),
+                                                         "data.path=s3://no-bucket/x"]):
+        result = subprocess.run([sys.executable, "-m", "triarch.cli", *args], capture_output=True, text=True,
+                                cwd=tmp_path, timeout=120, env={**env, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+                                                                 "AWS_CONFIG_FILE": "/nonexistent",
+                                                                 "AWS_EC2_METADATA_DISABLED": "true"})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("error: object store: NoCredentialsError"), result.stderr

@@ -314,11 +314,15 @@ def check_data(cfg: TriarchConfig) -> None:
     if cfg.objective.kind == "sft":
         return check_sft_data(cfg)
     from triarch.data_pipeline import read_manifest
+    from triarch.data_pipeline.errors import DataError
 
-    path = Path(cfg.data.path)
-    if not (path / "manifest.json").is_file():
+    path = cfg.data.path  # a local folder or an fsspec URL (s3://, gs://, file://)
+    if "://" not in path and not (Path(path) / "manifest.json").is_file():
         raise CliError(f"no prepared data at {path} (data.path); prepare it with: triarch prepare --out {path}")
-    manifest = read_manifest(path)
+    try:
+        manifest = read_manifest(path)
+    except DataError as err:
+        raise CliError(str(err)) from None
     vocab = int(manifest["tokenizer"]["vocab_size"])
     if vocab > cfg.model.vocab_size:
         raise CliError(f"data.path '{cfg.data.path}' uses a tokenizer of {vocab} tokens, more than "
@@ -670,6 +674,11 @@ def main(argv: list[str] | None = None) -> None:
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:
         print(f"error: {err}", file=sys.stderr)
+        code = EXIT_USAGE
+    except Exception as err:  # an object store's client refusing (no credentials, no bucket): one line, not a trace
+        if not type(err).__module__.startswith(("botocore", "aiobotocore", "s3fs", "gcsfs", "google.")):
+            raise
+        print(f"error: object store: {type(err).__name__}: {err}", file=sys.stderr)
         code = EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C before the ranks listen for it (loading, checking data)
         print("interrupted before training started; nothing was written to the run", file=sys.stderr)

@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 PositiveInt = Field(gt=0)
@@ -115,7 +115,7 @@ class TrainConfig(_Section):
     precision: Literal["fp32", "bf16", "fp8"] = "fp32"
     fp8_recipe: Literal["tensorwise", "rowwise", "delayed", "mxfp8"] = "tensorwise"
     tf32: bool = True
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(10, ge=0)
@@ -245,9 +245,10 @@ class FaultConfig(_Section):
     Collectives time out after ``startup_timeout_s`` until the first step, ``collective_timeout_s`` after.
     The limits must exceed the longest step, evaluation or synchronous checkpoint save."""
 
-    hang_timeout_s: float = Field(900.0, ge=0)
-    startup_timeout_s: float = Field(1800.0, gt=0)
-    collective_timeout_s: float = Field(900.0, gt=0)
+    # at most 2e6 s (23 days): a process group's timeout in milliseconds must fit a C int
+    hang_timeout_s: float = Field(900.0, ge=0, le=2e6)
+    startup_timeout_s: float = Field(1800.0, gt=0, le=2e6)
+    collective_timeout_s: float = Field(900.0, gt=0, le=2e6)
     heartbeat_interval_s: float | None = Field(None, gt=0)
 
     @property
@@ -366,7 +367,8 @@ class InitConfig(_Section):
 class TriarchConfig(_Section):
     """The whole resolved configuration of one run."""
 
-    name: str = "run"
+    # the run directory's name under runs/ (and the SLURM job's): letters, digits, '.', '_', '-'; not '.' or '..'
+    name: str = Field("run", pattern=r"^[A-Za-z0-9._-]+$")
     engine: Literal["native", "megatron", "deepspeed"] = "native"
     model: ModelConfig = ModelConfig()
     parallel: ParallelConfig = ParallelConfig()
@@ -412,6 +414,13 @@ class TriarchConfig(_Section):
                              f"= {rows}) rows must split into optimizer steps of train.global_batch_size "
                              f"({self.train.global_batch_size}) rows")
         return self
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_folder(cls, name: str) -> str:
+        if name in (".", ".."):
+            raise ValueError(f"name '{name}' is a folder, not a run name: use letters, digits, '.', '_', '-'")
+        return name
 
 
 # ----------------------------------------------------------------------------------------------

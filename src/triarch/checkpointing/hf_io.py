@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from triarch.checkpointing.commit import CheckpointError
+from triarch.checkpointing.commit import CheckpointError, verify
 from triarch.checkpointing.hf_folder import folder_entries, listing
 from triarch.checkpointing.manager import TRAINER_STATE, StepInfo, list_steps
 from triarch.checkpointing.offline import read_full_tensors
@@ -172,6 +172,9 @@ def export_hf(run_dir: Path, out: Path, *, step: int | None = None, dtype: str =
     cfg = saved_config(info)
     args = _args(cfg)
     pad = reward_pad_id(cfg, pad_id) if args.head == "score" else pad_id
+    if pad is not None and not 0 <= pad < cfg.model.vocab_size:
+        raise CheckpointError(f"--pad-id {pad} is outside the vocabulary (model.vocab_size {cfg.model.vocab_size})")
+    verify(info.path)  # a damaged shard is one line naming it, not DCP's traceback
     hf = to_hf_state_dict(read_full_tensors(info.path), tie_embeddings=args.tie_embeddings)
     tensors = {k: v.to(_DTYPES[dtype]).contiguous() for k, v in hf.items()}
     config = hf_config_dict(args, dtype="bfloat16" if dtype == "bf16" else "float32", pad_token_id=pad)

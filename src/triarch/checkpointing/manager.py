@@ -291,6 +291,19 @@ class CheckpointManager:
                 log.warning("checkpoint %s is unusable (%s); falling back to an older one", info.path, problem)
         return None
 
+    def resume_point(self) -> StepInfo | None:
+        """Where a run resumes: :meth:`newest_usable`, None for a run with no committed checkpoint; raises
+        CheckpointError when committed checkpoints exist and none is usable, rather than start the run again
+        from step 0 over them (retention would then delete them)."""
+        info = self.newest_usable()
+        committed = [s for s in self._agreed_listing() if s.committed]
+        if info is None and committed:
+            raise CheckpointError(
+                f"{self.dir} holds {len(committed)} committed checkpoint(s) and none is usable (see the warnings "
+                f"above; newest {committed[0].path.name}): refusing to start again from step 0 over them; repair "
+                f"or move them, or use a new --run-dir")
+        return info
+
     def _agreed_listing(self) -> list[StepInfo]:
         """Rank 0's listing of the step folders, newest first, on every rank."""
         listing: list[Any] = [list(reversed(list_steps(self.dir))) if dist.get_rank() == 0 else None]

@@ -116,7 +116,7 @@ def train_rl(cfg: TriarchConfig, topo: Topology, run_dir: Path, control: RunCont
     loop = RLIteration(cfg, topo, models, prompts,
                        rule=rule_reward(prompts.tokenizer_path) if cfg.reward.kind == "rule" else None)
     start, first_loss = 0, float("nan")
-    resume_from = manager.newest_usable()
+    resume_from = manager.resume_point()
     if resume_from is not None:
         saved = manager.load(resume_from, models.actor, others=others)
         saved_kind = ((saved.get("config") or {}).get("objective") or {}).get("kind", "pretrain")

@@ -139,7 +139,7 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
         control.groups_ready()
     start_step, first_eval, first_loss = 0, None, float("nan")
     init_from: str | None = None
-    resume_from = manager.newest_usable()
+    resume_from = manager.resume_point()
     if resume_from is not None:
         saved = manager.load(resume_from, engine)
         saved_kind = ((saved.get("config") or {}).get("objective") or {}).get("kind", "pretrain")
