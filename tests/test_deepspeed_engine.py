@@ -337,6 +337,9 @@ def test_what_deepspeed_cannot_run_is_one_config_error(sections: dict, world: in
 @pytest.mark.parametrize("content, message", [
     ({"zero_optimisation": {"stage": 3}}, "unknown DeepSpeed key\\(s\\) zero_optimisation"),
     ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "unknown zero_optimization key\\(s\\) overlap_com"),
+    ({"zero_optimization": {"offload_optimizer": "cpu"}}, "zero_optimization.offload_optimizer must be an object"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "nvme"}}},
+     "offload_param.device 'nvme' but deepspeed.offload_params is 'none': set deepspeed.offload_params=nvme"),
     ({"fp16": {"enabled": True}}, "enables fp16.*refuses fp16 on CPU"),
     ({"optimizer": {"type": "AdamW"}}, "has 'optimizer': triarch runs its own AdamW"),
     ({"train_micro_batch_size_per_gpu": 4}, "sets train_micro_batch_size_per_gpu to 4 but this run's config makes "

@@ -115,3 +115,16 @@ def test_stop_signal_near_the_time_limit_counts_as_timeout() -> None:
     assert classify_stop(100.0, signal_delay_s=120) == "timeout"
     assert classify_stop(3600.0, signal_delay_s=120) == "preemption"
     assert classify_stop(None, signal_delay_s=120) == "preemption"
+
+
+@pytest.mark.parametrize("items, message", [
+    (["train.lr=1e-3,1e-3"], "repeats 1e-3: each value must appear once"),
+    (["train.lr=1e-3", "train.lr=3e-4"], "--sweep train.lr is given twice"),
+    (["train.lr"], "must look like key=v1,v2"),
+])
+def test_a_sweep_whose_tasks_would_share_a_run_directory_is_refused(items: list[str], message: str) -> None:
+    from triarch.config import ConfigError
+    from triarch.slurm.submit import parse_sweep
+
+    with pytest.raises(ConfigError, match=message):
+        parse_sweep(items)

@@ -181,6 +181,19 @@ def deepspeed_json(cfg: TriarchConfig, *, n_microbatches: int) -> dict[str, Any]
     if unknown:
         raise ConfigError(f"deepspeed.config_file '{ds.config_file}' has unknown zero_optimization key(s) "
                           f"{', '.join(unknown)}")
+    for key, ours_device in (("offload_optimizer", ds.offload_optimizer), ("offload_param", ds.offload_params)):
+        if key not in zero_theirs:
+            continue
+        entry = zero_theirs[key]
+        if not isinstance(entry, dict):
+            raise ConfigError(f"deepspeed.config_file '{ds.config_file}': zero_optimization.{key} must be an object "
+                              f"like {{\"device\": \"cpu\"}}, not {entry!r}")
+        device = entry.get("device", "none")
+        if device not in ("auto", ours_device):  # triarch checks offload (stage, nvme_path): it must be ours
+            ours_key = "offload_optimizer" if key == "offload_optimizer" else "offload_params"
+            raise ConfigError(f"deepspeed.config_file '{ds.config_file}' sets zero_optimization.{key}.device "
+                              f"{device!r} but deepspeed.{ours_key} is '{ours_device}': set "
+                              f"deepspeed.{ours_key}={device} (and deepspeed.nvme_path for nvme) instead")
     if "train_batch_size" in theirs and theirs["train_batch_size"] not in ("auto", trn.global_batch_size):
         raise ConfigError(f"deepspeed.config_file '{ds.config_file}' sets train_batch_size to "
                           f"{theirs['train_batch_size']} but this run's train.global_batch_size is "

@@ -81,6 +81,11 @@ def parse_sweep(items: list[str]) -> dict[str, list[str]]:
         parts = [v for v in values.split(",") if v]
         if not sep or not key or not parts:
             raise ConfigError(f"--sweep '{item}' must look like key=v1,v2")
+        repeated = sorted({v for v in parts if parts.count(v) > 1})
+        if repeated:  # two array tasks would share one run directory
+            raise ConfigError(f"--sweep '{item}' repeats {', '.join(repeated)}: each value must appear once")
+        if key in sweep:
+            raise ConfigError(f"--sweep {key} is given twice: list all its values in one --sweep")
         sweep[key] = parts
     return sweep
 
