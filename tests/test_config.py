@@ -122,3 +122,16 @@ def test_object_store_without_credentials_is_one_line(tmp_path: Path) -> None:
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr
         assert lines[0].startswith("error: object store: NoCredentialsError"), result.stderr
+
+
+@pytest.mark.parametrize("name, folder", [("config.yaml", True), ("metrics.jsonl", True), (".triarch.lock", True),
+                                          ("checkpoints", False), ("tensorboard", False), ("heartbeats", False)])
+def test_a_run_directory_entry_of_the_wrong_kind_is_refused_before_the_run(tmp_path: Path, name: str,
+                                                                            folder: bool) -> None:
+    from triarch.launcher.run_dir import RunDirError, usable_run_dir
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    (run_dir / name).mkdir() if folder else (run_dir / name).write_text("x")
+    with pytest.raises(RunDirError, match=f"{run_dir / name} is not a {'file' if folder else 'folder'}"):
+        usable_run_dir(run_dir)

@@ -388,7 +388,7 @@ def check_same_objective(cfg: TriarchConfig, run_dir: Path) -> None:
     try:
         saved = yaml.safe_load(published.read_text()) or {}
         kind = (saved.get("objective") or {}).get("kind", "pretrain")
-    except (OSError, yaml.YAMLError, AttributeError):
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):  # (ValueError: not UTF-8)
         return  # the ranks compare the checkpoint's own config
     if kind != cfg.objective.kind:
         raise CliError(f"{run_dir} holds a {kind} run; objective.kind {cfg.objective.kind} cannot resume it: "

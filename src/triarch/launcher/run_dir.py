@@ -15,6 +15,9 @@ from pathlib import Path
 from triarch.config import ConfigError, TriarchConfig, dump_config
 
 ATTEMPTS_DIR = "attempts"
+# the entries a run writes in its directory: name -> is a folder
+RUN_ENTRIES = {"config.yaml": False, "metrics.jsonl": False, ".triarch.lock": False, ATTEMPTS_DIR: True,
+               "checkpoints": True, "tensorboard": True, "heartbeats": True}
 
 
 class RunDirError(ConfigError):
@@ -32,6 +35,11 @@ def usable_run_dir(run_dir: Path) -> Path:
         raise RunDirError(f"cannot create run directory {run_dir}: {err.strerror or err}") from None
     if not os.access(run_dir, os.W_OK | os.X_OK):
         raise RunDirError(f"run directory {run_dir} is not writable")
+    for name, folder in RUN_ENTRIES.items():  # what the run writes must be of the kind it writes
+        path = run_dir / name
+        if path.exists() and path.is_dir() != folder:
+            kind = "a folder" if folder else "a file"
+            raise RunDirError(f"{path} is not {kind}, which the run writes there: move it out of the run directory")
     mode = stat.S_IMODE(run_dir.stat().st_mode)
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise RunDirError(f"run directory {run_dir} can be written by other users (mode {mode:o}): they could "

@@ -52,7 +52,7 @@ def truncate_after(path: Path, step: int) -> int:
         return 0
     kept: list[str] = []
     dropped = 0
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # bytes that are not UTF-8: torn
         try:
             record = json.loads(line)
             keep = isinstance(record, dict) and int(record["step"]) <= step
