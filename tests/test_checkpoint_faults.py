@@ -215,3 +215,17 @@ def test_a_run_whose_every_checkpoint_is_damaged_refuses_to_start_over(data: Pat
     assert len(errors) == 1 and "2 committed checkpoint(s) and none is usable" in errors[0], again.stderr
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and "checkpoints" in p.parts} == before
     assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(300)
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(data: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = subprocess.run(command(run_dir, data, 1, "train.steps=3", "checkpoint.interval=3"), capture_output=True,
+                           text=True, timeout=240)
+    assert first.returncode == 0, first.stderr
+    again = subprocess.run(command(run_dir, data, 1, "train.steps=2", "checkpoint.interval=3"), capture_output=True,
+                           text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to train: the run is at step 3 and train.steps is 2" in again.stdout, again.stdout
+    assert "trained " not in again.stdout, again.stdout

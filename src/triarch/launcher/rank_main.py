@@ -57,6 +57,11 @@ def report(summary: TrainSummary) -> None:
         print(f"stopped at step {summary.steps} ({summary.stop_reason}); the checkpoint is committed; run the same "
               "command to resume", file=sys.stderr)
         return
+    if summary.start_step and summary.start_step >= summary.target_steps:  # resumed a finished run
+        print(f"nothing to train: the run is at step {summary.start_step} and train.steps is "
+              f"{summary.target_steps}; raise train.steps to continue it")
+        print(f"run directory: {summary.run_dir}")
+        return
     print(f"trained {summary.steps} steps: loss {summary.first_loss:.4f} -> {summary.final_loss:.4f}")
     if summary.first_eval_loss is not None and summary.final_eval_loss is not None:
         ratio = summary.final_eval_loss / summary.first_eval_loss

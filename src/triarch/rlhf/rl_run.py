@@ -190,5 +190,5 @@ def train_rl(cfg: TriarchConfig, topo: Topology, run_dir: Path, control: RunCont
                 break
         manager.wait()
     stop_reason = control.stop_reason if control is not None and last < cfg.train.steps else None
-    return TrainSummary(last, first_loss, final_loss, None, None, run_dir, stop_reason)
+    return TrainSummary(last, first_loss, final_loss, None, None, run_dir, stop_reason, start, cfg.train.steps)
 

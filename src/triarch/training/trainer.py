@@ -43,6 +43,8 @@ class TrainSummary:
     final_eval_loss: float | None
     run_dir: Path
     stop_reason: str | None = None
+    start_step: int = 0  # where this attempt resumed
+    target_steps: int = 0  # train.steps
 
 
 def build_topology(cfg: TriarchConfig, device: torch.device, host: dist.ProcessGroup | None = None) -> Topology:
@@ -242,7 +244,8 @@ def _train(cfg: TriarchConfig, run_dir: Path, device: torch.device, control: Run
         manager.wait()
         agree(integrity_problem(streams, wait=True), topo.host_group)  # no run ends well on damaged data
     stop_reason = control.stop_reason if control is not None and last_step < trn.steps else None
-    return TrainSummary(last_step, first_loss, final_loss, first_eval, final_eval, run_dir, stop_reason)
+    return TrainSummary(last_step, first_loss, final_loss, first_eval, final_eval, run_dir, stop_reason,
+                        start_step, trn.steps)
 
 
 def _profiler(cfg: TriarchConfig, run_dir: Path, topo: Topology, start_step: int, tokens_per_step: int,
