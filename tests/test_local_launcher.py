@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,16 @@ def test_an_exception_while_waiting_kills_every_rank(tmp_path: Path) -> None:
     started = sorted(pids.iterdir())
     assert [p.name for p in started] == ["0", "1"]
     assert not [p.name for p in started if _alive(int(p.read_text()))]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR2])
+def test_a_rank_interrupted_while_starting_exits_130_without_a_traceback(tmp_path: Path, sig: int) -> None:
+    """Ctrl-C, or the launcher's stop request (SIGUSR2), while a rank still imports torch: exit 130 quietly, so
+    the launcher reports one line ("interrupted before training started") instead of one traceback per rank."""
+    rank = subprocess.Popen([sys.executable, "-m", "triarch.launcher.rank_entry", str(tmp_path), "nope.yaml"],
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # inside the imports (torch alone takes longer)
+    rank.send_signal(sig)
+    _, err = rank.communicate(timeout=60)
+    assert rank.returncode == 130, err
+    assert "Traceback" not in err, err

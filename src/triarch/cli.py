@@ -472,9 +472,11 @@ def _launch(nproc: int, run_dir: Path, config: Path, lock_fd: int) -> int:
     from triarch.launcher.local import LaunchError, launch_local
 
     try:
-        launch_local(nproc, ["-m", "triarch.launcher.rank_main", str(run_dir), str(config)], keep_fds=[lock_fd])
+        launch_local(nproc, ["-m", "triarch.launcher.rank_entry", str(run_dir), str(config)], keep_fds=[lock_fd])
     except LaunchError as err:
-        if not err.agreed:  # every rank ending alike has said why itself
+        if err.exit_code == 130:  # Ctrl-C while the ranks were starting (launcher.rank_entry)
+            print("interrupted before training started; run the same command to start it", file=sys.stderr)
+        elif not err.agreed:  # every rank ending alike has said why itself
             print(f"error: {err}; see the rank logs above", file=sys.stderr)
         return err.exit_code
     return 0
