@@ -80,3 +80,11 @@ def test_corrupt_file_found_by_another_rank_falls_back_everywhere(saved: dict[in
     log = (out / "log_0.txt").read_text()
     assert f"checkpoint {newest} is unusable ({newest / name} does not match its sha256" in log, log
     assert f"found by rank {world - 1}" in log, log
+
+
+@pytest.mark.parametrize("files", [[1], {"a.distcp": 3}, {"a.distcp": {"bytes": "3", "sha256": "x"}}])
+def test_a_commit_file_of_the_wrong_shape_is_no_commit(tmp_path: Path, files) -> None:
+    from triarch.checkpointing.commit import COMMIT_FILE
+
+    (tmp_path / COMMIT_FILE).write_text(json.dumps({"step": 2, "files": files}))
+    assert read_commit(tmp_path) is None  # the step is skipped like an uncommitted one, not a traceback

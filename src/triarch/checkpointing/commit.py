@@ -81,7 +81,14 @@ def read_commit(step_dir: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and "files" in record else None
+    return record if isinstance(record, dict) and _well_formed(record.get("files")) else None
+
+
+def _well_formed(files: Any) -> bool:
+    """A commit's file list: {name: {"bytes": int, "sha256": str}} (anything else is a damaged commit file)."""
+    return isinstance(files, dict) and all(
+        isinstance(name, str) and isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
+        and isinstance(entry.get("sha256"), str) for name, entry in files.items())
 
 
 def share_of(files: dict[str, FileRecord], rank: int, world: int) -> dict[str, FileRecord]:

@@ -359,6 +359,8 @@ class CheckpointManager:
         for loaded in (engine, *others.values()):
             loaded.state_loaded()
         trainer_state = load_plain(info.path / TRAINER_STATE)
+        if not isinstance(trainer_state, dict) or not isinstance(trainer_state.get("step"), int):
+            raise CheckpointError(f"{info.path / TRAINER_STATE} holds no step number: the checkpoint is damaged")
         if "scheduler" in trainer_state:
             engine.load_schedule_state(trainer_state["scheduler"])
         for name, other in others.items():
@@ -366,5 +368,9 @@ class CheckpointManager:
                 other.load_schedule_state(trainer_state[f"{name}_scheduler"])
         rng_file = info.path / "rng" / f"rank_{dist.get_rank()}.pt"
         if trainer_state.get("world_size") == dist.get_world_size() and rng_file.is_file():
-            set_rng_state(load_plain(rng_file))
+            try:
+                set_rng_state(load_plain(rng_file))
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise CheckpointError(f"{rng_file} is not a random-generator state ({type(err).__name__}: {err}): "
+                                      f"the checkpoint is damaged") from None
         return trainer_state
