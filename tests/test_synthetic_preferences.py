@@ -230,3 +230,16 @@ def test_an_empty_held_out_split_is_named(tmp_path: Path, built: Path) -> None:
     empty = "validation" if split == "train" else "train"
     with pytest.raises(DataError, match=f"no usable preference records for the {empty} split"):
         prepare_preference_splits(source, built / "tokenizer.json", tmp_path / "out", 64, eval_fraction=0.01)
+
+
+def test_a_failed_preparation_leaves_no_folder_behind(run_cli, tmp_path: Path, built: Path) -> None:
+    """One pair cannot fill both splits: the command fails part-way, after writing one split, and must leave
+    --out as it found it, so the corrected command can run."""
+    source = tmp_path / "one.jsonl"
+    source.write_text(json.dumps({"prompt": "Only one", "chosen": " pair.", "rejected": " a worse pair."}) + "\n")
+    for out in (tmp_path / "absent", tmp_path / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        code, err = run_cli("prepare-preferences", source, "--tokenizer", built / "tokenizer.json", "--out", out)
+        assert code == 2 and err.startswith("error: "), err
+        assert (out.is_dir() and not any(out.iterdir())) if out.name == "empty" else not out.exists()

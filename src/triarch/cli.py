@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -533,10 +534,26 @@ def cmd_prepare_preferences(args: argparse.Namespace) -> int:
     """``triarch prepare-preferences``: the synthetic set, or JSONL inputs split into train / validation."""
     if not 0 < args.eval_fraction < 1:
         raise CliError(f"--eval-fraction ({args.eval_fraction}) must be between 0 and 1")
-    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+    if args.out.exists() and not args.out.is_dir():
+        raise CliError(f"--out '{args.out}' is a file, not a folder; use a new folder")
+    if args.out.exists() and any(args.out.iterdir()):
         raise CliError(f"--out '{args.out}' is not empty; use a new folder or delete this one")
     if args.tokenizer is not None and not args.tokenizer.is_file():
-        raise CliError(f"--tokenizer '{args.tokenizer}' does not exist")
+        what = "is a folder, not a tokenizer.json file" if args.tokenizer.is_dir() else "does not exist"
+        raise CliError(f"--tokenizer '{args.tokenizer}' {what}")
+    existed = args.out.exists()
+    try:
+        return _prepare_preferences(args)
+    except BaseException:  # nothing half-written stays behind to refuse the next attempt (--out was empty)
+        if args.out.is_dir():
+            for entry in args.out.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if not existed:
+                args.out.rmdir()
+        raise
+
+
+def _prepare_preferences(args: argparse.Namespace) -> int:
     if args.synthetic:
         from triarch.data_pipeline.prepare.synthetic_preferences import (
             DEFAULT_PAIRS,
