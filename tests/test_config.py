@@ -92,7 +92,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["train", str(EXAMPLES / "tiny.yaml"), "--bogus"], "error: unrecognized arguments: --bogus"),
         (["train", str(EXAMPLES / "tiny.yaml"), "data.path=/nonexistent/data"], "error: no prepared data at /nonexistent/data"),
         (["train", str(EXAMPLES / "tiny.yaml"), "data.path=file:///nonexistent/data"],
-         "error: no manifest at file:///nonexistent/data/manifest.json"),
+         "error: data.path: no manifest at file:///nonexistent/data/manifest.json"),
         (["train", str(EXAMPLES / "tiny.yaml"), "fault.collective_timeout_s=inf"],
          "error: fault.collective_timeout_s = 'inf': Input should be a finite number"),
         (["train", str(EXAMPLES / "tiny.yaml"), "fault.startup_timeout_s=1e15"],
@@ -101,6 +101,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         (["train", str(EXAMPLES / "tiny.yaml"), "train.seed=-1"], "error: train.seed = -1: Input should be greater"),
         (["train", str(EXAMPLES / "tiny.yaml"), "name=../../escape"], "error: name = '../../escape': String should"),
         (["train", str(EXAMPLES / "tiny.yaml"), "name=.."], "error: name '..' is a folder, not a run name"),
+        (["train", str(EXAMPLES / "tiny.yaml"), "data.blend=[{path: /nonexistent/blend}]", "train.eval_interval=0"],
+         "error: no prepared data at /nonexistent/blend (data.blend[0].path)"),
     ],
 )
 def test_cli_one_line_errors(tmp_path: Path, args: list[str], message: str) -> None:

@@ -314,23 +314,33 @@ def check_data(cfg: TriarchConfig) -> None:
         return check_preference_data(cfg)
     if cfg.objective.kind == "sft":
         return check_sft_data(cfg)
+    evaluating = cfg.train.eval_interval > 0
+    checks = [(f"data.blend[{i}].path", b.path, [cfg.data.train_split]) for i, b in enumerate(cfg.data.blend)]
+    own = ([cfg.data.eval_split] if evaluating else []) + ([] if cfg.data.blend else [cfg.data.train_split])
+    if own:  # with a blend, data.path serves evaluation only
+        checks.insert(0, ("data.path", cfg.data.path, own))
+    for key, path, splits in checks:
+        check_token_folder(cfg, key, path, splits)
+
+
+def check_token_folder(cfg: TriarchConfig, key: str, path: str, splits: list[str]) -> None:
+    """A prepared token folder (local or an fsspec URL) exists, has ``splits`` and fits model.vocab_size."""
     from triarch.data_pipeline import read_manifest
     from triarch.data_pipeline.errors import DataError
 
-    path = cfg.data.path  # a local folder or an fsspec URL (s3://, gs://, file://)
     if "://" not in path and not (Path(path) / "manifest.json").is_file():
-        raise CliError(f"no prepared data at {path} (data.path); prepare it with: triarch prepare --out {path}")
+        raise CliError(f"no prepared data at {path} ({key}); prepare it with: triarch prepare --out {path}")
     try:
         manifest = read_manifest(path)
     except DataError as err:
-        raise CliError(str(err)) from None
+        raise CliError(f"{key}: {err}") from None
     vocab = int(manifest["tokenizer"]["vocab_size"])
     if vocab > cfg.model.vocab_size:
-        raise CliError(f"data.path '{cfg.data.path}' uses a tokenizer of {vocab} tokens, more than "
+        raise CliError(f"{key} '{path}' uses a tokenizer of {vocab} tokens, more than "
                        f"model.vocab_size ({cfg.model.vocab_size})")
-    for split in (cfg.data.train_split, cfg.data.eval_split if cfg.train.eval_interval else None):
-        if split is not None and split not in manifest["splits"]:
-            raise CliError(f"data.path '{cfg.data.path}' has no split '{split}' (has {sorted(manifest['splits'])})")
+    for split in splits:
+        if split not in manifest["splits"]:
+            raise CliError(f"{key} '{path}' has no split '{split}' (has {sorted(manifest['splits'])})")
 
 
 def check_preference_data(cfg: TriarchConfig) -> None:
