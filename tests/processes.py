@@ -24,7 +24,8 @@ def rank_pids(rank: int, launcher: int) -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if (b"triarch.launcher.rank_main" in cmdline and f"RANK={rank}".encode() in environ
+        is_rank = b"triarch.launcher.rank_entry" in cmdline or b"triarch.launcher.rank_main" in cmdline
+        if (is_rank and f"RANK={rank}".encode() in environ
                 and parent_pid(int(entry.name)) == launcher):
             pids.append(int(entry.name))
     return pids
