@@ -165,11 +165,11 @@ def _float_arg(low: float | None, high: float | None, *, low_open: bool = False)
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if math.isnan(value) or (low is not None and (value < low or (low_open and value == low))) or \
+        if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) or \
                 (high is not None and value > high):
             lo = "(" if low_open else "["
             span = f"{lo}{low}, {high}]" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"{text} must be {'in ' if high is not None else ''}{span}")
+            raise argparse.ArgumentTypeError(f"{text} must be {'in ' if high is not None else 'finite and '}{span}")
         return value
 
     return parse

@@ -1,32 +1,27 @@
-"""A locally launched rank's entry point: ``launcher.rank_main``, with a Ctrl-C (or the launcher's stop request)
-that lands while the rank is still starting (importing torch, before its own signal handling is in place)
-ending it quietly with exit 130, which the launcher reports once, instead of a traceback per rank or a rank
-killed by the signal.
+"""A locally launched rank's entry point: ``launcher.rank_main``, with a Ctrl-C (or the launcher's stop request,
+SIGUSR2) that lands while the rank is still starting (importing torch, meeting the other ranks: before its own
+handling, ``launcher.stop_signal``, takes over) ending it at once with exit 130, which the launcher reports in
+one line, instead of a traceback per rank or a rank killed by the signal. Nothing is written before the rank's
+own handler is in place, so leaving without unwinding loses nothing; raising KeyboardInterrupt instead can land
+inside a half-done import (numpy's lazy submodules then recurse until RecursionError).
 
     python -m triarch.launcher.rank_entry RUN_DIR [CONFIG]
 """
 
+import os
 import signal
-import sys
 
 INTERRUPTED = 130  # 128 + SIGINT
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _leave(signum: int, frame: object) -> None:
+    os._exit(INTERRUPTED)
 
 
-# the launcher turns a Ctrl-C into SIGUSR2 for its ranks (a stop request); until the rank's own handler takes
-# over (``training.run_control``), that request interrupts the start-up as Ctrl-C does, instead of killing it
-signal.signal(signal.SIGUSR2, _interrupt)
+for _sig in (signal.SIGINT, signal.SIGUSR2):
+    signal.signal(_sig, _leave)
 
-try:
-    from triarch.launcher.rank_main import main
-except KeyboardInterrupt:
-    sys.exit(INTERRUPTED)
+from triarch.launcher.rank_main import main  # noqa: E402  (after the handlers: the import takes seconds)
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit(INTERRUPTED)
+    main()
