@@ -18,6 +18,11 @@ ATTEMPTS_DIR = "attempts"
 # the entries a run writes in its directory: name -> is a folder
 RUN_ENTRIES = {"config.yaml": False, "metrics.jsonl": False, ".triarch.lock": False, ATTEMPTS_DIR: True,
                "checkpoints": True, "tensorboard": True, "heartbeats": True}
+# what else runs write there (slurm.submit.LOG_DIR, profiling.session.PROFILE_DIR, rlhf.reference.REFERENCE_DIR,
+# launcher.rank_main.FLIGHT_RECORDER_DIR, launcher.watchdog.REPORT_NAME): a folder holding any of these is a run
+OTHER_RUN_ENTRIES = frozenset({"slurm", "profile", "reference", "flight_recorder", "hang_report.txt"})
+# what may sit in a new run directory before its first run: job logs a user's own sbatch script points there
+_LOG_SUFFIXES = (".out", ".err", ".log")
 
 
 class RunDirError(ConfigError):
@@ -29,6 +34,11 @@ def usable_run_dir(run_dir: Path) -> Path:
     write and no other user can (it holds what every rank loads, and under SLURM the pickles submitit runs)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run directory {run_dir} is a file, not a folder; choose another --run-dir")
+    foreign = _foreign_entries(run_dir)
+    if foreign:
+        raise RunDirError(f"run directory {run_dir} is a folder with other content ({', '.join(foreign)}) and no "
+                          "run of triarch: a run writes its config, metrics and checkpoints there, so choose a new "
+                          "or empty --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as err:
@@ -45,6 +55,19 @@ def usable_run_dir(run_dir: Path) -> Path:
         raise RunDirError(f"run directory {run_dir} can be written by other users (mode {mode:o}): they could "
                           f"replace the config, checkpoints or job files a run loads; fix it with: chmod go-w {run_dir}")
     return run_dir
+
+
+def _foreign_entries(run_dir: Path) -> list[str]:
+    """The first few entries of an existing folder that is not a run directory (none for a run's or an empty
+    folder): it must not become one by accident (``--run-dir .``, a data folder, ``/``)."""
+    try:
+        names = sorted(os.listdir(run_dir)) if run_dir.is_dir() else []
+    except OSError:
+        return []  # unreadable: the writability check below names it
+    if any(name in RUN_ENTRIES or name in OTHER_RUN_ENTRIES for name in names):
+        return []
+    foreign = [name for name in names if not name.startswith(".") and not name.endswith(_LOG_SUFFIXES)]
+    return foreign[:3] + (["..."] if len(foreign) > 3 else [])
 
 
 def write_attempt_config(cfg: TriarchConfig, run_dir: Path) -> Path:
