@@ -369,9 +369,10 @@ def test_follow_logs_then_cancel_a_running_job(cluster, data, home, tmp_path) ->
     (["--nodes", "2", "--partition", "nope"], "--partition nope): Batch job submission failed: Invalid partition name specified"),
     (["--nodes", "2", "--constraint", "nope"], "--constraint nope): Batch job submission failed: Invalid feature specification"),
     (["--nodes", "2", "--time", "soon"], "--time 'soon' is not a SLURM time limit"),
+    (["--nodes", "2", "--mem", "lots"], "--mem 'lots' is not a SLURM memory size"),
     (["--nodes", "2", "--sweep", "train.lr"], "--sweep 'train.lr' must look like key=v1,v2"),
     (["--nodes", "2", "--elastic", "parallel.dp_replicate=2"], "--elastic resizes the data-parallel shard group"),
-], ids=["layout", "partition", "constraint", "time", "sweep", "elastic-hsdp"])
+], ids=["layout", "partition", "constraint", "time", "mem", "sweep", "elastic-hsdp"])
 def test_bad_submissions_are_one_line_errors_and_submit_nothing(cluster, data, home, tmp_path, flags, message) -> None:
     before = slurm("squeue", "-h", "-o", "%i").split()
     result = triarch(home, "submit", TINY, *SMALL, f"data.path={data}", "--run-dir", str(tmp_path / "bad"), *flags)
@@ -380,6 +381,7 @@ def test_bad_submissions_are_one_line_errors_and_submit_nothing(cluster, data, h
     assert message in result.stderr
     assert slurm("squeue", "-h", "-o", "%i").split() == before
     assert not (home / "jobs.jsonl").exists()
+    assert not (tmp_path / "bad").exists()  # a refused submission leaves no run directory, pickles or attempts
 
 
 def test_unknown_job_is_a_one_line_error(cluster, home) -> None:

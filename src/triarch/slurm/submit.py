@@ -14,6 +14,7 @@ import contextlib
 import io
 import itertools
 import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from typing import Any
 
 from triarch.config import ConfigError, TriarchConfig, load_config, validate_for_world
 from triarch.launcher.run_dir import usable_run_dir, write_attempt_config
-from triarch.launcher.run_lock import RunDirBusy, run_dir_lock
+from triarch.launcher.run_lock import LOCK_NAME, RunDirBusy, run_dir_lock
 from triarch.slurm.commands import SlurmError, parse_duration_s
 from triarch.slurm.job import TrainJob
 from triarch.slurm.registry import JobRecord, active_job_for, register
@@ -30,6 +31,7 @@ from triarch.slurm.requeue import RequeuePolicy
 from triarch.slurm.resources import partition_cpus_per_node, task_resources
 
 LOG_DIR = "slurm"
+_SLURM_MEMORY = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,11 @@ class SubmitOptions:
     signal_delay_s: int = 120
     elastic: bool = False
     sweep: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mem is not None and not _SLURM_MEMORY.fullmatch(self.mem):
+            raise ConfigError(f"--mem '{self.mem}' is not a SLURM memory size (a whole number with an optional unit "
+                              "K, M, G or T, e.g. 64G; 0 means all of each node's memory)")
 
     @property
     def ranks_per_node(self) -> int:
@@ -228,6 +235,9 @@ def submit(config: str, overrides: list[str], run_dir: Path | None, options: Sub
             raise SlurmError(f"run directory {run.run_dir} already belongs to job {busy}, which is still queued or "
                              f"running; cancel it first (triarch cancel {busy})")
     folder = log_folder(runs)
+    created = [path for path in dict.fromkeys((*(run.run_dir for run in runs), folder, folder.parent))
+               if not path.exists()]  # (folder.parent: a sweep's own folder)
+    kept = set(folder.iterdir()) if folder.is_dir() else set()
     python = shlex.quote(sys.executable)
     params = executor_parameters(options, runs, python, min_nodes(runs[0].cfg, options))
     executor = make_executor(folder, params)
@@ -241,8 +251,7 @@ def submit(config: str, overrides: list[str], run_dir: Path | None, options: Sub
         with contextlib.redirect_stderr(captured):
             jobs = executor.submit_array(jobs_in) if len(runs) > 1 else [executor.submit(jobs_in[0])]
     except Exception as err:  # submitit wraps sbatch's refusal; keep sbatch's own last line
-        for config in configs:  # nothing ran: no attempt to remember
-            config.unlink(missing_ok=True)
+        _forget_refused(configs, folder, kept, created)
         raise SlurmError(_sbatch_reason(str(err) or captured.getvalue(), options)) from None
     records = []
     for run, job in zip(runs, jobs, strict=True):
@@ -251,6 +260,22 @@ def submit(config: str, overrides: list[str], run_dir: Path | None, options: Sub
         register(record)
         records.append(record)
     return records
+
+
+def _forget_refused(configs: list[Path], folder: Path, kept: set[Path], created: list[Path]) -> None:
+    """Undo what a refused submission wrote: its attempt configs, submitit's new pickles in ``folder`` (not
+    what was there before), and the folders it created when they are empty again. Nothing ran."""
+    for config in configs:
+        config.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            config.parent.rmdir()  # attempts/, when this was its only attempt
+    for path in set(folder.iterdir()) - kept if folder.is_dir() else ():
+        if path.is_file():
+            path.unlink(missing_ok=True)
+    for path in sorted(created, key=lambda p: len(p.resolve().parts), reverse=True):  # innermost first
+        with contextlib.suppress(OSError):
+            (path / LOCK_NAME).unlink(missing_ok=True)
+            path.rmdir()
 
 
 def attempt_for(run: PlannedRun) -> Path:
