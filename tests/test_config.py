@@ -65,13 +65,36 @@ def test_override_typing_and_yaml(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("- a\n- b\n", "must hold a mapping at the top level"), ("a: [1,\n", "is not valid YAML")],
+    [("- a\n- b\n", "must hold a mapping at the top level"), ("a: [1,\n", "is not valid YAML"),
+     ("train:\n  lr: 1e-3\n  steps: 5\n  lr: 3e-4\n",
+      r"not valid YAML: key 'lr' is given twice in one mapping \(line 4\)"),
+     ("train: {steps: 5}\ntrain: {lr: 1e-3}\n", "key 'train' is given twice")],
 )
 def test_bad_yaml_file(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+def test_dates_stay_text_and_repeated_overrides_must_agree(tmp_path: Path) -> None:
+    """``name=2024-01-01`` is a run name (YAML would make it a date); a key given twice with two values on one
+    command line is refused (the same value twice, as a wrapper script may add, is fine)."""
+    from triarch.config import repeated_overrides
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: 2025-06-30\n")
+    assert load_config(path).name == "2025-06-30"
+    assert load_config(None, ["name=2024-01-01"]).name == "2024-01-01"
+    assert load_config(None, ["name=0042"]).name == "0042"  # as typed (YAML would read an octal 34)
+    path.write_text("name: 2025\n")
+    assert load_config(path).name == "2025"
+    repeated_overrides(["train.lr=1e-3", "train.steps=4", "train.lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"override train.lr is given twice \(train.lr=1e-3 and train.lr=3e-4\)"):
+        repeated_overrides(["train.lr=1e-3", "train.steps=4", "train.lr=3e-4"])
+    result = _cli("train", str(EXAMPLES / "tiny.yaml"), "train.steps=3", "train.steps=4", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "error: override train.steps is given twice (train.steps=3 and train.steps=4): give it once")
 
 
 def test_missing_config_file() -> None:
@@ -137,3 +160,4 @@ def test_a_run_directory_entry_of_the_wrong_kind_is_refused_before_the_run(tmp_p
     (run_dir / name).mkdir() if folder else (run_dir / name).write_text("x")
     with pytest.raises(RunDirError, match=f"{run_dir / name} is not a {'file' if folder else 'folder'}"):
         usable_run_dir(run_dir)
+

@@ -18,6 +18,41 @@ class ConfigError(ValueError):
     """A configuration problem, reported to the user as one line."""
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML as configs mean it: a key given twice in one mapping is an error (YAML keeps the last silently),
+    and dates stay text (``name: 2024-01-01`` is a run name, not a ``datetime.date``)."""
+
+    yaml_implicit_resolvers = {first: [(tag, regexp) for tag, regexp in resolvers
+                                       if tag != "tag:yaml.org,2002:timestamp"]
+                               for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key) if isinstance(key, str | int | float | bool) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` read as YAML by the config's rules (:class:`_ConfigLoader`)."""
+    return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def repeated_overrides(overrides: list[str]) -> None:
+    """Refuse a key given twice with different values on one command line (the last would win silently)."""
+    values: dict[str, str] = {}
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        if sep and key in values and values[key] != raw:
+            raise ConfigError(f"override {key} is given twice ({key}={values[key]} and {text}): give it once")
+        values.setdefault(key, raw)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -415,6 +450,11 @@ class TriarchConfig(_Section):
                              f"({self.train.global_batch_size}) rows")
         return self
 
+    @field_validator("name", mode="before")
+    @classmethod
+    def _number_names_are_text(cls, name: Any) -> Any:
+        return str(name) if isinstance(name, int) and not isinstance(name, bool) else name  # name=2024 (YAML: int)
+
     @field_validator("name")
     @classmethod
     def _name_is_one_folder(cls, name: str) -> str:
@@ -462,7 +502,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}' has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" and key != "name" else raw  # a run name is text as typed
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -516,9 +556,11 @@ def read_config_file(p: Path) -> dict[str, Any]:
     except UnicodeDecodeError as err:
         raise ConfigError(f"config file '{p}' is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     try:
-        loaded = yaml.safe_load(text)
+        loaded = parse_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{p}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        lines = str(err).splitlines()
+        reason = next((ln for ln in lines if "given twice" in ln), lines[0])
+        raise ConfigError(f"config file '{p}' is not valid YAML: {reason}") from None
     if loaded is None or loaded == {}:
         raise ConfigError(f"config file '{p}' is empty; a run needs at least a model and a data path "
                           "(see examples/tiny.yaml)")
