@@ -226,6 +226,64 @@ def _train_args(run_dir: Path, data: Path) -> list[str]:
     return command(run_dir, data, "train.steps=3")[3:]  # without "python -m triarch.cli"
 
 
+def test_deepspeed_keys_on_another_engine_are_named_in_a_warning(data: Path, tmp_path: Path, run_cli) -> None:
+    """A config moved off engine deepspeed keeps its section (it may resume elsewhere): a warning names what is
+    ignored; the run is not refused for it (here it stops at the run directory, a file)."""
+    blocker = tmp_path / "run"
+    blocker.write_text("")
+    code, stderr = run_cli(*_train_args(blocker, data), "deepspeed.zero_stage=3", "deepspeed.overlap_comm=true")
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 2, stderr
+    assert lines[0] == ("warning: deepspeed.zero_stage=3, deepspeed.overlap_comm=True applies to engine: deepspeed "
+                        "and is ignored on engine native")
+    assert lines[1].startswith(f"error: run directory {blocker} is a file")
+    _one_error(run_cli, *_train_args(blocker, data), needles=("is a file",))
+
+
+def test_a_model_too_large_for_memory_is_one_line(data: Path, tmp_path: Path) -> None:
+    """An allocation that cannot succeed (a rotary table for 1e13 positions) is the allocator's size in one line,
+    exit 2, not a traceback."""
+    result = train(tmp_path / "run", data, "model.max_seq_len=10000000000000")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: rank 0 ran out of memory (tried to allocate ") and "bytes)" in lines[0]
+
+
+def test_a_folder_that_is_not_a_run_is_refused_as_run_directory(data: Path, tmp_path: Path, run_cli) -> None:
+    """``--run-dir`` pointing at a data folder or any folder with other content writes nothing into it."""
+    before = sorted(p.name for p in data.iterdir())
+    _one_error(run_cli, *_train_args(data, data), needles=(str(data), "manifest.json", "new or empty --run-dir"))
+    assert sorted(p.name for p in data.iterdir()) == before
+    home = tmp_path / "home"
+    home.mkdir()
+    for n in range(5):
+        (home / f"notes{n}.txt").write_text("mine")
+    _one_error(run_cli, *_train_args(home, data), needles=("notes0.txt, notes1.txt, notes2.txt, ...",))
+    assert len(list(home.iterdir())) == 5
+
+
+def test_run_directory_may_hold_job_logs_or_a_run(tmp_path: Path) -> None:
+    """Job logs a user's sbatch script wrote there, or anything beside a run's own entries, are accepted."""
+    from triarch.launcher import rank_main, watchdog
+    from triarch.launcher.run_dir import OTHER_RUN_ENTRIES, usable_run_dir
+    from triarch.profiling.session import PROFILE_DIR
+    from triarch.rlhf.reference import REFERENCE_DIR
+    from triarch.slurm.submit import LOG_DIR
+
+    assert {LOG_DIR, PROFILE_DIR, REFERENCE_DIR, rank_main.FLIGHT_RECORDER_DIR, watchdog.REPORT_NAME} \
+        == OTHER_RUN_ENTRIES
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    (logs / "slurm-42.out").write_text("")
+    (logs / ".hidden").write_text("")
+    assert usable_run_dir(logs) == logs
+    run = tmp_path / "run"
+    (run / "slurm").mkdir(parents=True, mode=0o700)
+    run.chmod(0o700)
+    (run / "my-notes.txt").write_text("")
+    assert usable_run_dir(run) == run
+
+
 @pytest.fixture()
 def read_only_dir(tmp_path: Path):
     """A real read-only file system (root ignores permission bits, not a read-only mount)."""

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from triarch.config import ConfigError, TriarchConfig, load_config, validate_for_world
+from triarch.config import ConfigError, TriarchConfig, load_config, repeated_overrides, validate_for_world
 
 EXIT_USAGE = 2
 EXIT_BAD_DATA = 1  # triarch data verify found a bad shard
@@ -466,6 +466,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         check_init_source(cfg, run_dir)  # before the run directory is touched: a refused init.from writes nothing
     check_data(cfg)
+    _warn_ignored_keys(cfg)
     run_dir = usable_run_dir(run_dir)
 
     try:
@@ -473,6 +474,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             return _launch(args.nproc, run_dir, write_attempt_config(cfg, run_dir), lock_fd)
     except RunDirBusy as err:
         raise CliError(str(err)) from None
+
+
+def _warn_ignored_keys(cfg: TriarchConfig) -> None:
+    from triarch.engine.build import ignored_engine_keys
+
+    ignored = ignored_engine_keys(cfg)
+    if ignored:
+        print(f"warning: {', '.join(ignored)} applies to engine: deepspeed and is ignored on engine {cfg.engine}",
+              file=sys.stderr)
 
 
 def _launch(nproc: int, run_dir: Path, config: Path, lock_fd: int) -> int:
@@ -631,9 +641,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 0
     from triarch.checkpointing.init_from import check_init_source
 
-    for run in plan_runs(args.config, args.overrides, args.run_dir, options):
+    runs = plan_runs(args.config, args.overrides, args.run_dir, options)
+    for run in runs:
         check_data(run.cfg)
         check_init_source(run.cfg, run.run_dir)
+    _warn_ignored_keys(runs[0].cfg)
     for record in submit(args.config, args.overrides, args.run_dir, options):
         print(f"submitted job {record.job_id}" + (f" [{record.label}]" if record.label else ""))
         print(f"  run directory: {record.run_dir}")
@@ -700,6 +712,7 @@ def main(argv: list[str] | None = None) -> None:
                 "prepare-preferences": cmd_prepare_preferences, "generate": cmd_generate,
                 "align-report": cmd_align_report, "profile": cmd_profile, "plan": cmd_plan}
     try:
+        repeated_overrides(getattr(args, "overrides", None) or [])
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -31,6 +31,16 @@ def check_engine_config(cfg: TriarchConfig) -> None:
         _check_native_fp8(cfg)
 
 
+def ignored_engine_keys(cfg: TriarchConfig) -> list[str]:
+    """``key=value`` of each set ``deepspeed.*`` key the config's engine does not read (a config moved from
+    engine deepspeed to another engine keeps its section: a warning, not an error, so it can resume there)."""
+    if cfg.engine == "deepspeed":
+        return []
+    default = type(cfg.deepspeed)()
+    return [f"deepspeed.{key}={value}" for key, value in cfg.deepspeed.model_dump().items()
+            if value != getattr(default, key)]
+
+
 def _check_native_fp8(cfg: TriarchConfig) -> None:
     if cfg.train.precision != "fp8":
         return

@@ -164,6 +164,14 @@ def _execute(run_dir: Path, stop: StopRequest, config: Path | None) -> RankOutco
         print(f"error: {err}", file=sys.stderr)
         shutdown_distributed()
         return RankOutcome(EXIT_DATA)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            shutdown_distributed()
+            raise
+        print(f"error: rank {rank} ran out of memory ({_out_of_memory(err)}): the model, micro-batch or "
+              "model.max_seq_len does not fit this machine (triarch plan estimates memory per rank)", file=sys.stderr)
+        shutdown_distributed()
+        return RankOutcome(EXIT_CONFIG)
     except BaseException:
         shutdown_distributed()
         raise
@@ -173,6 +181,17 @@ def _execute(run_dir: Path, stop: StopRequest, config: Path | None) -> RankOutco
     if rank == 0:
         report(summary)
     return RankOutcome(0, summary.stop_reason)
+
+
+def _out_of_memory(err: BaseException) -> str:
+    """The allocator's own words when ``err`` is an allocation failure (CUDA or CPU), else ''."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, torch.OutOfMemoryError):
+        return text.split(". ")[0] + "." if text else "out of memory"
+    marker = "can't allocate memory:"
+    if marker not in text:
+        return ""
+    return "tried to allocate" + text.split(marker, 1)[1].split("tried to allocate", 1)[-1].split(". Error")[0]
 
 
 def main() -> None:
