@@ -134,7 +134,7 @@ def test_bad_rl_input_is_one_line_and_exit_2(prefs, reward_run, grpo_run, tmp_pa
     _one_line_error(cli(*base, f"reward.model={reward_run}", "model.seq_len=24"), "prompts of up to",
                     "model.seq_len")
     _one_line_error(cli(*base, "reward.model=null"), "reward.model")
-    _one_line_error(cli(*base, f"reward.model={tmp_path / 'nothing'}"), "nothing")
+    _one_line_error(cli(*base, f"reward.model={tmp_path / 'nothing'}"), f"reward.model {tmp_path / 'nothing'}: ")
     _one_line_error(cli(*base, f"reward.model={grpo_run}"), "not a reward model")  # a language model
     hf = tmp_path / "rm_hf"  # the reward model with another tokenizer beside it
     done = cli("ckpt", "export", str(reward_run), "--hf", str(hf), "--pad-id", "1", "--dtype", "fp32")

@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from triarch.config import ConfigError, TriarchConfig, load_config, repeated_overrides, validate_for_world
+from triarch.config import ConfigError, TriarchConfig, load_config, validate_for_world
 
 EXIT_USAGE = 2
 EXIT_BAD_DATA = 1  # triarch data verify found a bad shard
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train (or resume) a run")
     train.add_argument("config", help="YAML config file")
-    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 parallel.tp=2")
+    train.add_argument("overrides", nargs="*",
+                       help="dotted overrides, e.g. train.steps=50 parallel.tp=2 (a key given twice: the last wins)")
     train.add_argument("--nproc", type=_positive_int, default=1, help="local ranks to start (default 1)")
     train.add_argument("--run-dir", type=Path, default=None, help="run directory (default runs/<config name>)")
 
@@ -712,7 +713,6 @@ def main(argv: list[str] | None = None) -> None:
                 "prepare-preferences": cmd_prepare_preferences, "generate": cmd_generate,
                 "align-report": cmd_align_report, "profile": cmd_profile, "plan": cmd_plan}
     try:
-        repeated_overrides(getattr(args, "overrides", None) or [])
         code = handlers[args.command](args)
     except (ConfigError, CliError, DataError, CheckpointError, SlurmError) as err:
         print(f"error: {err}", file=sys.stderr)

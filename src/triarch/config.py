@@ -43,16 +43,6 @@ def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def repeated_overrides(overrides: list[str]) -> None:
-    """Refuse a key given twice with different values on one command line (the last would win silently)."""
-    values: dict[str, str] = {}
-    for text in overrides:
-        key, sep, raw = text.partition("=")
-        if sep and key in values and values[key] != raw:
-            raise ConfigError(f"override {key} is given twice ({key}={values[key]} and {text}): give it once")
-        values.setdefault(key, raw)
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 

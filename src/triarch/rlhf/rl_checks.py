@@ -47,7 +47,10 @@ def check_rl_setup(cfg: TriarchConfig) -> None:
     if cfg.reward.kind != "model":
         return
     spec = cfg.reward.model
-    source = describe_source(spec, hashes=False)
+    try:
+        source = describe_source(spec, hashes=False)
+    except InitSourceError as err:  # its words name init.from, the policy's key
+        raise ConfigError(str(err).replace(f"init.from {spec}", f"reward.model {spec}", 1)) from None
     if SCORE_WEIGHT not in source.shapes:
         raise ConfigError(f"reward.model {spec} is not a reward model: {source.resolved} has no score head "
                           f"({SCORE_WEIGHT}); train one with 'triarch rm'")
