@@ -119,6 +119,9 @@ def test_list_verify_inspect(trained, tmp_path: Path) -> None:
     shard.write_bytes(bytes(raw))
     bad = cli("ckpt", "verify", str(copy), "--step", "1")
     assert bad.returncode == 2 and shard.name in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    shard.unlink()  # a missing shard: `list` says so without hashing (a flipped byte needs `verify`)
+    row = next(ln for ln in cli("ckpt", "list", str(copy)).stdout.splitlines() if ln.split()[0] == "1")
+    assert row.split()[1] == "DAMAGED" and f"{shard} is missing" in row, row
     missing = cli("ckpt", "export", str(tmp_path / "nothing"), "--hf", str(tmp_path / "o"))
     assert missing.returncode == 2 and "has no committed checkpoint" in missing.stderr
 

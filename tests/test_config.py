@@ -61,6 +61,10 @@ def test_override_typing_and_yaml(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"train": {"steps": 7}}))
     cfg = load_config(path, ["train.warmup_steps=2", "train.lr=1e-3", "parallel.sequence_parallel=false"])
     assert (cfg.name, cfg.train.steps, cfg.train.lr, cfg.parallel.sequence_parallel) == ("c", 7, 1e-3, False)
+    from triarch.config import parse_override
+
+    assert parse_override("init.from=hf:") == (["init", "from"], "hf:")  # text, not YAML's {"hf": None}
+    assert parse_override("data.blend=[{path: a, weight: 2}]")[1] == [{"path": "a", "weight": 2}]
 
 
 @pytest.mark.parametrize(

@@ -493,6 +493,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(f"override '{text}' has an empty key part")
     try:
         value = parse_yaml(raw) if raw != "" and key != "name" else raw  # a run name is text as typed
+        if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+            value = raw  # "init.from=hf:" is text; a mapping on the command line is written {a: 1}
     except yaml.YAMLError:
         value = raw
     return key.split("."), value

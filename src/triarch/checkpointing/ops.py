@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from triarch.checkpointing.commit import CheckpointError, read_commit, verify
+from triarch.checkpointing.commit import CheckpointError, read_commit, verify, verify_files
 from triarch.checkpointing.hf_import import import_hf
 from triarch.checkpointing.hf_io import export_hf, pick_step
 from triarch.checkpointing.manager import list_steps
@@ -23,8 +23,13 @@ def list_run(run_dir: Path) -> int:
     print(f"{'step':>8}  {'state':<12} {'size':>10}  layout")
     for info in steps:
         commit = read_commit(info.path) or {}
-        state = "committed" if info.committed else "UNCOMMITTED"
-        print(f"{info.step:>8}  {state:<12} {_size(info.path) / 2**20:>8.1f} MB  {commit.get('layout', '-')}")
+        state, problem = ("committed", "") if info.committed else ("UNCOMMITTED", "")
+        if info.committed:  # sizes only (fast): `ckpt verify` checks every byte
+            try:
+                verify_files(info.path, commit.get("files", {}), hashes=False)
+            except CheckpointError as err:
+                state, problem = "DAMAGED", f"  ({err})"
+        print(f"{info.step:>8}  {state:<12} {_size(info.path) / 2**20:>8.1f} MB  {commit.get('layout', '-')}{problem}")
     return 0
 
 
