@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,14 @@ from triarch.checkpointing.safe_load import check_dcp_metadata
 
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """DCP without a process group, minus its warning that it assumes one process (we asked for that)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def tensor_metadata(step_dir: Path) -> dict[str, TensorStorageMetadata]:
@@ -34,7 +45,9 @@ def read_full_tensors(step_dir: Path, prefix: str = MODEL_PREFIX) -> dict[str, t
     if not metas:
         raise CheckpointError(f"{step_dir} holds no tensors named {prefix}*")
     state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in metas.items()}
-    dcp.load(state, checkpoint_id=str(step_dir), no_dist=True, planner=DefaultLoadPlanner(allow_partial_load=True))
+    with _single_process():
+        dcp.load(state, checkpoint_id=str(step_dir), no_dist=True,
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
     return {k[len(prefix):]: v for k, v in state.items()}
 
 
@@ -48,6 +61,7 @@ def write_model_checkpoint(step_dir: Path, tensors: dict[str, torch.Tensor], tra
     step_dir.mkdir(parents=True, exist_ok=True)
     state = {MODEL_PREFIX + k: v.contiguous() for k, v in tensors.items()}
     state.update({OPTIM_PREFIX + k: v.contiguous() for k, v in (optimizer or {}).items()})
-    dcp.save(state, checkpoint_id=str(step_dir), no_dist=True)
+    with _single_process():
+        dcp.save(state, checkpoint_id=str(step_dir), no_dist=True)
     torch.save(trainer_state, step_dir / "trainer_state.pt")
     write_commit(step_dir, {"step": trainer_state["step"], "world_size": 1, "layout": "imported"})
