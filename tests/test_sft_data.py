@@ -192,6 +192,22 @@ def _segments(positions: torch.Tensor) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(positions)]))
 
 
+def test_the_launch_warns_when_examples_are_cut_to_seq_len(mixed: Path, capsys: pytest.CaptureFixture) -> None:
+    """Cutting an example longer than model.seq_len is by design, but said before training, with the count."""
+    from triarch.cli import check_sft_data
+    from triarch.config import load_config
+
+    cut = SFTStream(mixed, "train", SEQ_LEN, global_batch_size=4).truncated_examples
+    overrides = [f"data.path={mixed}", "objective.kind=sft", "train.eval_interval=0", "model.vocab_size=4096",
+                 "train.global_batch_size=4", "train.micro_batch_size=4"]
+    check_sft_data(load_config(None, [*overrides, f"model.seq_len={SEQ_LEN}"]))
+    assert capsys.readouterr().err.strip() == (
+        f"warning: {cut} of 60 examples of split 'train' in data.path '{mixed}' are longer than model.seq_len "
+        f"({SEQ_LEN}) and are cut to their first model.seq_len tokens")
+    check_sft_data(load_config(None, [*overrides, f"model.seq_len={MAX_LEN}"]))
+    assert capsys.readouterr().err == ""
+
+
 def test_packing_keeps_examples_whole_and_labels_inside(mixed: Path) -> None:
     stream = SFTStream(mixed, "train", SEQ_LEN, global_batch_size=4, seed=3)
     n = len(stream)

@@ -386,6 +386,10 @@ def check_sft_data(cfg: TriarchConfig) -> None:
             if stream.vocab_size > cfg.model.vocab_size:
                 raise CliError(f"data.path '{d.path}' uses a tokenizer of {stream.vocab_size} tokens, more than "
                                f"model.vocab_size ({cfg.model.vocab_size})")
+            if stream.truncated_examples:  # by design (whole rows), but the user should know before training
+                print(f"warning: {stream.truncated_examples} of {stream.num_examples} examples of split '{split}' "
+                      f"in data.path '{d.path}' are longer than model.seq_len ({cfg.model.seq_len}) and are cut "
+                      "to their first model.seq_len tokens", file=sys.stderr)
             stream.close()
 
 
