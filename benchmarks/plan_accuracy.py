@@ -33,7 +33,8 @@ from plan_worker import BASE, DEVICE_ENV, TIMED_STEPS_ENV  # noqa: E402
 from triarch.config import apply_overrides, config_from_dict, validate_for_world  # noqa: E402
 from triarch.launcher.local import launch_local  # noqa: E402
 from triarch.planning.devices import Device, device_names, efficiency, load_device  # noqa: E402
-from triarch.planning.memory import Layout, estimate_memory  # noqa: E402
+from triarch.planning.estimate import estimate_memory  # noqa: E402
+from triarch.planning.memory import Layout  # noqa: E402
 from triarch.planning.step_time import predict_step_time  # noqa: E402
 
 SHAPE = ["model.dim=256", "model.ffn_hidden=768", "model.vocab_size=2000", "model.seq_len=128", "model.max_seq_len=128"]

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from triarch.config import ConfigError, apply_overrides, config_from_dict, load_config, validate_for_world
 from triarch.launcher.local import launch_local
 from triarch.planning.devices import load_device
-from triarch.planning.memory import Layout, estimate_memory, model_key, static_bytes
+from triarch.planning.estimate import estimate_memory
+from triarch.planning.memory import Layout, model_key, static_bytes
 from triarch.planning.search import evaluate, plan
 
 sys.path.insert(0, str(Path(__file__).parent))

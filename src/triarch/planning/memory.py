@@ -273,14 +273,11 @@ def _buffers(cfg: TriarchConfig, layout: Layout, head: str) -> int:
     return compute * (root + GATHERED_BLOCKS * block)
 
 
-def estimate_memory(cfg: TriarchConfig, layout: Layout, head: str = "lm", pp_rank: int | None = None
-                    ) -> MemoryEstimate:
-    """The predicted peak of pipeline stage ``pp_rank``'s first rank; by default of the most loaded stage (the
-    first stage holds the most micro-batches, the last one the logits)."""
-    if layout.zero_stage:
-        from triarch.planning.zero import estimate_zero_memory
-
-        return estimate_zero_memory(cfg, layout, head)
+def estimate_native_memory(cfg: TriarchConfig, layout: Layout, head: str = "lm", pp_rank: int | None = None
+                           ) -> MemoryEstimate:
+    """The predicted peak of a native-engine layout's pipeline stage ``pp_rank``'s first rank; by default of
+    the most loaded stage (the first stage holds the most micro-batches, the last one the logits). Any engine's
+    layout: ``planning.estimate.estimate_memory``."""
     m = cfg.model
     n_micro = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp_replicate * layout.dp_shard)
     layers = m.n_layers // layout.pp

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from triarch.config import ConfigError, TriarchConfig, validate_for_world
 from triarch.planning.devices import GIB, Device, efficiency
-from triarch.planning.memory import Layout, MemoryEstimate, estimate_memory, static_bytes
+from triarch.planning.estimate import estimate_memory
+from triarch.planning.memory import Layout, MemoryEstimate, static_bytes
 from triarch.planning.step_time import StepTime, predict_step_time
 from triarch.training.model_flops import flops_per_token
 

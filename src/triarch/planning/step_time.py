@@ -23,11 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from triarch.config import TriarchConfig
+from triarch.planning.costs import OPTIMIZER_BYTES_PER_ELEMENT, ring_seconds
 from triarch.planning.devices import Device, Efficiency
 from triarch.planning.memory import ACTIVATION_BYTES, FP32, Layout, activation_bytes, model_key, stage_elements
+from triarch.planning.zero import zero_data_parallel_seconds
 from triarch.training.model_flops import matmul_parameter_count
-
-OPTIMIZER_BYTES_PER_ELEMENT = 4 * 7  # AdamW reads parameter, gradient, two moments; writes parameter, moments
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,6 @@ class StepTime:
     def terms(self) -> dict[str, float]:
         return {"compute": self.compute, "tp_comm": self.tp_comm, "pp_comm": self.pp_comm, "bubble": self.bubble,
                 "dp_exposed": self.dp_exposed, "optimizer": self.optimizer}
-
-
-def ring_seconds(size: float, ranks: int, bandwidth: float) -> float:
-    """Seconds of an all-gather or reduce-scatter of ``size`` bytes (the full tensor) over ``ranks``."""
-    return 0.0 if ranks == 1 else (ranks - 1) / ranks * size / bandwidth
 
 
 def predict_step_time(cfg: TriarchConfig, layout: Layout, device: Device, eff: Efficiency,
@@ -101,8 +96,6 @@ def predict_step_time(cfg: TriarchConfig, layout: Layout, device: Device, eff: E
     compute_bytes = FP32 if layout.precision == "fp32" else 2
     compute_total = n_micro * per_micro
     if layout.zero_stage:
-        from triarch.planning.zero import zero_data_parallel_seconds
-
         dp_exposed, optimizer = zero_data_parallel_seconds(cfg, layout, device, eff, gpus_per_node, elements,
                                                            compute_total, bandwidth(dp))
         return StepTime(compute=compute_total, tp_comm=0.0, pp_comm=0.0, bubble=0.0, dp_exposed=dp_exposed,

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from triarch.config import TriarchConfig
+from triarch.planning.costs import OPTIMIZER_BYTES_PER_ELEMENT, ring_seconds
 from triarch.planning.devices import Device, Efficiency
 from triarch.planning.memory import FP32, Layout, MemoryEstimate, activation_bytes, stage_tensor_shapes
 from triarch.training.model_flops import parameter_count
@@ -119,8 +120,6 @@ def zero_data_parallel_seconds(cfg: TriarchConfig, layout: Layout, device: Devic
                                ) -> tuple[float, float]:
     """(exposed data-parallel seconds, optimizer seconds) of one step; ``elements``: the model's parameters,
     ``link_bytes_s``: the data-parallel group's bandwidth."""
-    from triarch.planning.step_time import OPTIMIZER_BYTES_PER_ELEMENT, ring_seconds
-
     dp, stage = layout.dp_shard, layout.zero_stage
     n_micro = cfg.train.global_batch_size // (layout.micro_batch_size * dp)
     compute = FP32 if layout.precision == "fp32" else 2
