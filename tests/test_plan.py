@@ -252,6 +252,8 @@ def test_deepspeed_plans_weigh_zero_stages_and_offload() -> None:
      "not deepspeed"),
     (["8b.yaml", "--gpus", "8", "engine=deepspeed", "train.compile=false", "--fsdp-offload", "cpu"],
      "--fsdp-offload is the native engine's"),
+    (["8b.yaml", "--gpus", "8", "engine=deepspeed", "train.compile=false", "parallel.fsdp_offload=cpu"],
+     "parallel.fsdp_offload 'cpu' is the native engine's"),
     (["70b.yaml", "--gpus", "8"], "it fits with parameters, gradients and optimizer state in host memory: add "
                                   "--fsdp-offload cpu"),
     (["70b.yaml", "--gpus", "8", "--fsdp-offload", "cpu", "model.n_layers=200"], "GiB usable host memory"),

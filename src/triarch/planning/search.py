@@ -152,7 +152,9 @@ def plan(cfg: TriarchConfig, gpus: int, gpus_per_node: int, device: Device, top:
         if "fp8" in precisions:
             raise ConfigError("precision fp8 runs on engine native or megatron, not deepspeed: plan fp32 or bf16")
         if offloads != ["none"]:
-            raise ConfigError("--fsdp-offload is the native engine's; the deepspeed plan weighs ZeRO's own offload "
+            given = "--fsdp-offload" if offloads != [cfg.parallel.fsdp_offload] else \
+                f"parallel.fsdp_offload '{cfg.parallel.fsdp_offload}'"
+            raise ConfigError(f"{given} is the native engine's; the deepspeed plan weighs ZeRO's own offload "
                               "(deepspeed.offload_optimizer / offload_params) by itself")
         grid = zero_layouts(cfg, gpus, precisions)
     else:
