@@ -58,7 +58,7 @@ align-demo-steps:
 	  --prompts 200 --max-new-tokens 48 --temperature 0 --temperature 1 --out $(ALIGN)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The slow tier (not in CI): tests that JIT-compile DeepSpeed's CPU ops, CPU Adam and the async-IO op of NVMe
 # offload (a few minutes the first time on a CPU model; cached per CPU model under ~/.cache/triarch/deepspeed-ops).
