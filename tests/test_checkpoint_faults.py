@@ -170,6 +170,24 @@ def test_pickled_code_in_a_checkpoint_is_refused(target: str, data: Path, tmp_pa
     assert "Traceback" not in resumed.stderr
 
 
+@pytest.mark.parametrize("content, needle", [
+    (b"garbage bytes that are no pickle", "is damaged (UnpicklingError)"),  # pickle: "could not find MARK"
+    (b"\x80\x04", "is damaged (EOFError)"),
+    (None, "asks to import posix.system"),
+])
+def test_damaged_or_crafted_dcp_metadata_is_named_as_such(content: bytes | None, needle: str,
+                                                           tmp_path: Path) -> None:
+    import pickle
+
+    from triarch.checkpointing.commit import CheckpointError
+    from triarch.checkpointing.safe_load import check_dcp_metadata
+
+    (tmp_path / ".metadata").write_bytes(content if content is not None else pickle.dumps(_RunsCode("true")))
+    with pytest.raises(CheckpointError) as err:
+        check_dcp_metadata(tmp_path)
+    assert needle in str(err.value) and len(str(err.value).splitlines()) == 1, err.value
+
+
 class _RunsCode:
     def __init__(self, command: str) -> None:
         self.command = command

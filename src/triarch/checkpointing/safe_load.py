@@ -62,6 +62,10 @@ _DCP_METADATA_GLOBALS: dict[str, set[str] | None] = {
 }
 
 
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """The metadata asks for a global outside :data:`_DCP_METADATA_GLOBALS` (other unpickling errors: damage)."""
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         allowed = _DCP_METADATA_GLOBALS.get(module, set())
@@ -69,7 +73,7 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if allowed is None or name in allowed:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
+        raise _ForbiddenGlobal(f"{module}.{name}")
 
 
 def check_dcp_metadata(step_dir: Path) -> None:
@@ -80,9 +84,10 @@ def check_dcp_metadata(step_dir: Path) -> None:
             _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise CheckpointError(f"{step_dir} is not a readable distributed checkpoint: it has no .metadata") from None
-    except pickle.UnpicklingError as err:
+    except _ForbiddenGlobal as err:
         raise CheckpointError(f"{path} asks to import {err}, which DCP's metadata never does; refusing to "
                               "load it") from None
-    except (OSError, EOFError, ValueError, AttributeError, ImportError) as err:
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, AttributeError, ImportError, IndexError,
+            KeyError, TypeError) as err:
         raise CheckpointError(f"{step_dir} is not a readable distributed checkpoint: {path.name} is damaged "
                               f"({type(err).__name__})") from None
