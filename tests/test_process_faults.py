@@ -101,6 +101,8 @@ def test_signal_stops_every_rank_at_one_step_saves_and_resumes(how: str, data: P
     assert len(lines) == 1 and "run the same command to resume" in lines[0], err[-3000:]
     step = int(lines[0].split()[3])
     assert committed_steps(run) == [step]
+    sent = {"ctrl_c_to_group": "SIGINT", "term_to_launcher": "SIGTERM", "hup_to_launcher": "SIGHUP"}[how]
+    assert f"{sent}: asking every rank to stop after the same step and save" in err, err[-3000:]
     if how != "ctrl_c_to_group":
         return  # resuming after a stop is the same for every signal: checked once
     resumed = train(run, data, f"train.steps={step + 2}", nproc=2)

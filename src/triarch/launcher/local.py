@@ -85,6 +85,10 @@ class _Signals:
                 self.fatal = signum
                 _kill_all(self.ranks, signal.SIGKILL)
                 return
+            # the ranks hear SIGUSR2 (an interrupt they also got from the terminal must not count twice there),
+            # so the launcher names what it was sent (os.write: no buffered stream inside a signal handler)
+            os.write(2, f"{signal.Signals(signum).name}: asking every rank to stop after the same step and save "
+                        f"(send it again to exit at once)\n".encode())
         _kill_all(self.ranks, signal.SIGUSR2)  # a stop request: each rank stops after the same step and saves
 
 
