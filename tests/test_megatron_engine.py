@@ -166,6 +166,7 @@ def _train(run_dir: Path, data: Path, nproc: int, *overrides: str) -> dict[int, 
     result = subprocess.run(_train_command(run_dir, data, nproc, *overrides), capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Setting up DistributedDataParallel" not in result.stdout + result.stderr  # megatron-core's INFO dump
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 

@@ -10,6 +10,7 @@ sequence parallelism (megatron's torch norm refuses it).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 import torch
@@ -19,6 +20,11 @@ from torch import nn
 from triarch.config import ConfigError, TriarchConfig
 from triarch.models.llama import LlamaArgs
 from triarch.parallel.topology import Topology
+
+# megatron-core logs its DDP and optimizer configs and every gradient bucket's parameter names at INFO (22 lines
+# per start of a tiny model, more per layer): warnings and errors still show; our own start line names the layout
+for _logger in ("megatron", "megatron_fsdp"):
+    logging.getLogger(_logger).setLevel(logging.WARNING)
 
 TE_FP8_RECIPES = ("tensorwise", "delayed", "mxfp8")  # Transformer Engine's current, delayed and MX block scaling
 MEGATRON_INSTALL = "pip install 'triarch[megatron]' (megatron-core and psutil)"
