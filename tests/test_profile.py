@@ -43,6 +43,7 @@ def _profile(run_dir: Path, data: Path, nproc: int, *overrides: str, warmup: int
     done = _cli("profile", str(EXAMPLES / "tiny.yaml"), "--nproc", str(nproc), "--run-dir", str(run_dir),
                 "--warmup", str(warmup), "--steps", str(steps), f"data.path={data}", *BALANCED, *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "USDT" not in done.stdout + done.stderr  # kineto's profiler_start/stop lines, per rank, on CPU
     return json.loads((run_dir / "profile" / "summary.json").read_text())
 
 

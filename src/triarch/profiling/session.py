@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -89,6 +90,8 @@ class StepProfiler:
         if self.device.type == "cuda":
             torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
             torch.cuda.reset_peak_memory_stats(self.device)
+        else:  # kineto prints "USDT: ... profiler_start/stop" per rank at its highest level (5); on CUDA its
+            os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # errors (CUPTI permissions) matter, so only on CPU
         self._prof = profile(activities=activities, record_shapes=False, profile_memory=False)
         self._prof.start()
 
