@@ -117,6 +117,8 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
          "error: fault.startup_timeout_s = '1e15': Input should be less than or equal to 2000000"),
         (["train", str(EXAMPLES / "tiny.yaml"), "train.lr=nan"], "error: train.lr = 'nan': Input should be a finite"),
         (["train", str(EXAMPLES / "tiny.yaml"), "train.seed=-1"], "error: train.seed = -1: Input should be greater"),
+        (["ppo", str(EXAMPLES / "tiny_ppo.yaml"), "rl.epochs=99999999999999999999"],
+         "error: rl.epochs = 99999999999999999999: Input should be less than or equal to 100"),
         (["train", str(EXAMPLES / "tiny.yaml"), "name=../../escape"], "error: name = '../../escape': String should"),
         (["train", str(EXAMPLES / "tiny.yaml"), "name=.."], "error: name '..' is a folder, not a run name"),
         (["train", str(EXAMPLES / "tiny.yaml"), "data.blend=[{path: /nonexistent/blend}]", "train.eval_interval=0"],

@@ -204,6 +204,17 @@ def test_bad_input_is_one_line_and_exit_2(hf, tmp_path, capsys) -> None:
         assert expected in _error([*src, "--prompts", str(jsonl)], capsys), content
     jsonl.write_bytes(b'{"prompt": "\xff"}\n')
     assert "line 1 is not UTF-8" in _error([*src, "--prompts", str(jsonl)], capsys)
+    # --out never replaces what it reads or a run's files (both were overwritten with completions)
+    jsonl.write_text('{"prompt": "w1"}\n')
+    assert "is the --prompts file" in _error([*src, "--prompts", str(jsonl), "--out", str(jsonl)], capsys)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: run\n")
+    assert f"lies inside run directory {run}" in _error([*src, "--prompt", "w1", "--out", str(run / "config.yaml")],
+                                                        capsys)
+    assert "exists and is not a .jsonl file" in _error([*src, "--prompt", "w1", "--out", str(folder / "config.json")],
+                                                       capsys)
+    assert jsonl.read_text() == '{"prompt": "w1"}\n' and (run / "config.yaml").read_text() == "name: run\n"
 
 
 def test_unusable_sources_are_one_line_and_exit_2(hf, tmp_path, capsys) -> None:

@@ -245,7 +245,9 @@ def test_deepspeed_plans_weigh_zero_stages_and_offload() -> None:
     (["8b.yaml", "--gpus", "8", "--gpu", "x100"], "known: h100"),
     (["8b.yaml", "--gpus", "8", "--gpu", "a100", "--precision", "fp8"], "no FP8 tensor cores"),
     (["8b.yaml", "--gpus", "12", "--gpus-per-node", "8"], "whole number of nodes"),
-    (["8b.yaml", "--gpus", "1000000000"], "no layout of 8b divides 1000000000 GPUs"),  # at once, not in minutes
+    (["8b.yaml", "--gpus", "1000000000"], "plan up to 10,000,000 GPUs"),  # at once, not in minutes
+    (["8b.yaml", "--gpus", "1000000000000000000"], "plan up to 10,000,000 GPUs"),  # (this one hung)
+    (["8b.yaml", "--gpus", "9999992"], "no layout of 8b divides 9999992 GPUs"),
     (["8b.yaml", "--gpus", "8", "engine=megatron"], "not planned yet"),
     (["8b.yaml", "--gpus", "8", "engine=deepspeed"], "train.compile applies to engine: native"),
     (["8b.yaml", "--gpus", "8", "engine=deepspeed", "train.compile=false", "--precision", "fp8"],

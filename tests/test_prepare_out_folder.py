@@ -141,3 +141,33 @@ def test_out_inside_an_input_folder_is_not_an_input(corpus: tuple[Path, Path], t
         assert "12 documents" in result.stdout and "bad documents skipped: 0" in result.stdout, result.stdout
     manifest = json.loads((folder / "prepared" / "manifest.json").read_text())
     assert [Path(s["path"]).name for s in manifest["sources"]] == [f"doc{i:02d}.txt" for i in range(12)]
+
+
+def test_an_existing_folder_no_prepare_wrote_is_refused(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    """An SFT folder, a run directory, any folder of files: prepare would write its shards among them (it
+    replaced an SFT folder's train shard and deleted its validation shard). Refused, nothing touched; an
+    earlier prepare's own folder is still a no-op rerun."""
+    docs, tokenizer = corpus
+    sft = tmp_path / "sft"
+    (sft / "train").mkdir(parents=True)
+    (sft / "train" / "shard_00000.arrow").write_bytes(b"sft examples")
+    (sft / ".triarch-sft").write_text("")
+    before = {p: p.read_bytes() for p in sft.rglob("*") if p.is_file()}
+    line = _one_error_line(_prepare(docs, tokenizer, str(sft), tmp_path), f"error: output folder {sft} holds")
+    assert "train" in line and "new or empty --out" in line
+    assert {p: p.read_bytes() for p in sft.rglob("*") if p.is_file()} == before
+    ours = tmp_path / "ours"
+    assert _prepare(docs, tokenizer, str(ours), tmp_path).returncode == 0
+    again = _prepare(docs, tokenizer, str(ours), tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-tokens", "99999999999999999999", "batch_tokens (99999999999999999999) must be in [1, "),
+    ("--vocab-size", "99999999999", "--vocab-size (99999999999) must be at most 16777216"),
+])
+def test_budgets_past_their_range_are_one_line(flag: str, value: str, message: str, corpus: tuple[Path, Path],
+                                               tmp_path: Path) -> None:
+    docs, _ = corpus
+    result = _cli("prepare", str(docs), "--out", str(tmp_path / "out"), "--no-progress", flag, value, cwd=tmp_path)
+    assert message in _one_error_line(result, "error: ")

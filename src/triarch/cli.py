@@ -22,6 +22,9 @@ class CliError(Exception):
     """A user-facing problem reported as one line."""
 
 
+MAX_PLANNED_GPUS = 10_000_000  # (the largest clusters hold about 10^5)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -443,6 +446,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from triarch.planning.search import plan
 
     cfg = load_config(args.config, args.overrides)
+    if args.gpus > MAX_PLANNED_GPUS or args.gpus_per_node > MAX_PLANNED_GPUS:
+        raise CliError(f"--gpus {args.gpus} / --gpus-per-node {args.gpus_per_node}: plan up to "
+                       f"{MAX_PLANNED_GPUS:,} GPUs")
     if args.gpus % args.gpus_per_node and args.gpus > args.gpus_per_node:
         raise CliError(f"--gpus {args.gpus} is not a whole number of nodes of --gpus-per-node {args.gpus_per_node}")
     try:
@@ -517,8 +523,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         read_manifest,
     )
 
+    from triarch.data_pipeline.prepare.tokenizer import MAX_VOCAB_SIZE
+
     if not 0 < args.validation_fraction < 1:
         raise CliError(f"--validation-fraction ({args.validation_fraction}) must be between 0 and 1")
+    if args.vocab_size > MAX_VOCAB_SIZE:
+        raise CliError(f"--vocab-size ({args.vocab_size}) must be at most {MAX_VOCAB_SIZE}")
     common = {"validation_fraction": args.validation_fraction, "workers": args.workers, "progress": args.progress,
               "shard_tokens": args.shard_tokens or DEFAULT_SHARD_TOKENS,
               "batch_tokens": args.batch_tokens or DEFAULT_BATCH_TOKENS}

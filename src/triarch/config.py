@@ -352,7 +352,7 @@ class RLConfig(_Section):
     (``reward``) or from the policy with a fresh value head (``policy``)."""
 
     rollout: RolloutConfig = RolloutConfig()
-    epochs: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0, le=100)  # passes over each rollout (a stop waits for the iteration's end)
     clip: float = Field(0.2, gt=0)
     value_clip: float = Field(0.2, gt=0)
     entropy_coef: float = Field(0.0, ge=0)

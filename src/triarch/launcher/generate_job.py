@@ -207,13 +207,24 @@ def check_lengths(prompts: list[Prompt], ids: list[list[int]], cfg: TriarchConfi
 
 
 # ---------------------------------------------------------------------------------------------- run
-def _check_out(out: Path | None) -> None:
+def _check_out(out: Path | None, prompts: Path | None) -> None:
+    """``--out`` must be a new or earlier JSONL file outside any run directory, not the prompts it reads."""
     if out is None:
         return
     if out.is_dir():
         raise GenerateError(f"--out {out} is a folder; give a file name")
     if not out.parent.resolve().is_dir():
         raise GenerateError(f"--out {out}: folder {out.parent} does not exist")
+    if prompts is not None and out.exists() and out.resolve() == prompts.resolve():
+        raise GenerateError(f"--out {out} is the --prompts file; write the completions to another file")
+    for folder in (out.parent.resolve(), *out.parent.resolve().parents):
+        if (folder / "config.yaml").is_file() and ((folder / "checkpoints").is_dir()
+                                                   or (folder / "attempts").is_dir()):
+            raise GenerateError(f"--out {out} lies inside run directory {folder}; write it elsewhere (a run "
+                                "directory holds only what its runs write)")
+    if out.exists() and out.suffix != ".jsonl":
+        raise GenerateError(f"--out {out} exists and is not a .jsonl file; completions replace the whole file, "
+                            "so give a new name")
 
 
 def _run(job: dict[str, Any], nproc: int) -> tuple[int, dict[str, Any] | None]:
@@ -290,7 +301,7 @@ def generate_command(args: Any) -> int:
         raise GenerateError("give a run directory or --hf PATH (exactly one)")
     if args.hf is not None and args.step is not None:
         raise GenerateError("--step picks a checkpoint of a run directory; --hf has none")
-    _check_out(args.out)
+    _check_out(args.out, args.prompts)
     prompts = read_prompts(args.prompt, args.prompts)
     source = run_source(run_dir, args.step) if run_dir is not None else hf_source(args.hf)
     cfg = generation_config(source.config, overrides, args.nproc)

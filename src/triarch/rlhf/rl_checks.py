@@ -50,7 +50,7 @@ def check_rl_setup(cfg: TriarchConfig) -> None:
     try:
         source = describe_source(spec, hashes=False)
     except InitSourceError as err:  # its words name init.from, the policy's key
-        raise ConfigError(str(err).replace(f"init.from {spec}", f"reward.model {spec}", 1)) from None
+        raise ConfigError(str(err).replace("init.from", "reward.model")) from None
     if SCORE_WEIGHT not in source.shapes:
         raise ConfigError(f"reward.model {spec} is not a reward model: {source.resolved} has no score head "
                           f"({SCORE_WEIGHT}); train one with 'triarch rm'")

@@ -43,7 +43,7 @@ from triarch.data_pipeline.prepare.documents import DocumentStream, FileDocument
 from triarch.data_pipeline.prepare.folder_lock import prepare_lock
 from triarch.data_pipeline.prepare.journal import Journal
 from triarch.data_pipeline.prepare.long_documents import PIECE_CHARS, DocumentPieces
-from triarch.data_pipeline.prepare.out_folder import check_apart, outside
+from triarch.data_pipeline.prepare.out_folder import check_apart, check_own_folder, outside
 from triarch.data_pipeline.prepare.progress import Counters, Progress
 from triarch.data_pipeline.prepare.pydocs import TRAIN, split_train_validation, stdlib_docstrings
 from triarch.data_pipeline.prepare.readers import BAD_REASONS, BadDocument, document_bytes
@@ -122,8 +122,8 @@ def _prepared(out_dir: Path, check: Callable[[dict[str, Any]], None], *, upgrade
 def _check_budgets(shard_tokens: int, batch_tokens: int) -> None:
     if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
         raise DataError(f"shard_tokens ({shard_tokens}) must be in [1, {MAX_SHARD_TOKENS}]")
-    if batch_tokens < 1:
-        raise DataError(f"batch_tokens ({batch_tokens}) must be at least 1")
+    if not 1 <= batch_tokens <= MAX_SHARD_TOKENS:
+        raise DataError(f"batch_tokens ({batch_tokens}) must be in [1, {MAX_SHARD_TOKENS}]")
 
 
 def _install_tokenizer(tokenizer_path: Path, out_dir: Path) -> Path:
@@ -344,6 +344,7 @@ def prepare_corpus(texts_by_split: Mapping[str, Sequence[str]], tokenizer_path: 
 
     if _prepared(out_dir, check):
         return out_dir
+    check_own_folder(out_dir)
     with prepare_lock(out_dir):
         if _prepared(out_dir, check, upgrade=True):
             return out_dir
@@ -423,6 +424,7 @@ def prepare_files(inputs: Sequence[str | Path], out_dir: Path, *, tokenizer: Pat
 
     if _prepared(out_dir, check):
         return out_dir
+    check_own_folder(out_dir)
     with prepare_lock(out_dir):
         if _prepared(out_dir, check, upgrade=True):
             return out_dir
@@ -470,6 +472,7 @@ def prepare_pydocs(out_dir: Path, vocab_size: int = 4096, *, validation_fraction
 
     if _prepared(out_dir, check):
         return out_dir
+    check_own_folder(out_dir)
     with prepare_lock(out_dir):
         if _prepared(out_dir, check, upgrade=True):
             return out_dir

@@ -6,6 +6,9 @@ Every problem is a one-line DataError naming the path and the rule:
   file system, no permission);
 - an input is the output folder or lies inside it: prepare writes (and deletes stale) shards there, so on a
   rerun its own outputs would become inputs, or inputs would be deleted. Refused.
+- an existing output folder with other content and no earlier prepare in it (an SFT or preference folder, a
+  run directory, any folder of files): prepare would write its shards and manifest among them, replacing
+  same-named shards. Refused (``check_own_folder``); an empty folder or an earlier prepare's is fine.
 - the output folder inside an input folder is fine: its files are never inputs (``outside``), however the
   input names it (folder walk or glob), so a rerun sees the same inputs.
 """
@@ -97,3 +100,23 @@ def outside(sources: Sequence[SourceFile], out_dir: Path) -> list[SourceFile]:
     """``sources`` without the files inside ``out_dir`` (an output folder inside an input folder)."""
     out = _real(out_dir)
     return [s for s in sources if not (isinstance(s.fs, LocalFileSystem) and _within(_real(s.path), out))]
+
+
+# what marks an earlier prepare's folder: its manifest, its journal of a half-done run, its lock file
+_PREPARE_MARKERS = ("manifest.json", "prepare.journal.jsonl", ".prepare.lock")
+
+
+def check_own_folder(out_dir: Path) -> None:
+    """Refuse (one line) an existing, non-empty ``out_dir`` that no earlier prepare wrote."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    try:
+        names = sorted(os.listdir(out_dir))
+    except OSError:
+        return  # unreadable: creating the lock names the problem
+    if not names or any(name in _PREPARE_MARKERS for name in names):
+        return
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    raise DataError(f"output folder {out_dir} holds other files ({shown}) and no earlier prepare: prepare "
+                    "writes shards, a tokenizer and a manifest there, so choose a new or empty --out")

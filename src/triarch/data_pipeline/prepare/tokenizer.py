@@ -15,6 +15,9 @@ EOS_TOKEN = "<|endoftext|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")
 
 
+MAX_VOCAB_SIZE = 1 << 24  # 16.8M; the largest vocabularies in use are about 256k
+
+
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, path: Path) -> Tokenizer:
     """Train a byte-level BPE on ``texts`` and save it to ``path`` (temp file + rename).
 
@@ -25,6 +28,8 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, path: Path) -> T
     min_vocab = len(pre_tokenizers.ByteLevel.alphabet()) + 1
     if vocab_size < min_vocab:
         raise DataError(f"vocab_size ({vocab_size}) must be at least {min_vocab} (256 bytes + EOS)")
+    if vocab_size > MAX_VOCAB_SIZE:  # the BPE trainer allocates by the requested size (1e11: a Rust abort)
+        raise DataError(f"vocab_size ({vocab_size}) must be at most {MAX_VOCAB_SIZE}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
